@@ -1,0 +1,97 @@
+"""Checkpoints of a stage's student (orbax) and loading of teachers / initialisations.
+
+A stage folder holds `stage.json` (model, resolution, num_classes: what is needed to rebuild the
+model), `checkpoints/<step>/{params,opt_state}` and, once finished, `summary.json`. The teacher
+is never saved with the student: a stage's checkpoint holds only its own parameters.
+"""
+import json
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that is missing or does not fit the model."""
+
+
+def manager(stage_dir: str, keep: int = 2) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      os.path.abspath(os.path.join(stage_dir, 'checkpoints')),
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+      item_handlers={'params': ocp.StandardCheckpointHandler(),
+                     'opt_state': ocp.StandardCheckpointHandler()})
+
+
+def save(mngr: ocp.CheckpointManager, step: int, params, opt_state) -> None:
+  """Asynchronous: call `mngr.wait_until_finished()` before reading it or exiting."""
+  mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                          opt_state=ocp.args.StandardSave(opt_state)))
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, abstract_params, abstract_opt_state):
+  """Restores (params, opt_state) with the shardings of the abstract targets."""
+  out = mngr.restore(step, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(abstract_params),
+      opt_state=ocp.args.StandardRestore(abstract_opt_state)))
+  return out['params'], out['opt_state']
+
+
+def shape_mismatches(params, abstract_params) -> list[str]:
+  """Names every missing, unexpected or mis-shaped leaf of `params` against `abstract_params`."""
+  def flat(tree):
+    return {jax.tree_util.keystr(path): np.shape(leaf)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  have, want = flat(params), flat(abstract_params)
+  problems = [f'missing {k}' for k in want if k not in have]
+  problems += [f'unexpected {k}' for k in have if k not in want]
+  problems += [f'{k} has shape {have[k]}, model needs {want[k]}'
+               for k in want if k in have and have[k] != want[k]]
+  return problems
+
+
+def check_fit(params, abstract_params, what: str) -> None:
+  problems = shape_mismatches(params, abstract_params)
+  if problems:
+    more = f' (and {len(problems) - 3} more)' if len(problems) > 3 else ''
+    raise CheckpointError(f'{what} does not fit the model: {"; ".join(problems[:3])}{more}')
+
+
+def write_stage_info(stage_dir: str, model: str, resolution: int, num_classes: int) -> None:
+  os.makedirs(stage_dir, exist_ok=True)
+  with open(os.path.join(stage_dir, 'stage.json'), 'w') as f:
+    json.dump(dict(model=model, resolution=resolution, num_classes=num_classes), f)
+
+
+def read_stage_info(stage_dir: str) -> dict:
+  path = os.path.join(stage_dir, 'stage.json')
+  if not os.path.isfile(path):
+    raise CheckpointError(f'{stage_dir!r} is not a bigkd stage folder (no stage.json)')
+  with open(path) as f:
+    return json.load(f)
+
+
+def load_params(source: str, abstract_params, what: str):
+  """Parameters from a bigkd stage folder (its latest checkpoint) or a BiT .npz file, checked
+  against `abstract_params` (ShapeDtypeStructs with shardings) before they are placed."""
+  if source.endswith('.npz'):
+    if not os.path.isfile(source):
+      raise CheckpointError(f'{what}: checkpoint file {source!r} does not exist')
+    from bigkd.models import bit
+    params = bit.load_npz(source)
+  else:
+    if not os.path.isdir(os.path.join(source, 'checkpoints')):
+      raise CheckpointError(f'{what}: no checkpoints in {source!r}')
+    mngr = manager(source)
+    step = mngr.latest_step()
+    if step is None:
+      raise CheckpointError(f'{what}: no checkpoints in {source!r}')
+    metadata = mngr.item_metadata(step)['params']
+    check_fit(metadata, abstract_params, f'{what} ({source})')
+    params = mngr.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract_params)))['params']
+    mngr.close()
+  check_fit(params, abstract_params, f'{what} ({source})')
+  return jax.tree.map(lambda x, a: jax.device_put(np.asarray(x, a.dtype), a.sharding),
+                      params, abstract_params)

@@ -1,0 +1,177 @@
+"""Config defaults, per-stage resolution and validation.
+
+A config file (configs/*.py) builds its ConfigDict from `base_config()` and `stage_config()`, so
+every field has a default and a comment here, and command-line overrides of unknown keys fail.
+Validation raises `ConfigError` with one line naming the problem; the trainer turns it into
+exit code 2 before any work starts.
+"""
+import ml_collections
+
+from bigkd.data.augment import TEACHING_MODES
+from bigkd.losses import DISTILL_LOSSES, ENSEMBLE_MODES
+from bigkd.optim import OPTIMIZERS, SCHEDULES
+
+ConfigDict = ml_collections.ConfigDict
+
+
+class ConfigError(ValueError):
+  """A bad config or input, reported as one line and exit code 2."""
+
+
+def base_config() -> ConfigDict:
+  c = ConfigDict()
+  c.seed = 0                      # seeds init, batch order and augmentation
+  c.batch_size = 128              # global batch size, for every stage that does not set its own
+  c.eval_batch_size = 256         # global batch size of evaluation
+  c.teacher_dtype = 'bfloat16'    # teacher forward dtype (inference only)
+  c.log_every = 50                # steps between metric logs (the only per-step host sync)
+  c.eval_every = 0                # steps between val/test evaluations; 0: only at the end
+  c.checkpoint_every = 500        # steps between checkpoints (and always at the end)
+  c.keep_checkpoints = 2          # checkpoints kept per stage
+  c.data = ConfigDict(dict(
+      source='digits',            # digits | tfds | folder
+      name='',                    # tfds dataset name (source='tfds')
+      data_dir='',                # tfds data_dir, or the image folder root (source='folder')
+      base_size=32,               # images are stored as base_size² uint8 (short side + centre crop)
+      num_classes=0,              # 0: max train label + 1
+      train_split='train', val_split='val', test_split='test',
+      device_resident=True,       # True: images live on the devices; False: streamed from host
+  ))
+  c.augment = ConfigDict(dict(
+      crop_area=(0.08, 1.0),      # inception crop: area fraction range
+      crop_aspect=(3 / 4, 4 / 3),  # inception crop: aspect ratio range
+      flip=True,                  # random horizontal flips
+      mixup_alpha=1.0,            # Beta(α, α) mixup (function matching; supervised if > 0)
+      mixup_per_example=False,    # False: one mixup weight per batch, as in the paper's code
+  ))
+  c.optimizer = ConfigDict(dict(
+      name='adam',                # adam | sgd | shampoo | muon
+      lr=1e-3,                    # peak learning rate
+      schedule='cosine',          # cosine | constant, after a linear warmup
+      warmup_steps=0,             # linear warmup length in steps ...
+      warmup_epochs=0.0,          # ... or in epochs (used when > 0)
+      b1=0.9, b2=0.999, eps=1e-8,  # Adam (b1, b2 also Shampoo's momentum / statistics decay)
+      mu_dtype='float32',         # dtype of Adam's first moment (bfloat16 saves memory)
+      momentum=0.9, nesterov=False,  # SGD
+      weight_decay=0.0,           # decoupled (AdamW semantics), kernels only
+      clip_norm=1.0,              # global-norm gradient clipping; 0: off
+      shampoo=ConfigDict(_shampoo_defaults()),  # options of bigkd.optim.shampoo
+  ))
+  c.mesh = ConfigDict(dict(data=-1, fsdp=1))  # device mesh; -1: the rest of the devices
+  c.stages = ConfigDict()         # name -> stage_config(...)
+  c.stage_order = ''              # comma-separated stage names, run in this order
+  return c
+
+
+def _shampoo_defaults() -> dict:
+  try:
+    from bigkd.optim.shampoo import default_shampoo_options
+  except ImportError:
+    return {}
+  return default_shampoo_options()
+
+
+def stage_config(model: str, resolution: int, teachers=None, **overrides) -> ConfigDict:
+  """One stage. `teachers`: {name: source} where source is an earlier stage's name, a bigkd
+  run's stage folder, or a BiT .npz file (then also give model and resolution as a dict)."""
+  s = ConfigDict(dict(
+      model=model,                # registry name of the model this stage trains
+      resolution=resolution,      # its input resolution
+      init='',                    # '' (random), a bigkd stage folder, or a .npz to start from
+      steps=0,                    # training length in steps ...
+      epochs=0.0,                 # ... or in epochs (used when > 0)
+      batch_size=0,               # 0: the global config.batch_size
+      teaching_mode='function_matching',  # fixed_teacher | independent_noise | consistent | function_matching
+      loss='kl',                  # kl | hard_pseudo | logit_l2
+      temperature=1.0,            # distillation temperature T (the KL is scaled by T²)
+      label_weight=0.0,           # Hinton α: α·CE(labels) + (1−α)·distillation; 1 = supervised
+      ensemble='logits',          # logits | probs: how several teachers are combined
+      optimizer=ConfigDict(),     # overrides of config.optimizer for this stage
+      augment=ConfigDict(),       # overrides of config.augment for this stage
+  ))
+  s.teachers = ConfigDict()
+  for name, source in (teachers or {}).items():
+    spec = source if isinstance(source, dict) else dict(source=source)
+    s.teachers[name] = ConfigDict(dict(source=spec['source'], model=spec.get('model', ''),
+                                       resolution=spec.get('resolution', 0)))
+  for key, value in overrides.items():
+    if key not in s:
+      raise ConfigError(f'stage_config: unknown field {key!r}')
+    s[key] = ConfigDict(value) if isinstance(value, dict) else value
+  return s
+
+
+def stage_names(config: ConfigDict) -> list[str]:
+  """The stages to run, in order (ConfigDict sorts its keys, so the order is explicit)."""
+  return [name.strip() for name in config.stage_order.split(',') if name.strip()]
+
+
+def merged(defaults: ConfigDict, overrides: ConfigDict, where: str) -> dict:
+  """`defaults` updated with a stage's `overrides`, which may only name existing keys."""
+  out = defaults.to_dict()
+  for key, value in overrides.items():
+    if key not in out:
+      raise ConfigError(f'{where}.{key}: unknown key (known: {", ".join(sorted(out))})')
+    out[key] = value.to_dict() if isinstance(value, ConfigDict) else value
+  return out
+
+
+def validate(config: ConfigDict, num_devices: int) -> None:
+  """Checks what can be checked without data or checkpoints."""
+  def need(ok, message):
+    if not ok:
+      raise ConfigError(message)
+
+  from bigkd.models import model_names
+  need(len(stage_names(config)) > 0, 'config.stage_order is empty: nothing to run')
+  for name in stage_names(config):
+    need(name in config.stages, f'stage_order names {name!r}, which is not in config.stages '
+         f'({", ".join(config.stages)})')
+  need(config.data.source in ('digits', 'tfds', 'folder'),
+       f'data.source={config.data.source!r}: must be digits, tfds or folder')
+  need(config.data.source != 'tfds' or config.data.name, 'data.source=tfds needs data.name')
+  need(config.data.source != 'folder' or config.data.data_dir,
+       'data.source=folder needs data.data_dir (the folder root)')
+  need(config.eval_batch_size % num_devices == 0,
+       f'eval_batch_size={config.eval_batch_size} is not divisible by the {num_devices} devices')
+  seen = []
+  for name in stage_names(config):
+    stage, where = config.stages[name], f'stages.{name}'
+    need(stage.model in model_names(), f'{where}.model={stage.model!r}: unknown model')
+    need(0 < stage.resolution <= config.data.base_size,
+         f'{where}.resolution={stage.resolution} is above the stored image size '
+         f'data.base_size={config.data.base_size}' if stage.resolution > 0 else
+         f'{where}.resolution must be positive')
+    batch = stage.batch_size or config.batch_size
+    need(batch > 0 and batch % num_devices == 0,
+         f'{where}: batch size {batch} is not divisible by the {num_devices} devices')
+    need(stage.steps > 0 or stage.epochs > 0, f'{where}: set steps or epochs (> 0)')
+    need(stage.teaching_mode in TEACHING_MODES,
+         f'{where}.teaching_mode={stage.teaching_mode!r}: one of {", ".join(TEACHING_MODES)}')
+    need(stage.loss in DISTILL_LOSSES, f'{where}.loss={stage.loss!r}: one of {DISTILL_LOSSES}')
+    need(stage.ensemble in ENSEMBLE_MODES,
+         f'{where}.ensemble={stage.ensemble!r}: one of {ENSEMBLE_MODES}')
+    need(stage.temperature > 0, f'{where}.temperature must be positive')
+    need(0.0 <= stage.label_weight <= 1.0, f'{where}.label_weight must be in [0, 1]')
+    opt = merged(config.optimizer, stage.optimizer, f'{where}.optimizer')
+    aug = merged(config.augment, stage.augment, f'{where}.augment')
+    need(opt['name'] in OPTIMIZERS, f'{where}: optimizer.name={opt["name"]!r}: one of {OPTIMIZERS}')
+    need(opt['schedule'] in SCHEDULES, f'{where}: optimizer.schedule={opt["schedule"]!r}: one of {SCHEDULES}')
+    need(opt['lr'] > 0, f'{where}: optimizer.lr must be positive')
+    need(0 < aug['crop_area'][0] <= aug['crop_area'][1] <= 1,
+         f'{where}: augment.crop_area={aug["crop_area"]} must satisfy 0 < min <= max <= 1')
+    need(0 < aug['crop_aspect'][0] <= aug['crop_aspect'][1],
+         f'{where}: augment.crop_aspect={aug["crop_aspect"]} must satisfy 0 < min <= max')
+    if stage.teachers and stage.teaching_mode == 'function_matching':
+      need(aug['mixup_alpha'] > 0, f'{where}: function_matching needs augment.mixup_alpha > 0')
+    for tname, teacher in stage.teachers.items():
+      if teacher.source in config.stages:
+        need(teacher.source in seen, f'{where}.teachers.{tname}: stage {teacher.source!r} '
+             'must run before the stage it teaches (see stage_order)')
+      elif teacher.source.endswith('.npz'):
+        need(teacher.model and teacher.resolution > 0, f'{where}.teachers.{tname}: a .npz '
+             'teacher needs model and resolution')
+      need(teacher.resolution <= config.data.base_size,
+           f'{where}.teachers.{tname}.resolution={teacher.resolution} is above the stored '
+           f'image size data.base_size={config.data.base_size}')
+    seen.append(name)

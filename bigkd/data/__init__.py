@@ -1,0 +1,1 @@
+"""Data: sources (digits, tfds, image folder), batch sampling, and on-device augmentation."""

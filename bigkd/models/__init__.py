@@ -1,0 +1,43 @@
+"""Model registry: name -> flax.linen module.
+
+Every model takes NHWC float images in [-1, 1] and returns float32 logits:
+    model = get_model('resnet8x4', num_classes=10)
+    logits = model.apply({'params': params}, images)
+Parameters are a plain pytree (no batch statistics): models use GroupNorm, not BatchNorm, so
+that they shard, checkpoint and load from .npz simply, and teacher forward needs no mutable state.
+"""
+from typing import Callable
+
+import jax.numpy as jnp
+import flax.linen as nn
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register(name: str):
+  """Decorator: register `factory(num_classes, dtype, **kwargs) -> nn.Module` under `name`."""
+  def wrap(factory):
+    if name in _REGISTRY:
+      raise ValueError(f'model {name!r} registered twice')
+    _REGISTRY[name] = factory
+    return factory
+  return wrap
+
+
+def model_names() -> list[str]:
+  return sorted(_REGISTRY)
+
+
+def get_model(name: str, num_classes: int, dtype=jnp.float32, **kwargs) -> nn.Module:
+  """Returns the linen module `name` with `num_classes` outputs computing in `dtype`."""
+  if name not in _REGISTRY:
+    raise KeyError(f'unknown model {name!r}; known: {", ".join(model_names())}')
+  return _REGISTRY[name](num_classes=num_classes, dtype=dtype, **kwargs)
+
+
+from bigkd.models import cifar  # noqa: E402,F401  (registers cnn_*, resnet*)
+try:  # BiT lands in its own module; absent until it does.
+  from bigkd.models import bit  # noqa: E402,F401
+except ImportError as e:  # pragma: no cover
+  if 'bigkd.models.bit' not in str(e) and "'bit'" not in str(e):
+    raise

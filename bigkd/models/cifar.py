@@ -1,0 +1,86 @@
+"""Small models for small images: a plain CNN and CIFAR-style ResNets (He et al. 2016, sec. 4.2).
+
+resnet{6n+2} has three stages of n basic blocks with 16k, 32k, 64k channels (k the width
+multiplier, `resnet8x4` has k=4). GroupNorm replaces BatchNorm (see the registry docstring).
+"""
+import functools
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from bigkd.models import register
+
+
+def _norm(channels: int, dtype) -> nn.Module:
+  return nn.GroupNorm(num_groups=min(8, channels), dtype=dtype)
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convolutions with a residual; a 1x1 projection when the shape changes."""
+  channels: int
+  stride: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+    y = conv(self.channels, (3, 3), strides=self.stride)(x)
+    y = nn.relu(_norm(self.channels, self.dtype)(y))
+    y = conv(self.channels, (3, 3))(y)
+    y = _norm(self.channels, self.dtype)(y)
+    if x.shape[-1] != self.channels or self.stride != 1:
+      x = conv(self.channels, (1, 1), strides=self.stride, name='proj')(x)
+      x = _norm(self.channels, self.dtype)(x)
+    return nn.relu(x + y)
+
+
+class CifarResNet(nn.Module):
+  num_classes: int
+  blocks_per_stage: int
+  width: int = 1
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images):
+    x = images.astype(self.dtype)
+    x = nn.Conv(16 * self.width, (3, 3), use_bias=False, dtype=self.dtype)(x)
+    x = nn.relu(_norm(16 * self.width, self.dtype)(x))
+    for stage, channels in enumerate((16, 32, 64)):
+      for i in range(self.blocks_per_stage):
+        stride = 2 if (stage > 0 and i == 0) else 1
+        x = BasicBlock(channels * self.width, stride, self.dtype)(x)
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
+
+
+class SmallCNN(nn.Module):
+  """conv-relu-pool twice, then a dense layer: a fast, weak student for tests and demos."""
+  num_classes: int
+  width: int = 16
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images):
+    x = images.astype(self.dtype)
+    for mult in (1, 2):
+      x = nn.Conv(self.width * mult, (3, 3), dtype=self.dtype)(x)
+      x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
+
+
+def _register_resnet(depth: int, width: int):
+  name = f'resnet{depth}' + (f'x{width}' if width > 1 else '')
+
+  @register(name)
+  def factory(num_classes, dtype=jnp.float32):
+    return CifarResNet(num_classes, (depth - 2) // 6, width, dtype)
+
+
+for _depth in (8, 14, 20, 32, 44, 56, 110):
+  for _width in (1, 2, 4):
+    _register_resnet(_depth, _width)
+
+for _name, _width in (('cnn_tiny', 8), ('cnn_small', 16), ('cnn_base', 32)):
+  register(_name)(functools.partial(lambda w, num_classes, dtype=jnp.float32:
+                                    SmallCNN(num_classes, w, dtype), _width))
