@@ -1,0 +1,318 @@
+"""BiT ResNetV2 (Kolesnikov et al. 2020, "Big Transfer") and its released .npz checkpoint format.
+
+Pre-activation bottleneck ResNet with GroupNorm (32 groups) and weight-standardised convolutions,
+so it has no batch statistics and transfers at any batch size. Submodules are named after the
+released files, so the params tree is that file's layout with `resnet/` dropped and GroupNorm's
+gamma/beta spelled scale/bias; loading and saving are a key mapping:
+
+  resnet/root_block/standardized_conv2d/kernel          -> root_block/standardized_conv2d/kernel
+  resnet/block2/unit01/a/group_norm/gamma               -> block2/unit01/a/group_norm/scale
+  resnet/block2/unit01/a/proj/standardized_conv2d/kernel (the projection, from a's pre-activation)
+  resnet/group_norm/{gamma,beta}, resnet/head/conv2d/{kernel,bias}  (head kernel (1, 1, C, classes))
+
+In a unit, `x/group_norm` is the norm applied before conv `x` (pre-activation), as in the files.
+"""
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bigkd.models import get_model, register
+
+BLOCK_UNITS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+
+
+class CheckpointError(ValueError):
+  """A checkpoint file cannot be read as a .npz archive."""
+
+
+class CheckpointMismatchError(CheckpointError):
+  """A params tree or file does not have the keys and shapes the model expects."""
+
+
+def standardize(kernel, eps=1e-10):
+  """Weight standardisation: zero mean, unit variance per output channel over (H, W, C_in)."""
+  mean = jnp.mean(kernel, axis=(0, 1, 2), keepdims=True)
+  var = jnp.var(kernel, axis=(0, 1, 2), keepdims=True)
+  return (kernel - mean) / jnp.sqrt(var + eps)
+
+
+def _group_norm(dtype):
+  # Exact (two-pass) variance: matches the reference formula, not E[x^2] - E[x]^2.
+  return nn.GroupNorm(num_groups=32, epsilon=1e-5, dtype=dtype, use_fast_variance=False,
+                      name='group_norm')
+
+
+class StdConv(nn.Module):
+  """Bias-free conv with a standardised kernel, padded (k-1)//2 on each side as in BiT.
+
+  Standardisation runs in float32 on the float32 param; only the result is cast to `dtype`.
+  """
+  features: int
+  kernel_size: int
+  stride: int = 1
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    k = self.kernel_size
+    kernel = self.param('kernel', nn.initializers.he_normal(), (k, k, x.shape[-1], self.features))
+    pad = (k - 1) // 2
+    return jax.lax.conv_general_dilated(
+        x.astype(self.dtype), standardize(kernel).astype(self.dtype), (self.stride,) * 2,
+        ((pad, pad), (pad, pad)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+class Conv(nn.Module):
+  """A scope holding one StdConv: the released `root_block` and `proj` layers."""
+  features: int
+  kernel_size: int
+  stride: int = 1
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    return StdConv(self.features, self.kernel_size, self.stride, self.dtype,
+                   name='standardized_conv2d')(x)
+
+
+class PreActConv(nn.Module):
+  """GN -> ReLU -> conv: a unit's `a`, `b` or `c`. `a` also holds the projection shortcut,
+  computed from the same pre-activated input; returns (conv output, shortcut or None)."""
+  features: int
+  kernel_size: int
+  stride: int = 1
+  proj_features: int | None = None
+  proj_stride: int = 1
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(_group_norm(self.dtype)(x))
+    shortcut = None
+    if self.proj_features:
+      shortcut = Conv(self.proj_features, 1, self.proj_stride, self.dtype, name='proj')(x)
+    y = StdConv(self.features, self.kernel_size, self.stride, self.dtype,
+                name='standardized_conv2d')(x)
+    return y, shortcut
+
+
+class Unit(nn.Module):
+  """Pre-activation bottleneck: 1x1 to `mid`, 3x3 carrying the stride, 1x1 to 4*mid, + shortcut."""
+  mid: int
+  stride: int = 1
+  proj: bool = False
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    y, shortcut = PreActConv(self.mid, 1, proj_features=4 * self.mid if self.proj else None,
+                             proj_stride=self.stride, dtype=self.dtype, name='a')(x)
+    y, _ = PreActConv(self.mid, 3, self.stride, dtype=self.dtype, name='b')(y)
+    y, _ = PreActConv(4 * self.mid, 1, dtype=self.dtype, name='c')(y)
+    return y + (x if shortcut is None else shortcut)
+
+
+class Block(nn.Module):
+  """`units` bottleneck units; the first strides and projects."""
+  mid: int
+  units: int
+  stride: int
+  dtype: jnp.dtype = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    unit = nn.remat(Unit) if self.remat else Unit  # remat trades recompute for activation memory
+    for i in range(self.units):
+      stride = self.stride if i == 0 else 1
+      x = unit(self.mid, stride, i == 0, self.dtype, name=f'unit{i + 1:02d}')(x)
+    return x
+
+
+class Head(nn.Module):
+  """1x1 conv on the pooled features (the released `head/conv2d`), zero-initialised as in BiT."""
+  num_classes: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, kernel_init=nn.initializers.zeros,
+                   name='conv2d')(x)
+
+
+class ResNetV2(nn.Module):
+  """BiT ResNetV2: `base`*`width` root channels; block b has mid channels base*width*2**b."""
+  num_classes: int
+  block_units: tuple[int, ...] = BLOCK_UNITS[50]
+  width: int = 1
+  base: int = 64
+  dtype: jnp.dtype = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, images):
+    c = self.base * self.width
+    x = Conv(c, 7, 2, self.dtype, name='root_block')(images.astype(self.dtype))
+    x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))  # zeros, then VALID: BiT's pool, not SAME
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='VALID')
+    for b, units in enumerate(self.block_units):
+      stride = 1 if b == 0 else 2
+      x = Block(c * 2**b, units, stride, self.dtype, self.remat, name=f'block{b + 1}')(x)
+    x = nn.relu(_group_norm(self.dtype)(x))
+    x = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(self.dtype)
+    return Head(self.num_classes, self.dtype, name='head')(x)[:, 0, 0].astype(jnp.float32)
+
+
+def _register(depth, width):
+  @register(f'bit_r{depth}x{width}')
+  def factory(num_classes, dtype=jnp.float32, remat=False):
+    return ResNetV2(num_classes, BLOCK_UNITS[depth], width, dtype=dtype, remat=remat)
+
+
+for _depth in BLOCK_UNITS:
+  for _width in (1, 2, 3, 4):
+    _register(_depth, _width)
+
+
+@register('bit_tiny')
+def _tiny(num_classes, dtype=jnp.float32, remat=False):
+  """For tests only: the BiT architecture at 32 root channels (GN's 32 groups still divide every
+  width) and units (2, 1, 1, 1), so both projected and identity shortcuts are exercised."""
+  return ResNetV2(num_classes, (2, 1, 1, 1), 1, base=32, dtype=dtype, remat=remat)
+
+
+# --- The released .npz layout. ---------------------------------------------------------------
+
+_CONV_SPELLING = re.compile(r'/standardized_conv2d_\d+/')
+_GN_NAMES = {'scale': 'gamma', 'bias': 'beta'}
+_ROOT, _HEAD, _BIAS = ('resnet/root_block/standardized_conv2d/kernel', 'resnet/head/conv2d/kernel',
+                       'resnet/head/conv2d/bias')
+
+
+def flat_key(path) -> str:
+  """Params-tree path (tuple of names) -> released file key."""
+  *parents, leaf = path
+  if parents and parents[-1] == 'group_norm':
+    leaf = _GN_NAMES.get(leaf, leaf)
+  return '/'.join(('resnet', *parents, leaf))
+
+
+def flatten(params) -> dict[str, np.ndarray]:
+  """Params tree -> {released key: array}."""
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  return {flat_key(tuple(k.key for k in path)): leaf for path, leaf in leaves}
+
+
+def unflatten(flat: dict[str, np.ndarray]) -> dict:
+  """{released key: array} (plain spelling) -> params tree."""
+  tree = {}
+  for key, value in flat.items():
+    *parents, leaf = key.split('/')[1:]
+    if parents[-1] == 'group_norm':
+      leaf = {v: k for k, v in _GN_NAMES.items()}[leaf]
+    node = tree
+    for name in parents:
+      node = node.setdefault(name, {})
+    node[leaf] = value
+  return tree
+
+
+def _listing(keys, limit=3) -> str:
+  keys = sorted(keys)
+  more = f', +{len(keys) - limit} more' if len(keys) > limit else ''
+  return ', '.join(keys[:limit]) + more
+
+
+def _mismatch(where, missing=(), unexpected=(), misshaped=()):
+  """One-line CheckpointMismatchError naming the first few keys of each kind, with counts."""
+  parts = [f'{len(keys)} {kind} ({_listing(keys)})' for kind, keys in
+           (('missing', missing), ('unexpected', unexpected), ('mis-shaped', misshaped)) if keys]
+  if parts:
+    raise CheckpointMismatchError(f'{where} does not fit the model: ' + '; '.join(parts))
+
+
+def _compare(where, have: dict, model: nn.Module, image_size: int, unexpected=()):
+  """`have`: {released key: shape}. Raises naming every key missing, extra or mis-shaped."""
+  images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  want = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), images)['params']
+  want = {k: tuple(v.shape) for k, v in flatten(want).items()}
+  _mismatch(where, missing=want.keys() - have.keys(),
+            unexpected=[*unexpected, *(have.keys() - want.keys())],
+            misshaped=[f'{k} {have[k]} vs model {want[k]}' for k in want.keys() & have.keys()
+                       if have[k] != want[k]])
+
+
+def check_params_fit(params, model: nn.Module, image_size: int = 224, where: str = 'params'):
+  """Raises CheckpointMismatchError naming every key `params` lacks, has extra, or has in another
+  shape than `model.init` would give. Shapes only (jax.eval_shape): nothing is allocated."""
+  _compare(where, {k: tuple(np.shape(v)) for k, v in flatten(params).items()}, model, image_size)
+
+
+def _zero_head(channels: int, num_classes: int) -> dict:
+  return {'kernel': np.zeros((1, 1, channels, num_classes), np.float32),
+          'bias': np.zeros((num_classes,), np.float32)}
+
+
+def reinit_head(params, num_classes: int) -> dict:
+  """A copy of `params` with a zero head for `num_classes` classes (BiT's transfer init)."""
+  channels = params['head']['conv2d']['kernel'].shape[2]
+  return {**params, 'head': {'conv2d': _zero_head(channels, num_classes)}}
+
+
+def _infer_model(flat: dict, num_classes: int, where) -> ResNetV2:
+  """The ResNetV2 a file describes: its root channels and the unit count of each block."""
+  if _ROOT not in flat:
+    _mismatch(f'{where} (pass model= : its architecture cannot be inferred)', missing=[_ROOT])
+  units = [0] * 4
+  for key in flat:
+    if m := re.match(r'resnet/block([1-4])/unit(\d+)/', key):
+      units[int(m[1]) - 1] = max(units[int(m[1]) - 1], int(m[2]))
+  return ResNetV2(num_classes, tuple(units), 1, base=flat[_ROOT].shape[-1])
+
+
+def load_npz(path, model: nn.Module | str | None = None, num_classes: int | None = None) -> dict:
+  """Reads a released-layout .npz into a params tree for `model.apply({'params': p}, images)`.
+
+  Accepts the `standardized_conv2d_<N>` spelling and GroupNorm params stored as (C,) or with
+  leading unit axes. `num_classes`: re-initialise the head (zeros) for that many classes when it
+  differs from the file's. `model` (a module or registry name, built with the resulting class
+  count) is what the file is checked against; when None, the architecture is inferred from the
+  file (root width, units per block), which cannot notice a block's trailing units all missing.
+  Raises CheckpointError (unreadable file) or CheckpointMismatchError, one line naming `path`.
+  """
+  try:
+    with np.load(path, allow_pickle=False) as archive:
+      raw = {k: np.asarray(archive[k]) for k in archive.files}
+  except Exception as e:  # noqa: BLE001  (any failure to read is reported the same way)
+    detail = ' '.join(str(e).split())
+    raise CheckpointError(f'{path}: not a readable .npz checkpoint ({type(e).__name__}: {detail})')
+  flat, unexpected = {}, []
+  for key, value in raw.items():
+    plain = _CONV_SPELLING.sub('/standardized_conv2d/', key)
+    if plain in flat:  # a second spelling of one key
+      unexpected.append(key)
+      continue
+    gn = plain.endswith(('group_norm/gamma', 'group_norm/beta'))
+    if gn and value.ndim > 1 and value.size == value.shape[-1]:
+      value = value.reshape(-1)  # some files keep GN params as (1, 1, 1, C)
+    flat[plain] = value
+  file_classes = flat[_HEAD].shape[-1] if np.ndim(flat.get(_HEAD)) == 4 else None
+  if num_classes is not None and file_classes not in (None, num_classes):
+    head = _zero_head(flat[_HEAD].shape[2], num_classes)
+    flat[_HEAD], flat[_BIAS] = head['kernel'], head['bias']
+  classes = num_classes or file_classes or 1
+  if isinstance(model, str):
+    model = get_model(model, num_classes=classes)
+  model = model or _infer_model(flat, classes, path)
+  _compare(path, {k: v.shape for k, v in flat.items()}, model, 32, unexpected)
+  return unflatten(flat)
+
+
+def save_npz(params, path) -> None:
+  """Writes `params` in the released layout (flat keys, HWIO kernels) to exactly `path`."""
+  arrays = {k: np.asarray(v, np.float32) for k, v in flatten(params).items()}
+  with open(path, 'wb') as f:
+    np.savez(f, **arrays)
