@@ -58,10 +58,11 @@ def check_fit(params, abstract_params, what: str) -> None:
     raise CheckpointError(f'{what} does not fit the model: {"; ".join(problems[:3])}{more}')
 
 
-def write_stage_info(stage_dir: str, model: str, resolution: int, num_classes: int) -> None:
+def write_stage_info(stage_dir, model, model_kwargs, resolution, num_classes) -> None:
   os.makedirs(stage_dir, exist_ok=True)
   with open(os.path.join(stage_dir, 'stage.json'), 'w') as f:
-    json.dump(dict(model=model, resolution=resolution, num_classes=num_classes), f)
+    json.dump(dict(model=model, model_kwargs=model_kwargs, resolution=resolution,
+                   num_classes=num_classes), f)
 
 
 def read_stage_info(stage_dir: str) -> dict:

@@ -76,6 +76,7 @@ def stage_config(model: str, resolution: int, teachers=None, **overrides) -> Con
   run's stage folder, or a BiT .npz file (then also give model and resolution as a dict)."""
   s = ConfigDict(dict(
       model=model,                # registry name of the model this stage trains
+      model_kwargs=ConfigDict(),  # extra model arguments (e.g. remat=True for BiT)
       resolution=resolution,      # its input resolution
       init='',                    # '' (random), a bigkd stage folder, or a .npz to start from
       steps=0,                    # training length in steps ...
@@ -92,8 +93,11 @@ def stage_config(model: str, resolution: int, teachers=None, **overrides) -> Con
   s.teachers = ConfigDict()
   for name, source in (teachers or {}).items():
     spec = source if isinstance(source, dict) else dict(source=source)
-    s.teachers[name] = ConfigDict(dict(source=spec['source'], model=spec.get('model', ''),
-                                       resolution=spec.get('resolution', 0)))
+    s.teachers[name] = ConfigDict(dict(
+        source=spec['source'],    # an earlier stage, a bigkd stage folder, or a .npz file
+        model=spec.get('model', ''),  # '' : from the stage / stage.json
+        model_kwargs=ConfigDict(spec.get('model_kwargs', {})),
+        resolution=spec.get('resolution', 0)))  # 0 : from the stage / stage.json
   for key, value in overrides.items():
     if key not in s:
       raise ConfigError(f'stage_config: unknown field {key!r}')

@@ -35,6 +35,7 @@ class TeacherPlan:
   source: str       # a stage folder (of this run or another) or a .npz file
   model: str
   resolution: int
+  model_kwargs: dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +44,7 @@ class StagePlan:
   name: str
   index: int
   model: str
+  model_kwargs: dict
   resolution: int
   init: str
   steps: int
@@ -73,9 +75,9 @@ def load_data(data_cfg) -> RunData:
   return RunData(train, val, test, sources.num_classes(data_cfg, train))
 
 
-def abstract_params(model_name, num_classes, resolution, dtype, mesh):
+def abstract_params(model_name, model_kwargs, num_classes, resolution, dtype, mesh):
   """ShapeDtypeStructs (with shardings) of a model's parameters; nothing is allocated."""
-  model = get_model(model_name, num_classes)
+  model = get_model(model_name, num_classes, **model_kwargs)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0),
                                              jnp.zeros((1, resolution, resolution, 3)))['params'])
   shardings = tree_shardings(mesh, shapes)
@@ -89,16 +91,18 @@ def _teacher_plans(name, stage, config, workdir, plans):
   for tname, t in stage.teachers.items():
     if t.source in by_name:
       src = by_name[t.source]
-      teachers.append(TeacherPlan(tname, os.path.join(workdir, t.source), src.model, src.resolution))
+      teachers.append(TeacherPlan(tname, os.path.join(workdir, t.source), src.model,
+                                  src.resolution, src.model_kwargs))
     elif t.source.endswith('.npz'):
-      teachers.append(TeacherPlan(tname, t.source, t.model, t.resolution))
+      teachers.append(TeacherPlan(tname, t.source, t.model, t.resolution, t.model_kwargs.to_dict()))
     else:
       try:
         info = checkpoint.read_stage_info(t.source)
       except checkpoint.CheckpointError as e:
         raise ConfigError(f'stages.{name}.teachers.{tname}: {e}') from None
       teachers.append(TeacherPlan(tname, t.source, t.model or info['model'],
-                                  t.resolution or info['resolution']))
+                                  t.resolution or info['resolution'],
+                                  t.model_kwargs.to_dict() or info.get('model_kwargs', {})))
     if teachers[-1].resolution > config.data.base_size:
       raise ConfigError(f'stages.{name}.teachers.{tname}: resolution {teachers[-1].resolution} '
                         f'is above the stored image size data.base_size={config.data.base_size}')
@@ -124,7 +128,7 @@ def plan_run(config, workdir, num_train_examples) -> list[StagePlan]:
     aug = merged(config.augment, stage.augment, f'stages.{name}.augment')
     aug = {k: tuple(v) if isinstance(v, list) else v for k, v in aug.items()}
     plans.append(StagePlan(
-        name, index, stage.model, stage.resolution, stage.init, max(1, steps), warmup, batch,
+        name, index, stage.model, stage.model_kwargs.to_dict(), stage.resolution, stage.init, max(1, steps), warmup, batch,
         opt, aug, _teacher_plans(name, stage, config, workdir, plans), stage.teaching_mode,
         stage.loss, stage.temperature, stage.label_weight, stage.ensemble))
   return plans
@@ -134,12 +138,14 @@ def check_external_checkpoints(plans, config, workdir, num_classes, mesh):
   """Teachers and initialisations from outside this run must exist and fit, before any work."""
   internal = {os.path.join(workdir, p.name) for p in plans}
   for plan in plans:
-    sources_to_check = [(t.source, t.model, t.resolution, f'stages.{plan.name}.teachers.{t.name}')
+    sources_to_check = [(t.source, t.model, t.model_kwargs, t.resolution,
+                         f'stages.{plan.name}.teachers.{t.name}')
                         for t in plan.teachers if t.source not in internal]
     if plan.init:
-      sources_to_check.append((plan.init, plan.model, plan.resolution, f'stages.{plan.name}.init'))
-    for source, model, resolution, what in sources_to_check:
-      target = abstract_params(model, num_classes, resolution, jnp.float32, mesh)
+      sources_to_check.append((plan.init, plan.model, plan.model_kwargs, plan.resolution,
+                               f'stages.{plan.name}.init'))
+    for source, model, model_kwargs, resolution, what in sources_to_check:
+      target = abstract_params(model, model_kwargs, num_classes, resolution, jnp.float32, mesh)
       try:
         checkpoint.load_params(source, target, what)
       except (checkpoint.CheckpointError, ValueError, OSError) as e:
@@ -191,10 +197,12 @@ def run_stage(plan: StagePlan, config, workdir, data: RunData, mesh) -> dict:
       return json.load(f)
   is_main = jax.process_index() == 0
   if is_main:
-    checkpoint.write_stage_info(stage_dir, plan.model, plan.resolution, data.num_classes)
+    checkpoint.write_stage_info(stage_dir, plan.model, plan.model_kwargs, plan.resolution,
+                                data.num_classes)
 
-  student = get_model(plan.model, data.num_classes)
-  param_targets = abstract_params(plan.model, data.num_classes, plan.resolution, jnp.float32, mesh)
+  student = get_model(plan.model, data.num_classes, **plan.model_kwargs)
+  param_targets = abstract_params(plan.model, plan.model_kwargs, data.num_classes,
+                                  plan.resolution, jnp.float32, mesh)
   param_shardings = jax.tree.map(lambda a: a.sharding, param_targets)
   if plan.init:
     params = checkpoint.load_params(plan.init, param_targets, f'stages.{plan.name}.init')
@@ -225,9 +233,10 @@ def run_stage(plan: StagePlan, config, workdir, data: RunData, mesh) -> dict:
   teacher_dtype = jnp.dtype(config.teacher_dtype)
   teachers, teacher_params = [], []
   for t in plan.teachers:
-    teachers.append(Teacher(get_model(t.model, data.num_classes, dtype=teacher_dtype),
-                            t.resolution))
-    target = abstract_params(t.model, data.num_classes, t.resolution, teacher_dtype, mesh)
+    teachers.append(Teacher(get_model(t.model, data.num_classes, dtype=teacher_dtype,
+                                      **t.model_kwargs), t.resolution))
+    target = abstract_params(t.model, t.model_kwargs, data.num_classes, t.resolution,
+                             teacher_dtype, mesh)
     teacher_params.append(checkpoint.load_params(t.source, target,
                                                  f'stages.{plan.name}.teachers.{t.name}'))
   spec = StepSpec(student, plan.resolution, tuple(teachers), data.num_classes,

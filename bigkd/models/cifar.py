@@ -54,7 +54,8 @@ class CifarResNet(nn.Module):
 
 
 class SmallCNN(nn.Module):
-  """conv-relu-pool twice, then a dense layer: a fast, weak student for tests and demos."""
+  """conv-relu-pool twice, then a dense layer on the flattened map (LeNet-like: small images
+  keep their layout, which a global pool would lose). A fast student for tests and demos."""
   num_classes: int
   width: int = 16
   dtype: jnp.dtype = jnp.float32
@@ -65,7 +66,7 @@ class SmallCNN(nn.Module):
     for mult in (1, 2):
       x = nn.Conv(self.width * mult, (3, 3), dtype=self.dtype)(x)
       x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
-    x = jnp.mean(x, axis=(1, 2))
+    x = x.reshape(x.shape[0], -1)
     return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
 
 
