@@ -25,6 +25,7 @@ def base_config() -> ConfigDict:
   c.eval_batch_size = 256         # global batch size of evaluation
   c.teacher_dtype = 'bfloat16'    # teacher forward dtype (inference only)
   c.log_every = 50                # steps between metric logs (the only per-step host sync)
+  c.grad_accum_steps = 1          # microbatches per step (same update, 1/k activation memory)
   c.eval_every = 0                # steps between val/test evaluations; 0: only at the end
   c.checkpoint_every = 500        # steps between checkpoints (and always at the end)
   c.keep_checkpoints = 2          # checkpoints kept per stage
@@ -36,6 +37,8 @@ def base_config() -> ConfigDict:
       num_classes=0,              # 0: max train label + 1
       train_split='train', val_split='val', test_split='test',
       device_resident=True,       # True: images live on the devices; False: streamed from host
+      shard_resident=False,       # resident images: False replicated on every device (fastest
+                                  # gather); True split by rows over devices and processes
   ))
   c.augment = ConfigDict(dict(
       crop_area=(0.08, 1.0),      # inception crop: area fraction range
@@ -57,7 +60,11 @@ def base_config() -> ConfigDict:
       clip_norm=1.0,              # global-norm gradient clipping; 0: off
       shampoo=ConfigDict(_shampoo_defaults()),  # options of bigkd.optim.shampoo
   ))
-  c.mesh = ConfigDict(dict(data=-1, fsdp=1))  # device mesh; -1: the rest of the devices
+  c.mesh = ConfigDict(dict(
+      data=-1,                    # data-parallel axis size; -1: the rest of the devices
+      fsdp=1,                     # axis whose members also split large params and their opt state
+      min_fsdp_size=2 ** 18,      # params with fewer elements stay replicated on the fsdp axis
+  ))
   c.stages = ConfigDict()         # name -> stage_config(...)
   c.stage_order = ''              # comma-separated stage names, run in this order
   return c
@@ -82,6 +89,7 @@ def stage_config(model: str, resolution: int, teachers=None, **overrides) -> Con
       steps=0,                    # training length in steps ...
       epochs=0.0,                 # ... or in epochs (used when > 0)
       batch_size=0,               # 0: the global config.batch_size
+      grad_accum_steps=0,         # 0: the global config.grad_accum_steps
       teaching_mode='function_matching',  # fixed_teacher | independent_noise | consistent | function_matching
       loss='kl',                  # kl | hard_pseudo | logit_l2
       temperature=1.0,            # distillation temperature T (the KL is scaled by T²)
@@ -149,6 +157,10 @@ def validate(config: ConfigDict, num_devices: int) -> None:
     batch = stage.batch_size or config.batch_size
     need(batch > 0 and batch % num_devices == 0,
          f'{where}: batch size {batch} is not divisible by the {num_devices} devices')
+    accum = stage.grad_accum_steps or config.grad_accum_steps
+    need(accum > 0 and batch % (accum * num_devices) == 0,
+         f'{where}: batch size {batch} is not divisible by grad_accum_steps={accum} x the '
+         f'{num_devices} devices')
     need(stage.steps > 0 or stage.epochs > 0, f'{where}: set steps or epochs (> 0)')
     need(stage.teaching_mode in TEACHING_MODES,
          f'{where}.teaching_mode={stage.teaching_mode!r}: one of {", ".join(TEACHING_MODES)}')

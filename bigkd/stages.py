@@ -6,6 +6,7 @@ teacher checkpoints) before any training; `run` executes the plan, resuming each
 latest checkpoint and skipping stages that already finished.
 """
 import dataclasses
+import functools
 import itertools
 import json
 import os
@@ -24,7 +25,8 @@ from bigkd.data.sampling import host_batch_indices, prefetch
 from bigkd.evaluate import evaluate
 from bigkd.models import get_model
 from bigkd.optim import build_optimizer
-from bigkd.sharding import batch_sharding, make_mesh, put_global, replicated, tree_shardings
+from bigkd.sharding import batch_sharding, describe, gather_rows, make_mesh, put_global, \
+    put_rows_sharded, replicated, tree_shardings
 from bigkd.step import StepSpec, Teacher, TrainState, make_eval_step, make_train_step, \
     with_device_batches
 
@@ -58,6 +60,7 @@ class StagePlan:
   temperature: float
   label_weight: float
   ensemble: str
+  grad_accum_steps: int = 1
 
 
 @dataclasses.dataclass
@@ -75,12 +78,13 @@ def load_data(data_cfg) -> RunData:
   return RunData(train, val, test, sources.num_classes(data_cfg, train))
 
 
-def abstract_params(model_name, model_kwargs, num_classes, resolution, dtype, mesh):
+def abstract_params(model_name, model_kwargs, num_classes, resolution, dtype, mesh,
+                    min_fsdp_size=2 ** 18):
   """ShapeDtypeStructs (with shardings) of a model's parameters; nothing is allocated."""
   model = get_model(model_name, num_classes, **model_kwargs)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0),
                                              jnp.zeros((1, resolution, resolution, 3)))['params'])
-  shardings = tree_shardings(mesh, shapes)
+  shardings = tree_shardings(mesh, shapes, min_fsdp_size)
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype, sharding=sh),
                       shapes, shardings)
 
@@ -130,7 +134,8 @@ def plan_run(config, workdir, num_train_examples) -> list[StagePlan]:
     plans.append(StagePlan(
         name, index, stage.model, stage.model_kwargs.to_dict(), stage.resolution, stage.init, max(1, steps), warmup, batch,
         opt, aug, _teacher_plans(name, stage, config, workdir, plans), stage.teaching_mode,
-        stage.loss, stage.temperature, stage.label_weight, stage.ensemble))
+        stage.loss, stage.temperature, stage.label_weight, stage.ensemble,
+        stage.grad_accum_steps or config.grad_accum_steps))
   return plans
 
 
@@ -145,7 +150,8 @@ def check_external_checkpoints(plans, config, workdir, num_classes, mesh):
       sources_to_check.append((plan.init, plan.model, plan.model_kwargs, plan.resolution,
                                f'stages.{plan.name}.init'))
     for source, model, model_kwargs, resolution, what in sources_to_check:
-      target = abstract_params(model, model_kwargs, num_classes, resolution, jnp.float32, mesh)
+      target = abstract_params(model, model_kwargs, num_classes, resolution, jnp.float32, mesh,
+                               config.mesh.min_fsdp_size)
       try:
         checkpoint.load_params(source, target, what)
       except (checkpoint.CheckpointError, ValueError, OSError) as e:
@@ -202,7 +208,7 @@ def run_stage(plan: StagePlan, config, workdir, data: RunData, mesh) -> dict:
 
   student = get_model(plan.model, data.num_classes, **plan.model_kwargs)
   param_targets = abstract_params(plan.model, plan.model_kwargs, data.num_classes,
-                                  plan.resolution, jnp.float32, mesh)
+                                  plan.resolution, jnp.float32, mesh, config.mesh.min_fsdp_size)
   param_shardings = jax.tree.map(lambda a: a.sharding, param_targets)
   if plan.init:
     params = checkpoint.load_params(plan.init, param_targets, f'stages.{plan.name}.init')
@@ -212,10 +218,11 @@ def run_stage(plan: StagePlan, config, workdir, data: RunData, mesh) -> dict:
     params = jax.jit(lambda k: student.init(k, dummy)['params'],
                      out_shardings=param_shardings)(init_key)
   tx, lr_schedule = build_optimizer(plan.optimizer, plan.steps, plan.warmup_steps)
-  opt_state = jax.jit(tx.init)(params)
-  state = TrainState(jnp.zeros((), jnp.int32), params, opt_state)
-  state_shardings = jax.tree.map(lambda x: x.sharding, state)
-  state = jax.device_put(state, state_shardings)
+  # Optimiser moments have their parameter's shape, so the same size rule shards them alike.
+  opt_shardings = tree_shardings(mesh, jax.eval_shape(tx.init, params), config.mesh.min_fsdp_size)
+  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+  state_shardings = TrainState(replicated(mesh), param_shardings, opt_shardings)
+  state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), replicated(mesh)), params, opt_state)
 
   mngr = checkpoint.manager(stage_dir, config.keep_checkpoints)
   metrics_path = os.path.join(stage_dir, 'metrics.jsonl')
@@ -236,17 +243,20 @@ def run_stage(plan: StagePlan, config, workdir, data: RunData, mesh) -> dict:
     teachers.append(Teacher(get_model(t.model, data.num_classes, dtype=teacher_dtype,
                                       **t.model_kwargs), t.resolution))
     target = abstract_params(t.model, t.model_kwargs, data.num_classes, t.resolution,
-                             teacher_dtype, mesh)
+                             teacher_dtype, mesh, config.mesh.min_fsdp_size)
     teacher_params.append(checkpoint.load_params(t.source, target,
                                                  f'stages.{plan.name}.teachers.{t.name}'))
   spec = StepSpec(student, plan.resolution, tuple(teachers), data.num_classes,
                   tuple(sorted(plan.augment.items())), plan.teaching_mode, plan.loss,
                   plan.temperature, plan.label_weight, plan.ensemble, config.seed + plan.index)
-  train_step = make_train_step(spec, tx, lr_schedule)
+  train_step = make_train_step(spec, tx, lr_schedule, plan.grad_accum_steps)
   batches = batch_sharding(mesh)
   if config.data.device_resident:
-    train_step = with_device_batches(train_step, spec.seed, plan.batch_size, batches)
-    resident = (put_global(data.train.images, replicated(mesh)),
+    shard = config.data.shard_resident  # each device (process) holds only its rows of images
+    train_step = with_device_batches(train_step, spec.seed, plan.batch_size, batches,
+                                     functools.partial(gather_rows, mesh) if shard else None)
+    resident = (put_rows_sharded(data.train.images, mesh) if shard
+                else put_global(data.train.images, replicated(mesh)),
                 put_global(data.train.labels, replicated(mesh)))
     batch_iter = itertools.repeat(resident)
   else:
@@ -268,6 +278,9 @@ def run_stage(plan: StagePlan, config, workdir, data: RunData, mesh) -> dict:
   writer = metric_writers.create_default_writer(stage_dir, just_logging=not is_main,
                                                 asynchronous=True)
   progress = Progress(plan.name, start_step, plan.steps)
+  if is_main:
+    print(f'[{plan.name}] mesh data={mesh.shape["data"]} fsdp={mesh.shape["fsdp"]} over '
+          f'{jax.process_count()} process(es): {describe(state.params)}', flush=True)
   log_file = open(metrics_path, 'a') if is_main else None
   try:
     for step in range(start_step + 1, plan.steps + 1):
@@ -275,7 +288,8 @@ def run_stage(plan: StagePlan, config, workdir, data: RunData, mesh) -> dict:
       record = None
       if step % config.log_every == 0 or step == plan.steps:
         record = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        progress.report(step, record)
+        if is_main:
+          progress.report(step, record)
       if config.eval_every and step % config.eval_every == 0 and step != plan.steps:
         record = {**(record or {}), **run_eval(step)}
       if record is not None:

@@ -44,23 +44,44 @@ class StepSpec(NamedTuple):
   seed: int
 
 
+def teacher_views(teachers, images, teacher_draws):
+  """The teachers' views {resolution: view}, rendered once per distinct resolution."""
+  return {size: augment.render_view(images, teacher_draws, size)
+          for size in sorted({t.resolution for t in teachers})}
+
+
+def logits_on_views(teachers, teacher_params, views):
+  """Each frozen teacher's float32 logits on its view (in the teacher's dtype, no gradient)."""
+  return [jax.lax.stop_gradient(t.model.apply({'params': params},
+                                              views[t.resolution].astype(t.model.dtype))
+                                .astype(jnp.float32))
+          for t, params in zip(teachers, teacher_params)]
+
+
 def teacher_logits(teachers, teacher_params, images, teacher_draws):
   """Logits of each teacher on its view; views are rendered once per distinct resolution."""
-  views = {}
-  logits = []
-  for teacher, params in zip(teachers, teacher_params):
-    if teacher.resolution not in views:
-      views[teacher.resolution] = augment.render_view(images, teacher_draws, teacher.resolution)
-    view = views[teacher.resolution].astype(teacher.model.dtype)
-    logits.append(teacher.model.apply({'params': params}, view).astype(jnp.float32))
-  return [jax.lax.stop_gradient(l) for l in logits]
+  return logits_on_views(teachers, teacher_params, teacher_views(teachers, images, teacher_draws))
 
 
-def make_train_step(spec: StepSpec, tx: optax.GradientTransformation, lr_schedule):
-  """Returns `train_step(state, teacher_params, images, labels) -> (state, metrics)`."""
+def microbatches(x, k):
+  """[B, ...] -> [k, B/k, ...]; microbatch j holds rows j, j+k, ..., so when B is split over
+  devices in contiguous blocks every microbatch is split over all devices the same way."""
+  return jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
+
+
+def make_train_step(spec: StepSpec, tx: optax.GradientTransformation, lr_schedule,
+                    grad_accum_steps: int = 1):
+  """Returns `train_step(state, teacher_params, images, labels) -> (state, metrics)`.
+
+  With `grad_accum_steps` k > 1 the whole batch is augmented first (its draws and mixup pairs
+  are those of the full batch), then forward and backward run on k microbatches in a scan and
+  their gradients and metrics are averaged: the full batch's update with 1/k of the activation
+  memory (every loss is a mean over examples).
+  """
   aug = dict(spec.augment)
 
-  def loss_fn(params, teacher_params, images, labels, key):
+  def inputs(images, labels, key):
+    """(student view, teacher views, targets) of the whole batch: the only random part."""
     batch = images.shape[0]
     onehot = jax.nn.one_hot(labels, spec.num_classes)
     if spec.teachers:
@@ -68,13 +89,16 @@ def make_train_step(spec: StepSpec, tx: optax.GradientTransformation, lr_schedul
     else:
       student_draws = augment.sample_draws(key, batch, aug, use_mixup=aug['mixup_alpha'] > 0)
     student_view = augment.render_view(images, student_draws, spec.resolution)
-    targets = augment.mix_labels(onehot, student_draws)
+    views = teacher_views(spec.teachers, images, teacher_draws) if spec.teachers else {}
+    return student_view, views, augment.mix_labels(onehot, student_draws)
+
+  def loss_fn(params, teacher_params, student_view, views, targets):
     student_logits = spec.student.apply({'params': params}, student_view)
     metrics = {}
     if not spec.teachers:
       loss = losses.cross_entropy(student_logits, targets)
     else:
-      all_logits = teacher_logits(spec.teachers, teacher_params, images, teacher_draws)
+      all_logits = logits_on_views(spec.teachers, teacher_params, views)
       t_logits = losses.ensemble_logits(all_logits, spec.ensemble, spec.temperature)
       loss = losses.hinton_loss(t_logits, student_logits, targets, spec.label_weight,
                                 spec.temperature, spec.loss)
@@ -83,10 +107,27 @@ def make_train_step(spec: StepSpec, tx: optax.GradientTransformation, lr_schedul
     metrics['loss'] = loss
     return loss, metrics
 
+  grad_fn = jax.grad(loss_fn, has_aux=True)
+
+  def accumulated_grads(params, teacher_params, batch):
+    """Mean gradients and metrics over `grad_accum_steps` microbatches of `batch`."""
+    k = grad_accum_steps
+    if k == 1:
+      return grad_fn(params, teacher_params, *batch)
+    micro = jax.tree.map(lambda x: microbatches(x, k), batch)
+    first = jax.tree.map(lambda x: x[0], micro)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                         jax.eval_shape(grad_fn, params, teacher_params, *first))
+
+    def add_microbatch(total, one):
+      return jax.tree.map(jnp.add, total, grad_fn(params, teacher_params, *one)), None
+
+    total, _ = jax.lax.scan(add_microbatch, zeros, micro)
+    return jax.tree.map(lambda x: x / k, total)
+
   def train_step(state: TrainState, teacher_params, images, labels):
     key = jax.random.fold_in(jax.random.key(spec.seed), state.step)
-    grads, metrics = jax.grad(loss_fn, has_aux=True)(
-        state.params, teacher_params, images, labels, key)
+    grads, metrics = accumulated_grads(state.params, teacher_params, inputs(images, labels, key))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics['grad_norm'] = optax.global_norm(grads)
@@ -96,14 +137,20 @@ def make_train_step(spec: StepSpec, tx: optax.GradientTransformation, lr_schedul
   return train_step
 
 
-def with_device_batches(train_step, seed, batch_size, batch_sharding):
+def with_device_batches(train_step, seed, batch_size, batch_sharding, gather_images=None):
   """Wraps `train_step` for device-resident data: the batch is gathered on device from
-  indices that are a pure function of (seed, step); the host sends nothing per step."""
+  indices that are a pure function of (seed, step); the host sends nothing per step.
+
+  `gather_images(all_images, indices)` replaces `all_images[indices]` when the resident images
+  are split over devices (their row count then includes padding: the example count is that of
+  the labels)."""
 
   def step_on_resident_data(state, teacher_params, all_images, all_labels):
-    indices = device_batch_indices(seed, state.step, batch_size, all_images.shape[0])
-    indices = jax.lax.with_sharding_constraint(indices, batch_sharding)
-    return train_step(state, teacher_params, all_images[indices], all_labels[indices])
+    indices = device_batch_indices(seed, state.step, batch_size, all_labels.shape[0])
+    sharded_indices = jax.lax.with_sharding_constraint(indices, batch_sharding)
+    images = (gather_images(all_images, indices) if gather_images
+              else all_images[sharded_indices])
+    return train_step(state, teacher_params, images, all_labels[sharded_indices])
 
   return step_on_resident_data
 

@@ -1,0 +1,80 @@
+"""ImageNet-1k: BiT-M-R152x2 teachers distilled into BiT-R50x1 by function matching (Beyer et al.
+2022, "Knowledge distillation: A good teacher is patient and consistent", Sec. 5 / Table 1).
+
+  python -m bigkd.train --config configs/bit_imagenet.py:t384_s224,epochs=1200 --workdir DIR \
+      --config.data.data_dir=/path/to/tfds \
+      --config.stages.student.teachers.teacher.source=/path/to/R152x2_T_384.npz
+
+Variants (`PRESET[,epochs=N][,init[=PATH.npz]]`, see configs/common_bit.py):
+  t224_s224       teacher at 224 px, student at 224 px (the default preset)
+  t384_s224       teacher at 384 px, student at 224 px (same crop, rendered at each resolution)
+  t224_s160       teacher at 224 px, student at 160 px
+  t384_t224_s224  the two-teacher ensemble: teachers `t384` (384 px) and `t224` (224 px), student
+                  at 224 px; set both sources, e.g.
+                    --config.stages.student.teachers.t384.source=/path/to/R152x2_T_384.npz
+                    --config.stages.student.teachers.t224.source=/path/to/R152x2_T_224.npz
+  epochs=N        training length; the paper's ImageNet runs use 300, 600, 1200, 4800 and 9600
+                  epochs (default 1200, the released config's "good middle-ground").
+  init[=PATH]     start the student from a pretrained BiT-R50x1 .npz instead of random weights.
+
+Teachers: BiT-M-R152x2 (ImageNet-21k pre-trained) fine-tuned on ImageNet at 224 px and at 384 px,
+released as R152x2_T_224.npz and R152x2_T_384.npz (gs://bit_models/distill/).
+
+Recipe (paper Sec. 3 + the authors' released config bit_i1k.py): batch 4096, Adam (bfloat16 first
+moment), lr 0.03, decoupled weight decay 3e-4 (big_vision convention, converted: see
+common_bit.py), 5000 warmup steps then cosine, clip 1.0, KL at temperature 1, mixup Beta(1, 1),
+inception crop + flip. Splits as released: train = train[:98%], val (minival) = train[99%:],
+test = the ImageNet validation set.
+
+Data are streamed from host memory (`data.device_resident=False`), but the whole train split is
+held there as base_size² uint8 images: about 189 GB at base_size 224 and 555 GB at 384 (the 384 px
+presets need base_size 384 because the teacher crop is rendered from the stored image), plus a
+transient second copy while loading. Evaluation resizes the whole stored image to each model's
+resolution (not the paper's resize-256/central-crop-224). On few devices, lower memory with
+--config.stages.student.model_kwargs.remat=True or --config.mesh.fsdp=N.
+"""
+import importlib.util
+import os
+
+try:
+  from configs import common_bit
+except ImportError:  # loaded from outside the repository root
+  _spec = importlib.util.spec_from_file_location(
+      'common_bit', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'common_bit.py'))
+  common_bit = importlib.util.module_from_spec(_spec)
+  _spec.loader.exec_module(common_bit)
+
+TEACHER_224 = common_bit.placeholder('R152x2_T_224.npz')
+TEACHER_384 = common_bit.placeholder('R152x2_T_384.npz')
+
+# preset -> (teachers {name: (path, resolution)}, student resolution)
+PRESETS = {
+    't224_s224': ({'teacher': (TEACHER_224, 224)}, 224),
+    't384_s224': ({'teacher': (TEACHER_384, 384)}, 224),
+    't224_s160': ({'teacher': (TEACHER_224, 224)}, 160),
+    't384_t224_s224': ({'t384': (TEACHER_384, 384), 't224': (TEACHER_224, 224)}, 224),
+}
+PAPER_EPOCHS = (300, 600, 1200, 4800, 9600)
+DEFAULT_EPOCHS = 1200
+
+
+def get_config(variant=None):
+  preset, options = common_bit.parse_variant(variant, tuple(PRESETS), 't224_s224')
+  teachers, student_resolution = PRESETS[preset]
+  return common_bit.distill_config(
+      dataset='imagenet2012', num_classes=1000,
+      splits=('train[:98%]', 'train[99%:]', 'validation'),
+      base_size=max(res for _, res in teachers.values()),  # the largest teacher resolution
+      device_resident=False,
+      batch_size=4096,            # paper Sec. 3: 4096 on ImageNet
+      eval_batch_size=512,
+      teachers=teachers, student_resolution=student_resolution,
+      epochs=options.get('epochs', DEFAULT_EPOCHS),
+      lr=0.03, paper_wd=3e-4,     # released bit_i1k.py
+      temperature=1.0,            # released bit_i1k.py: distance_kw t=1.0
+      warmup_steps=5000,          # released bit_i1k.py
+      log_every=50, eval_every=10_000, checkpoint_every=1000,
+      init=options.get('init', ''),
+      # Several teachers: mean of their probabilities (the released trainer sums per-teacher KLs,
+      # "the same as using a teacher-ensemble in probs-space" up to a constant factor).
+      ensemble='probs')

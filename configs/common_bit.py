@@ -1,0 +1,170 @@
+"""Shared pieces of the configs reproducing Beyer et al. 2022, "Knowledge distillation: A good
+teacher is patient and consistent" (arXiv:2106.05237): BiT-M-R152x2 teachers distilled into a
+BiT-R50x1 student by function matching.
+
+Where the numbers come from. The paper (Sec. 3) fixes the recipe: Adam with default betas, cosine
+learning-rate decay after a linear warmup, global-norm gradient clipping at 1.0, batch 512 (4096
+on ImageNet), inception crops with flips, mixup (function matching), KL loss. The per-dataset
+learning rate, weight decay, temperature and epochs are the settings the authors released with
+the paper (big_vision `configs/proj/distill/*.py`, which state they are the recommended settings
+of the paper's Fig. 3 / Tab. 4, best on a 10% minival), as are the warmup lengths (1500 steps;
+5000 on ImageNet), Adam's bfloat16 first moment, the mixup Beta(1, 1) with one weight per batch,
+the train/val/test splits and the teacher checkpoints (`R152x2_T_*.npz`).
+
+Weight decay. The released configs use big_vision's decoupled weight decay, whose per-step decay
+is `wd · schedule(t)` with the schedule normalised to 1 at its peak: it is NOT multiplied by the
+base learning rate. bigkd's Adam is optax.adamw, whose decay is `lr(t) · weight_decay`, so the
+configs set `optimizer.weight_decay = paper_wd / lr` (the same decay per step). If you override
+`optimizer.lr`, scale `optimizer.weight_decay` by hand to keep the paper's decay.
+
+Variant strings (the part after ':' in `--config configs/bit_x.py:VARIANT`) are
+  PRESET[,epochs=N][,init[=PATH.npz]]
+PRESET picks the experiment (see each config file); `epochs=N` replaces the preset's training
+length; `init` starts the student from a pretrained BiT-R50x1 .npz (the paper's comparison with a
+transfer-initialised student) instead of random weights; a bare `init` uses a placeholder path
+that the trainer rejects until you override `--config.stages.student.init=/path/to/file.npz`.
+A wrong PRESET or option is a ValueError naming the allowed ones (the trainer exits with code 2).
+
+Teacher and init paths default to placeholders under `/path/to/bit_models/`, which fail with the
+trainer's "checkpoint file ... does not exist" error; set the real ones with overrides, e.g.
+  --config.stages.student.teachers.teacher.source=/data/bit/R152x2_T_384.npz
+"""
+from bigkd.config import base_config, stage_config
+
+PLACEHOLDER_DIR = '/path/to/bit_models'
+TEACHER_MODEL = 'bit_r152x2'     # BiT-M-R152x2: ImageNet-21k pre-trained, fine-tuned per dataset
+STUDENT_MODEL = 'bit_r50x1'      # BiT-R50x1, trained from scratch (random init) unless `init`
+STUDENT_INIT_FILE = 'BiT-M-R50x1.npz'  # the public ImageNet-21k BiT-M-R50x1 (21,843-class head)
+
+
+def placeholder(filename: str) -> str:
+  return f'{PLACEHOLDER_DIR}/{filename}'
+
+
+def parse_variant(variant, presets, default):
+  """'PRESET[,epochs=N][,init[=PATH]]' -> (preset, {'epochs': float, 'init': str}).
+
+  `presets`: the allowed preset names; `default`: the preset when `variant` is None or ''.
+  """
+  tokens = [t.strip() for t in (variant or '').split(',') if t.strip()]
+  name = default
+  if tokens and '=' not in tokens[0] and tokens[0] != 'init':
+    name = tokens.pop(0)
+  if name not in presets:
+    raise ValueError(f'unknown variant {name!r}; one of: {", ".join(presets)}')
+  options = {}
+  for token in tokens:
+    key, _, value = token.partition('=')
+    key = key.strip()
+    if key == 'epochs':
+      try:
+        options['epochs'] = float(value)
+      except ValueError:
+        raise ValueError(f'variant option {token!r}: epochs must be a number') from None
+      if options['epochs'] <= 0:
+        raise ValueError(f'variant option {token!r}: epochs must be positive')
+    elif key == 'init':
+      options['init'] = value.strip() or placeholder(STUDENT_INIT_FILE)
+    else:
+      raise ValueError(f'unknown variant option {token!r}; options: epochs=N, init[=PATH.npz]')
+  return name, options
+
+
+def distill_config(*, dataset, num_classes, splits, base_size, device_resident, batch_size,
+                   eval_batch_size, teachers, student_resolution, epochs, lr, paper_wd,
+                   temperature, warmup_steps, log_every, eval_every, checkpoint_every,
+                   init='', ensemble='probs'):
+  """One stage, `student`: BiT-R50x1 distilled by function matching from `teachers`
+  ({name: (.npz path, resolution)}, BiT-M-R152x2 each)."""
+  c = base_config()
+  c.batch_size = batch_size                 # paper Sec. 3: 512; 4096 on ImageNet
+  c.eval_batch_size = eval_batch_size
+  c.teacher_dtype = 'bfloat16'              # teacher inference in bf16
+  c.log_every = log_every
+  c.eval_every = eval_every
+  c.checkpoint_every = checkpoint_every
+  c.keep_checkpoints = 2
+  c.data.source = 'tfds'
+  c.data.name = dataset
+  c.data.data_dir = ''                      # set with --config.data.data_dir=/path/to/tfds
+  c.data.base_size = base_size
+  c.data.num_classes = num_classes          # explicit: the teacher's head has this many classes
+  c.data.train_split, c.data.val_split, c.data.test_split = splits
+  c.data.device_resident = device_resident
+  # Paper Sec. 3 / released code: inception crop + flip, mixup with one Beta(1, 1) weight per
+  # batch ("mixup=dict(p=1.0)"), the same crop/flip/mixup for teacher and student.
+  c.augment.crop_area = (0.08, 1.0)
+  c.augment.crop_aspect = (3 / 4, 4 / 3)
+  c.augment.flip = True
+  c.augment.mixup_alpha = 1.0
+  c.augment.mixup_per_example = False
+  # Paper Sec. 3: Adam (default betas), cosine schedule with linear warmup, clip 1.0.
+  c.optimizer.name = 'adam'
+  c.optimizer.lr = lr
+  c.optimizer.schedule = 'cosine'
+  c.optimizer.warmup_steps = warmup_steps
+  c.optimizer.b1, c.optimizer.b2, c.optimizer.eps = 0.9, 0.999, 1e-8
+  c.optimizer.mu_dtype = 'bfloat16'         # released code: scale_by_adam(mu_dtype='bfloat16')
+  c.optimizer.weight_decay = round(paper_wd / lr, 12)  # big_vision wd, see the docstring
+  c.optimizer.clip_norm = 1.0
+  c.stages.student = stage_config(
+      STUDENT_MODEL, student_resolution, epochs=epochs, init=init,
+      teachers={name: dict(source=path, model=TEACHER_MODEL, resolution=res)
+                for name, (path, res) in teachers.items()},
+      teaching_mode='function_matching', loss='kl', temperature=temperature,
+      label_weight=0.0, ensemble=ensemble)
+  c.stage_order = 'student'
+  return c
+
+
+# --- Flowers102, Pets, Food101, SUN397: teachers fine-tuned at 128 px, student at 128 px. -----
+
+# Released settings (big_vision bigsweep_flowers_pet.py / bigsweep_food_sun.py, "recommended
+# settings from Fig3/Tab4 of the paper"): epochs, lr, weight decay (big_vision convention) and
+# KL temperature for each training budget.
+SMALL_DATASETS = {
+    'flowers': dict(
+        tfds='oxford_flowers102', num_classes=102, teacher='R152x2_T_flowers128.npz',
+        splits=('train', 'validation', 'test'), device_resident=True,
+        budgets=dict(fast=dict(epochs=10_000, lr=3e-3, wd=3e-4, temperature=10.0),
+                     medium=dict(epochs=100_000, lr=1e-3, wd=1e-4, temperature=1.0),
+                     long=dict(epochs=1_000_000, lr=3e-4, wd=1e-5, temperature=1.0))),
+    'pets': dict(
+        tfds='oxford_iiit_pet', num_classes=37, teacher='R152x2_T_pet128.npz',
+        splits=('train[:90%]', 'train[90%:]', 'test'), device_resident=True,
+        budgets=dict(fast=dict(epochs=1_000, lr=1e-2, wd=1e-3, temperature=5.0),
+                     medium=dict(epochs=3_000, lr=3e-3, wd=3e-4, temperature=10.0),
+                     long=dict(epochs=30_000, lr=3e-3, wd=1e-5, temperature=2.0))),
+    'food': dict(
+        tfds='food101', num_classes=101, teacher='R152x2_T_food128.npz',
+        splits=('train[:90%]', 'train[90%:]', 'validation'), device_resident=False,
+        budgets=dict(fast=dict(epochs=100, lr=1e-2, wd=1e-3, temperature=10.0),
+                     medium=dict(epochs=1_000, lr=1e-3, wd=3e-4, temperature=10.0),
+                     long=dict(epochs=3_000, lr=1e-2, wd=1e-4, temperature=5.0))),
+    'sun': dict(
+        tfds='sun397', num_classes=397, teacher='R152x2_T_sun128.npz',
+        splits=('train', 'validation', 'test'), device_resident=False,
+        budgets=dict(fast=dict(epochs=100, lr=1e-2, wd=1e-3, temperature=10.0),
+                     medium=dict(epochs=1_000, lr=1e-3, wd=1e-4, temperature=10.0),
+                     long=dict(epochs=3_000, lr=1e-2, wd=3e-5, temperature=10.0))),
+}
+SMALL_RESOLUTION = 128   # teachers released at 128 px ("rc128"); student trained/evaluated at 128
+SMALL_BASE_SIZE = 160    # released eval: resize_small(160) then central_crop(128); see below
+
+
+def small_dataset_config(dataset: str, variant):
+  """Flowers102 / Pets / Food101 / SUN397 with the 'fast' | 'medium' | 'long' budgets."""
+  spec = SMALL_DATASETS[dataset]
+  budget, options = parse_variant(variant, tuple(spec['budgets']), 'fast')
+  hp = spec['budgets'][budget]
+  # Images are stored at 160 px (short side, centre crop): training crops are taken from them and
+  # rendered at 128 px. Evaluation resizes the whole 160 px image to 128 px, i.e. the central
+  # square of the image, a slightly wider view than the paper's 128-of-160 central crop.
+  return distill_config(
+      dataset=spec['tfds'], num_classes=spec['num_classes'], splits=spec['splits'],
+      base_size=SMALL_BASE_SIZE, device_resident=spec['device_resident'], batch_size=512,
+      eval_batch_size=512,
+      teachers={'teacher': (placeholder(spec['teacher']), SMALL_RESOLUTION)},
+      student_resolution=SMALL_RESOLUTION, epochs=options.get('epochs', hp['epochs']),
+      lr=hp['lr'], paper_wd=hp['wd'], temperature=hp['temperature'], warmup_steps=1500,
+      log_every=100, eval_every=5000, checkpoint_every=2500, init=options.get('init', ''))
