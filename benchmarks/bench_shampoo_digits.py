@@ -29,6 +29,12 @@ import sys
 import tempfile
 import time
 
+# Before numpy/jax load OpenBLAS: Shampoo's inverse roots call LAPACK (syevd via jax's CPU
+# kernels), and a multi-threaded OpenBLAS on a small, busy CPU spins its threads against each
+# other (a 288x288 eigh took ~1 s instead of ~15 ms here). Adam never calls LAPACK, so this
+# does not favour either optimiser's train step; set OPENBLAS_NUM_THREADS to override.
+os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -275,7 +281,8 @@ def main():
 
   dev = jax.devices()[0]
   print(f'device: {dev.device_kind} ({dev.platform}) x{jax.device_count()}, '
-        f'{os.cpu_count()} CPUs visible', flush=True)
+        f'{os.cpu_count()} CPUs visible, OPENBLAS_NUM_THREADS='
+        f'{os.environ.get("OPENBLAS_NUM_THREADS")}', flush=True)
   workdir = args.workdir or tempfile.mkdtemp(prefix='bench_shampoo_digits_')
   teacher_dir = ensure_teacher(args.teacher_dir, workdir)
   setup = make_setup(teacher_dir, workdir, args.steps)

@@ -92,3 +92,27 @@ def test_outputs_of_a_run(tmp_path, trained_teacher):
   assert os.listdir(os.path.join(teacher_dir, 'checkpoints'))
   steps = [m['step'] for m in read_metrics(teacher_dir)]
   assert steps == sorted(steps) and steps[-1] == 120
+
+
+def test_streamed_batches_and_periodic_evaluation(tmp_path):
+  c = tiny_config(steps=60)
+  c.data.device_resident = False
+  c.eval_every = 20
+  summary = stages.run(c, str(tmp_path))['stages']['teacher']
+  assert summary['test_accuracy'] > 0.5
+  evals = [m for m in read_metrics(tmp_path / 'teacher') if 'val_accuracy' in m]
+  assert [m['step'] for m in evals] == [20, 40]
+  assert evals[-1]['val_accuracy'] > evals[0]['val_accuracy'] - 0.05
+
+
+def test_inspect_a_finished_run(trained_teacher):
+  from bigkd import inspect
+  from bigkd.data.sources import load_digits
+  teacher_dir, teacher_summary = trained_teacher
+  run = inspect.load_run(os.path.dirname(teacher_dir))
+  assert run.summary['stages']['teacher'] == teacher_summary
+  assert run.metrics['teacher'][-1]['step'] == 120
+  test = load_digits('test', 12)
+  logits = inspect.predict(teacher_dir, test.images)
+  accuracy = float((logits.argmax(-1) == test.labels).mean())
+  assert accuracy == pytest.approx(teacher_summary['test_accuracy'], abs=1e-6)
