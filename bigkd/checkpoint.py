@@ -73,14 +73,18 @@ def read_stage_info(stage_dir: str) -> dict:
     return json.load(f)
 
 
-def load_params(source: str, abstract_params, what: str):
+def load_params(source: str, abstract_params, what: str, new_head_classes: int | None = None):
   """Parameters from a bigkd stage folder (its latest checkpoint) or a BiT .npz file, checked
-  against `abstract_params` (ShapeDtypeStructs with shardings) before they are placed."""
+  against `abstract_params` (ShapeDtypeStructs with shardings) before they are placed.
+
+  `new_head_classes`: for a student initialised from a pretrained .npz (e.g. a 21,843-class
+  BiT-M), a zero head for this many classes replaces the file's. Teachers never get one.
+  """
   if source.endswith('.npz'):
     if not os.path.isfile(source):
       raise CheckpointError(f'{what}: checkpoint file {source!r} does not exist')
     from bigkd.models import bit
-    params = bit.load_npz(source)
+    params = bit.load_npz(source, num_classes=new_head_classes)
   else:
     if not os.path.isdir(os.path.join(source, 'checkpoints')):
       raise CheckpointError(f'{what}: no checkpoints in {source!r}')
@@ -94,5 +98,15 @@ def load_params(source: str, abstract_params, what: str):
         params=ocp.args.StandardRestore(abstract_params)))['params']
     mngr.close()
   check_fit(params, abstract_params, f'{what} ({source})')
-  return jax.tree.map(lambda x, a: jax.device_put(np.asarray(x, a.dtype), a.sharding),
-                      params, abstract_params)
+  return jax.tree.map(_placed, params, abstract_params)
+
+
+def _placed(x, target):
+  """`x` with the dtype and sharding of `target`. Orbax restores global arrays that may span
+  other processes' devices (never fetched to the host); .npz arrays are numpy, the same on every
+  process, and each process places only its own slices."""
+  if isinstance(x, jax.Array):
+    x = x if x.sharding == target.sharding else jax.device_put(x, target.sharding)
+    return x if x.dtype == target.dtype else x.astype(target.dtype)
+  from bigkd.sharding import put_global
+  return put_global(np.asarray(x, target.dtype), target.sharding)

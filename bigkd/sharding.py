@@ -68,6 +68,13 @@ def tree_shardings(mesh: Mesh, tree, min_fsdp_size: int = 2 ** 18):
       lambda x: NamedSharding(mesh, param_spec(np.shape(x), fsdp_size, min_fsdp_size)), tree)
 
 
+def fsdp_compute_sharding(mesh: Mesh):
+  """Where parameters go for the forward/backward pass: with an fsdp axis, whole (gathered per
+  step, ZeRO-3 style) so that activations stay split by batch and GSPMD does not improvise
+  tensor parallelism; None (leave them be) without one."""
+  return replicated(mesh) if mesh.shape['fsdp'] > 1 else None
+
+
 def init_opt_state(tx, params, mesh: Mesh, min_fsdp_size: int = 2 ** 18):
   """`tx.init(params)` with the optimiser state sharded by the parameters' rule.
 

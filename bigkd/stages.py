@@ -10,7 +10,6 @@ import functools
 import itertools
 import json
 import os
-import sys
 import time
 
 import jax
@@ -25,8 +24,8 @@ from bigkd.data.sampling import host_batch_indices, prefetch
 from bigkd.evaluate import evaluate
 from bigkd.models import get_model
 from bigkd.optim import build_optimizer
-from bigkd.sharding import batch_sharding, describe, gather_rows, make_mesh, put_global, \
-    put_rows_sharded, replicated, tree_shardings
+from bigkd.sharding import batch_sharding, describe, fsdp_compute_sharding, gather_rows, \
+    make_mesh, put_global, put_rows_sharded, replicated, tree_shardings
 from bigkd.step import StepSpec, Teacher, TrainState, make_eval_step, make_train_step, \
     with_device_batches
 
@@ -144,16 +143,16 @@ def check_external_checkpoints(plans, config, workdir, num_classes, mesh):
   internal = {os.path.join(workdir, p.name) for p in plans}
   for plan in plans:
     sources_to_check = [(t.source, t.model, t.model_kwargs, t.resolution,
-                         f'stages.{plan.name}.teachers.{t.name}')
+                         f'stages.{plan.name}.teachers.{t.name}', None)
                         for t in plan.teachers if t.source not in internal]
     if plan.init:
       sources_to_check.append((plan.init, plan.model, plan.model_kwargs, plan.resolution,
-                               f'stages.{plan.name}.init'))
-    for source, model, model_kwargs, resolution, what in sources_to_check:
+                               f'stages.{plan.name}.init', num_classes))
+    for source, model, model_kwargs, resolution, what, new_head in sources_to_check:
       target = abstract_params(model, model_kwargs, num_classes, resolution, jnp.float32, mesh,
                                config.mesh.min_fsdp_size)
       try:
-        checkpoint.load_params(source, target, what)
+        checkpoint.load_params(source, target, what, new_head_classes=new_head)
       except (checkpoint.CheckpointError, ValueError, OSError) as e:
         raise ConfigError(str(e).splitlines()[0] if str(e) else f'{what}: unreadable checkpoint') from None
 
@@ -175,7 +174,7 @@ class Progress:
           f'{rate:.1f} steps/s ETA {int(eta) // 60}m{int(eta) % 60:02d}s', flush=True)
 
 
-def _host_batches(split, seed, batch_size, start_step, sharding):
+def host_batches(split, seed, batch_size, start_step, sharding):
   """Streamed batches: each process gathers its share of the global batch on the host."""
   for step in itertools.count(start_step):
     indices = host_batch_indices(seed, step, batch_size, len(split.labels))
@@ -211,7 +210,8 @@ def run_stage(plan: StagePlan, config, workdir, data: RunData, mesh) -> dict:
                                   plan.resolution, jnp.float32, mesh, config.mesh.min_fsdp_size)
   param_shardings = jax.tree.map(lambda a: a.sharding, param_targets)
   if plan.init:
-    params = checkpoint.load_params(plan.init, param_targets, f'stages.{plan.name}.init')
+    params = checkpoint.load_params(plan.init, param_targets, f'stages.{plan.name}.init',
+                                    new_head_classes=data.num_classes)
   else:
     init_key = jax.random.fold_in(jax.random.key(config.seed), plan.index)
     dummy = jnp.zeros((1, plan.resolution, plan.resolution, 3))
@@ -249,7 +249,8 @@ def run_stage(plan: StagePlan, config, workdir, data: RunData, mesh) -> dict:
   spec = StepSpec(student, plan.resolution, tuple(teachers), data.num_classes,
                   tuple(sorted(plan.augment.items())), plan.teaching_mode, plan.loss,
                   plan.temperature, plan.label_weight, plan.ensemble, config.seed + plan.index)
-  train_step = make_train_step(spec, tx, lr_schedule, plan.grad_accum_steps)
+  train_step = make_train_step(spec, tx, lr_schedule, plan.grad_accum_steps,
+                               fsdp_compute_sharding(mesh))
   batches = batch_sharding(mesh)
   if config.data.device_resident:
     shard = config.data.shard_resident  # each device (process) holds only its rows of images
@@ -260,7 +261,7 @@ def run_stage(plan: StagePlan, config, workdir, data: RunData, mesh) -> dict:
                 put_global(data.train.labels, replicated(mesh)))
     batch_iter = itertools.repeat(resident)
   else:
-    batch_iter = prefetch(_host_batches(data.train, spec.seed, plan.batch_size, start_step,
+    batch_iter = prefetch(host_batches(data.train, spec.seed, plan.batch_size, start_step,
                                         batches))
   train_step = jax.jit(train_step, donate_argnums=0,
                        out_shardings=(state_shardings, replicated(mesh)))
@@ -280,7 +281,9 @@ def run_stage(plan: StagePlan, config, workdir, data: RunData, mesh) -> dict:
   progress = Progress(plan.name, start_step, plan.steps)
   if is_main:
     print(f'[{plan.name}] mesh data={mesh.shape["data"]} fsdp={mesh.shape["fsdp"]} over '
-          f'{jax.process_count()} process(es): {describe(state.params)}', flush=True)
+          f'{jax.process_count()} process(es): {describe(state.params)}'
+          + ''.join(f'; teacher {t.name}: {describe(p)}'
+                    for t, p in zip(plan.teachers, teacher_params)), flush=True)
   log_file = open(metrics_path, 'a') if is_main else None
   try:
     for step in range(start_step + 1, plan.steps + 1):

@@ -70,13 +70,14 @@ def microbatches(x, k):
 
 
 def make_train_step(spec: StepSpec, tx: optax.GradientTransformation, lr_schedule,
-                    grad_accum_steps: int = 1):
+                    grad_accum_steps: int = 1, gather_params=None):
   """Returns `train_step(state, teacher_params, images, labels) -> (state, metrics)`.
 
   With `grad_accum_steps` k > 1 the whole batch is augmented first (its draws and mixup pairs
   are those of the full batch), then forward and backward run on k microbatches in a scan and
   their gradients and metrics are averaged: the full batch's update with 1/k of the activation
-  memory (every loss is a mean over examples).
+  memory (every loss is a mean over examples). `gather_params`: the sharding that student and
+  teacher parameters take for compute (see `sharding.fsdp_compute_sharding`); None: as stored.
   """
   aug = dict(spec.augment)
 
@@ -93,6 +94,10 @@ def make_train_step(spec: StepSpec, tx: optax.GradientTransformation, lr_schedul
     return student_view, views, augment.mix_labels(onehot, student_draws)
 
   def loss_fn(params, teacher_params, student_view, views, targets):
+    if gather_params is not None:  # FSDP: whole weights for compute, the batch stays split
+      params, teacher_params = jax.lax.with_sharding_constraint(
+          (params, teacher_params), jax.tree.map(lambda _: gather_params,
+                                                 (params, teacher_params)))
     student_logits = spec.student.apply({'params': params}, student_view)
     metrics = {}
     if not spec.teachers:

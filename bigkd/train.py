@@ -32,8 +32,9 @@ def parse(argv):
     FLAGS(argv)
   except flags.Error as e:
     fail(str(e).splitlines()[0])
-  except Exception as e:  # config file errors: missing file, a bad override value
-    fail(f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}')
+  except Exception as e:  # config file errors: missing file, a bad variant, a bad value
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    fail(f'{type(e).__name__}: {lines[-1] if lines else ""}')
   if FLAGS.config is None:
     fail('--config is required')
   if not FLAGS.workdir:

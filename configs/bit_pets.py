@@ -1,5 +1,5 @@
-"""Oxford-IIIT Pets (tfds `oxford_iiit_pet`): a BiT-M-R152x2 teacher distilled into BiT-R50x1 by function matching
-(Beyer et al. 2022, "Knowledge distillation: A good teacher is patient and consistent").
+"""Oxford-IIIT Pets (tfds `oxford_iiit_pet`): BiT-M-R152x2 distilled into BiT-R50x1 by function
+matching (Beyer et al. 2022, "Knowledge distillation: A good teacher is patient and consistent").
 
   python -m bigkd.train --config configs/bit_pets.py:medium --workdir DIR \
       --config.data.data_dir=/path/to/tfds \
@@ -15,10 +15,10 @@ convention, converted for bigkd's Adam in common_bit.py):
   init[=PATH]  starts the student from a pretrained BiT-R50x1 .npz (e.g. BiT-M-R50x1.npz)
                instead of random weights: the paper's transfer-initialised student.
 
-Teacher: BiT-M-R152x2 (ImageNet-21k pre-trained) fine-tuned on this dataset at 128 px, released as
-R152x2_T_pet128.npz. Student and teacher both see the same 128 px inception crop (+ flip, mixup);
+Teacher: BiT-M-R152x2 (ImageNet-21k pre-trained) fine-tuned on this dataset at 128 px, released
+as R152x2_T_pet128.npz. Student and teacher see the same 128 px inception crop (+ flip, mixup);
 batch 512, Adam, 1500 warmup steps then cosine, clip 1.0. Images are stored at 160 px.
-Splits as released: train = train[:90%], val = train[90%:], test = test; held on the devices (small).
+Splits as released: train = train[:90%], val = train[90%:], test = test; held on the devices.
 """
 import importlib.util
 import os

@@ -1,5 +1,5 @@
-"""SUN397 (tfds `sun397`, its default config): a BiT-M-R152x2 teacher distilled into BiT-R50x1 by function matching
-(Beyer et al. 2022, "Knowledge distillation: A good teacher is patient and consistent").
+"""SUN397 (tfds `sun397`, default config): BiT-M-R152x2 distilled into BiT-R50x1 by function
+matching (Beyer et al. 2022, "Knowledge distillation: A good teacher is patient and consistent").
 
   python -m bigkd.train --config configs/bit_sun.py:medium --workdir DIR \
       --config.data.data_dir=/path/to/tfds \
@@ -15,10 +15,14 @@ convention, converted for bigkd's Adam in common_bit.py):
   init[=PATH]  starts the student from a pretrained BiT-R50x1 .npz (e.g. BiT-M-R50x1.npz)
                instead of random weights: the paper's transfer-initialised student.
 
-Teacher: BiT-M-R152x2 (ImageNet-21k pre-trained) fine-tuned on this dataset at 128 px, released as
-R152x2_T_sun128.npz. Student and teacher both see the same 128 px inception crop (+ flip, mixup);
+Teacher: BiT-M-R152x2 (ImageNet-21k pre-trained) fine-tuned on this dataset at 128 px, released
+as R152x2_T_sun128.npz. Student and teacher see the same 128 px inception crop (+ flip, mixup);
 batch 512, Adam, 1500 warmup steps then cosine, clip 1.0. Images are stored at 160 px.
-Splits as released: train, val = validation, test = test; streamed from host memory (a few GB at 160 px).
+Splits as released: train, val = validation, test = test; streamed from host memory.
+
+Known limitation: bigkd's tfds source loads with as_supervised=True, which tfds refuses for sun397
+(it declares no supervised keys), so this config resolves but cannot load its data until
+bigkd/data/sources.py reads the 'image' and 'label' features instead.
 """
 import importlib.util
 import os

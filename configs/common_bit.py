@@ -23,6 +23,9 @@ PRESET picks the experiment (see each config file); `epochs=N` replaces the pres
 length; `init` starts the student from a pretrained BiT-R50x1 .npz (the paper's comparison with a
 transfer-initialised student) instead of random weights; a bare `init` uses a placeholder path
 that the trainer rejects until you override `--config.stages.student.init=/path/to/file.npz`.
+Caveat: bigkd currently loads an `init` .npz as is, so its head must already have the dataset's
+class count; the public BiT-M-R50x1.npz (21,843-class head) is rejected with "does not fit the
+model" until bigkd re-initialises the head for `init` (as bigkd.models.bit.reinit_head does).
 A wrong PRESET or option is a ValueError naming the allowed ones (the trainer exits with code 2).
 
 Teacher and init paths default to placeholders under `/path/to/bit_models/`, which fail with the

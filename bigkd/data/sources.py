@@ -67,15 +67,16 @@ def load_tfds(name: str, split: str, data_dir: str, base_size: int) -> Split:
   """A tfds dataset the user already has under `data_dir` (no download), decoded and resized."""
   import tensorflow_datasets as tfds
   try:
+    # Not as_supervised: some datasets (sun397) define no supervised keys; all have these two.
     ds = tfds.load(name, split=split, data_dir=data_dir or None, download=False,
-                   shuffle_files=False, as_supervised=True)
+                   shuffle_files=False)
   except Exception as e:  # tfds raises several types for a missing dataset / bad split
     raise DataError(f'tfds dataset {name!r} split {split!r} in data_dir {data_dir!r}: '
                     f'{str(e).splitlines()[0]}') from e
   images, labels = [], []
-  for image, label in tfds.as_numpy(ds):
-    images.append(resize_to_base(image, base_size))
-    labels.append(label)
+  for example in tfds.as_numpy(ds):
+    images.append(resize_to_base(example['image'], base_size))
+    labels.append(example['label'])
   if not images:
     raise DataError(f'tfds dataset {name!r} split {split!r} is empty')
   return Split(np.stack(images), np.asarray(labels, np.int32))

@@ -35,9 +35,4 @@ def get_model(name: str, num_classes: int, dtype=jnp.float32, **kwargs) -> nn.Mo
   return _REGISTRY[name](num_classes=num_classes, dtype=dtype, **kwargs)
 
 
-from bigkd.models import cifar  # noqa: E402,F401  (registers cnn_*, resnet*)
-try:  # BiT lands in its own module; absent until it does.
-  from bigkd.models import bit  # noqa: E402,F401
-except ImportError as e:  # pragma: no cover
-  if 'bigkd.models.bit' not in str(e) and "'bit'" not in str(e):
-    raise
+from bigkd.models import bit, cifar  # noqa: E402,F401  (register bit_*, cnn_*, resnet*)

@@ -168,8 +168,10 @@ class ResNetV2(nn.Module):
 
 def _register(depth, width):
   @register(f'bit_r{depth}x{width}')
-  def factory(num_classes, dtype=jnp.float32, remat=False):
-    return ResNetV2(num_classes, BLOCK_UNITS[depth], width, dtype=dtype, remat=remat)
+  def factory(num_classes, dtype=jnp.float32, remat=False, base=64, block_units=None):
+    """`base` and `block_units` shrink the net for smoke tests (an explicit model_kwargs)."""
+    units = tuple(block_units) if block_units is not None else BLOCK_UNITS[depth]
+    return ResNetV2(num_classes, units, width, base=base, dtype=dtype, remat=remat)
 
 
 for _depth in BLOCK_UNITS:
