@@ -13,6 +13,7 @@ KL(teacher ‖ student) on whole images (bigkd.evaluate, 300 val images) is meas
   * the target: the final validation KL of Adam at its best learning rate (lowest final KL);
   * per run, the first evaluated step whose validation KL is ≤ the target ("steps to target",
     so its resolution is eval_every); each optimiser's best lr is the one with the lowest final KL;
+  * for information, the same at looser targets (1.25x … 4x the target), best lr each;
   * the step time of the jitted train step (teacher forward + student forward/backward +
     optimiser update) for both optimisers in this process, on the same batches, blocking on
     every step, in alternating rounds after warm-up; the mean includes Shampoo's periodic
