@@ -15,12 +15,27 @@ nothing. FLOPs come from XLA's cost analysis of the compiled step; MFU is achiev
 `--peak_tflops` per device (e.g. 989 for an H100's dense bf16) or, when it is 0, over a measured
 large-matmul rate.
 """
+import functools
+import itertools
 import json
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 from absl import flags
 from ml_collections import config_flags
+
+from bigkd import stages
+from bigkd.config import ConfigError, validate
+from bigkd.data.sampling import prefetch
+from bigkd.data.sources import DataError
+from bigkd.models import get_model
+from bigkd.optim import build_optimizer
+from bigkd.sharding import (batch_sharding, fsdp_compute_sharding, gather_rows, init_opt_state,
+                            make_mesh, put_global, put_rows_sharded, replicated)
+from bigkd.step import StepSpec, Teacher, TrainState, make_train_step, with_device_batches
+from bigkd.train import fail
 
 FLAGS = flags.FlagValues()
 config_flags.DEFINE_config_file('config', None, 'Config file (configs/x.py[:variant]).',
@@ -37,7 +52,6 @@ ROUNDS = 10  # timing alternates pipeline / fixed in rounds so both see the same
 
 
 def pick_plan(plans, name):
-  from bigkd.config import ConfigError
   if name:
     by_name = {p.name: p for p in plans}
     if name not in by_name:
@@ -48,8 +62,6 @@ def pick_plan(plans, name):
 
 def random_params(model, resolution, seed, targets):
   """Random parameters with the dtypes and shardings of `targets` (ShapeDtypeStructs)."""
-  import jax
-  import jax.numpy as jnp
   dummy = jnp.zeros((1, resolution, resolution, 3))
   init = lambda key: jax.tree.map(lambda p, t: p.astype(t.dtype),
                                   model.init(key, dummy)['params'], targets)
@@ -57,83 +69,78 @@ def random_params(model, resolution, seed, targets):
       jax.random.key(seed))
 
 
-def build(config, stage_name):
-  """Everything the timed loops need: compiled pipeline and fixed steps and their inputs."""
-  import functools
-  import itertools
-  import jax
-  import jax.numpy as jnp
-  from bigkd import stages
-  from bigkd.config import validate
-  from bigkd.data.sampling import prefetch
-  from bigkd.models import get_model
-  from bigkd.optim import build_optimizer
-  from bigkd.sharding import (batch_sharding, fsdp_compute_sharding, gather_rows,
-                              init_opt_state, make_mesh, put_global, put_rows_sharded,
-                              replicated)
-  from bigkd.step import StepSpec, Teacher, TrainState, make_train_step, with_device_batches
-
-  mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
-  validate(config, mesh.size)
-  data = stages.load_data(config.data)
-  plan = pick_plan(stages.plan_run(config, '/nonexistent', len(data.train.labels)), stage_name)
-  min_fsdp, n = config.mesh.min_fsdp_size, data.num_classes
-  targets = stages.abstract_params(plan.model, plan.model_kwargs, n, plan.resolution,
+def init_student(plan, config, mesh, num_classes):
+  """(student module, TrainState, optax tx, lr schedule) with the trainer's shardings."""
+  min_fsdp = config.mesh.min_fsdp_size
+  targets = stages.abstract_params(plan.model, plan.model_kwargs, num_classes, plan.resolution,
                                    jnp.float32, mesh, min_fsdp)
-  student = get_model(plan.model, n, **plan.model_kwargs)
+  student = get_model(plan.model, num_classes, **plan.model_kwargs)
   params = random_params(student, plan.resolution, config.seed, targets)
   tx, lr_schedule = build_optimizer(plan.optimizer, plan.steps, plan.warmup_steps)
   state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), replicated(mesh)), params,
                      init_opt_state(tx, params, mesh, min_fsdp))
-  teacher_dtype = jnp.dtype(config.teacher_dtype)
-  teachers, teacher_params = [], []
+  return student, state, tx, lr_schedule
+
+
+def init_teachers(plan, config, mesh, num_classes):
+  """(Teachers, their random parameters) in the teacher dtype with the trainer's shardings."""
+  dtype = jnp.dtype(config.teacher_dtype)
+  teachers, params = [], []
   for i, t in enumerate(plan.teachers):
-    model = get_model(t.model, n, dtype=teacher_dtype, **t.model_kwargs)
+    model = get_model(t.model, num_classes, dtype=dtype, **t.model_kwargs)
+    targets = stages.abstract_params(t.model, t.model_kwargs, num_classes, t.resolution, dtype,
+                                     mesh, config.mesh.min_fsdp_size)
     teachers.append(Teacher(model, t.resolution))
-    teacher_params.append(random_params(model, t.resolution, config.seed + 1 + i,
-                                        stages.abstract_params(t.model, t.model_kwargs, n,
-                                                               t.resolution, teacher_dtype,
-                                                               mesh, min_fsdp)))
-  spec = StepSpec(student, plan.resolution, tuple(teachers), n,
+    params.append(random_params(model, t.resolution, config.seed + 1 + i, targets))
+  return tuple(teachers), params
+
+
+def input_pipeline(config, data, plan, seed, step, mesh):
+  """(step fed by the stage's input pipeline, iterator of its batch arguments), as trained."""
+  batches = batch_sharding(mesh)
+  if not config.data.device_resident:
+    return step, prefetch(stages.host_batches(data.train, seed, plan.batch_size, 0, batches))
+  shard = config.data.shard_resident
+  resident = (put_rows_sharded(data.train.images, mesh) if shard
+              else put_global(data.train.images, replicated(mesh)),
+              put_global(data.train.labels, replicated(mesh)))
+  return (with_device_batches(step, seed, plan.batch_size, batches,
+                              functools.partial(gather_rows, mesh) if shard else None),
+          itertools.repeat(resident))
+
+
+def build(config, stage_name):
+  """Everything the timed loops need: compiled pipeline and fixed steps and their inputs."""
+  mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
+  validate(config, mesh.size)
+  data = stages.load_data(config.data)
+  plan = pick_plan(stages.plan_run(config, '/nonexistent', len(data.train.labels)), stage_name)
+  student, state, tx, lr_schedule = init_student(plan, config, mesh, data.num_classes)
+  teachers, teacher_params = init_teachers(plan, config, mesh, data.num_classes)
+  spec = StepSpec(student, plan.resolution, teachers, data.num_classes,
                   tuple(sorted(plan.augment.items())), plan.teaching_mode, plan.loss,
                   plan.temperature, plan.label_weight, plan.ensemble, config.seed + plan.index)
-  batches = batch_sharding(mesh)
-  state_shardings = jax.tree.map(lambda x: x.sharding, state)
-  jit = functools.partial(jax.jit, donate_argnums=0,
-                          out_shardings=(state_shardings, replicated(mesh)))
-  gather = fsdp_compute_sharding(mesh)
-  step = make_train_step(spec, tx, lr_schedule, plan.grad_accum_steps, gather)
-  fixed_batch = tuple(put_global(x[:plan.batch_size], batches)
-                      for x in (data.train.images, data.train.labels))
-  if config.data.device_resident:
-    shard = config.data.shard_resident
-    pipeline_step = with_device_batches(step, spec.seed, plan.batch_size, batches,
-                                        functools.partial(gather_rows, mesh) if shard else None)
-    resident = (put_rows_sharded(data.train.images, mesh) if shard
-                else put_global(data.train.images, replicated(mesh)),
-                put_global(data.train.labels, replicated(mesh)))
-    pipeline_batches = itertools.repeat(resident)
-  else:
-    pipeline_step = step
-    pipeline_batches = prefetch(stages.host_batches(data.train, spec.seed, plan.batch_size, 0,
-                                                    batches))
+  jit = functools.partial(jax.jit, donate_argnums=0, out_shardings=(
+      jax.tree.map(lambda x: x.sharding, state), replicated(mesh)))
+  make_step = lambda k: make_train_step(spec, tx, lr_schedule, k, fsdp_compute_sharding(mesh))
+  step = make_step(plan.grad_accum_steps)
+  pipeline_step, pipeline_batches = input_pipeline(config, data, plan, spec.seed, step, mesh)
   first = next(pipeline_batches)
-  pipeline_batches = itertools.chain([first], pipeline_batches)
+  fixed_batch = tuple(put_global(x[:plan.batch_size], batch_sharding(mesh))
+                      for x in (data.train.images, data.train.labels))
   compiled_pipeline = jit(pipeline_step).lower(state, teacher_params, *first).compile()
   compiled_fixed = jit(step).lower(state, teacher_params, *fixed_batch).compile()
   # XLA counts a scan's body once: take the FLOPs of the same step without accumulation.
-  counted = compiled_fixed if plan.grad_accum_steps == 1 else jit(
-      make_train_step(spec, tx, lr_schedule, 1, gather)).lower(state, teacher_params, *fixed_batch).compile()
-  flops_per_device = counted.cost_analysis()['flops']
+  counted = compiled_fixed if plan.grad_accum_steps == 1 else jit(make_step(1)).lower(
+      state, teacher_params, *fixed_batch).compile()
   return dict(plan=plan, mesh=mesh, state=state, teacher_params=teacher_params,
-              pipeline=(compiled_pipeline, pipeline_batches),
+              pipeline=(compiled_pipeline, itertools.chain([first], pipeline_batches)),
               fixed=(compiled_fixed, itertools.repeat(fixed_batch)),
-              flops_per_image=flops_per_device * mesh.size / plan.batch_size)
+              flops_per_image=counted.cost_analysis()['flops'] * mesh.size / plan.batch_size)
 
 
 def time_steps(setup, variant, steps):
   """Seconds for `steps` calls of one variant; the state threads through (donated buffers)."""
-  import jax
   compiled, batch_iter = setup[variant]
   state = setup['state']
   start = time.perf_counter()
@@ -146,8 +153,6 @@ def time_steps(setup, variant, steps):
 
 def measured_peak_tflops():
   """Best of a few large matmuls on one device (bf16 on accelerators, f32 on CPU), TFLOP/s."""
-  import jax
-  import jax.numpy as jnp
   cpu = jax.devices()[0].platform == 'cpu'
   size, dtype = (2048, jnp.float32) if cpu else (8192, jnp.bfloat16)
   a = jnp.ones((size, size), dtype)
@@ -162,7 +167,6 @@ def measured_peak_tflops():
 
 
 def run(config, stage='', steps=30, warmup=3, peak_tflops=0.0) -> dict:
-  import jax
   setup = build(config, stage)
   plan, mesh = setup['plan'], setup['mesh']
   for variant in ('pipeline', 'fixed'):
@@ -202,19 +206,17 @@ def report(r) -> str:
       f'{r["fixed_images_per_sec"]:10.1f} img/s   pipeline_ratio {r["pipeline_ratio"]:.3f}',
       f'  {r["flops_per_image"] / 1e6:.2f} MFLOP/image (XLA cost analysis), achieved '
       f'{r["achieved_tflops"]:.4f} TFLOP/s, peak {r["peak_tflops"]:.3f} TFLOP/s '
-      f'({"measured matmul" if r["peak_measured"] else "--peak_tflops"}), MFU {100 * r["mfu"]:.2f}%'])
+      f'({"measured matmul" if r["peak_measured"] else "--peak_tflops"}), '
+      f'MFU {100 * r["mfu"]:.2f}%'])
 
 
 def main(argv=None):
-  from bigkd.train import fail
   try:
     FLAGS(argv or sys.argv)
   except Exception as e:  # flag and config-file errors
     fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
   if FLAGS.config is None:
     fail('--config is required')
-  from bigkd.config import ConfigError
-  from bigkd.data.sources import DataError
   try:
     result = run(FLAGS.config, FLAGS.stage, FLAGS.steps, FLAGS.warmup, FLAGS.peak_tflops)
   except (ConfigError, DataError) as e:

@@ -90,7 +90,8 @@ def describe(params) -> str:
   split = [x for x in leaves if 'fsdp' in jax.tree.leaves(tuple(x.sharding.spec))]
   size = lambda xs: sum(int(np.prod(x.shape)) for x in xs)
   share = size(split) / max(size(leaves), 1)
-  return f'{len(split)}/{len(leaves)} parameter arrays ({100 * share:.0f}% of elements) split over fsdp'
+  return (f'{len(split)}/{len(leaves)} parameter arrays ({100 * share:.0f}% of elements) '
+          'split over fsdp')
 
 
 def put_global(array: np.ndarray, sharding: NamedSharding) -> jax.Array:

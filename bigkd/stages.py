@@ -219,7 +219,8 @@ def run_stage(plan: StagePlan, config, workdir, data: RunData, mesh) -> dict:
                      out_shardings=param_shardings)(init_key)
   tx, lr_schedule = build_optimizer(plan.optimizer, plan.steps, plan.warmup_steps)
   # Optimiser moments have their parameter's shape, so the same size rule shards them alike.
-  opt_shardings = tree_shardings(mesh, jax.eval_shape(tx.init, params), config.mesh.min_fsdp_size)
+  opt_shardings = tree_shardings(mesh, jax.eval_shape(tx.init, params),
+                                 config.mesh.min_fsdp_size)
   opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
   state_shardings = TrainState(replicated(mesh), param_shardings, opt_shardings)
   state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), replicated(mesh)), params, opt_state)
