@@ -274,7 +274,6 @@ def run_stage(plan: StagePlan, config, workdir, data: RunData, mesh) -> dict:
       split_metrics = evaluate(eval_step, state.params, teacher_params, getattr(data, split_name),
                                config.eval_batch_size, batches)
       results.update({f'{split_name}_{k}': v for k, v in split_metrics.items()})
-    writer.write_scalars(step, results)
     return results
 
   writer = metric_writers.create_default_writer(stage_dir, just_logging=not is_main,
@@ -304,8 +303,10 @@ def run_stage(plan: StagePlan, config, workdir, data: RunData, mesh) -> dict:
       if step % config.checkpoint_every == 0 or step == plan.steps:
         checkpoint.save(mngr, step, state.params, state.opt_state)
     mngr.wait_until_finished()
+    final_eval = run_eval(plan.steps)
+    writer.write_scalars(plan.steps, final_eval)
     summary = {'steps': plan.steps, 'model': plan.model, 'resolution': plan.resolution,
-               **run_eval(plan.steps)}
+               **final_eval}
   finally:
     mngr.close()
     writer.close()

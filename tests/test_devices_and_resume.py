@@ -23,7 +23,7 @@ def metrics(stage_dir):
 
 
 def test_eight_devices_give_the_metrics_of_one(tmp_path):
-  steps = ['--config.stages.teacher.steps=150', '--config.stages.student.steps=150']
+  steps = ['--config.stages.teacher.steps=100', '--config.stages.student.steps=100']
   runs = {}
   for devices in (1, 8):
     workdir = tmp_path / f'd{devices}'
