@@ -5,9 +5,9 @@
       --config.data.data_dir=/path/to/tfds \
       --config.stages.student.teachers.teacher.source=/path/to/R152x2_T_food128.npz
 
-Variants (`BUDGET[,epochs=N][,init[=PATH.npz]]`, see configs/common_bit.py); the budgets are the
+Variants (`BUDGET[,epochs=N][,init[=PATH.npz]]`, see bigkd/bit_recipes.py); the budgets are the
 released recommended settings (the paper's Fig. 3 / Tab. 4; weight decay in big_vision's
-convention, converted for bigkd's Adam in common_bit.py):
+convention, converted for bigkd's Adam in bigkd/bit_recipes.py):
   fast    100 epochs, lr 1e-2, weight decay 1e-3, temperature 10 (the default)
   medium  1,000 epochs, lr 1e-3, weight decay 3e-4, temperature 10
   long    3,000 epochs, lr 1e-2, weight decay 1e-4, temperature 5
@@ -21,16 +21,7 @@ batch 512, Adam, 1500 warmup steps then cosine, clip 1.0. Images are stored at 1
 Splits as released: train = train[:90%], val = train[90%:], test = validation (Food101 has no
 test split); streamed from host memory (about 5.8 GB at 160 px).
 """
-import importlib.util
-import os
-
-try:
-  from configs import common_bit
-except ImportError:  # loaded from outside the repository root
-  _spec = importlib.util.spec_from_file_location(
-      'common_bit', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'common_bit.py'))
-  common_bit = importlib.util.module_from_spec(_spec)
-  _spec.loader.exec_module(common_bit)
+from bigkd import bit_recipes as common_bit
 
 
 def get_config(variant=None):

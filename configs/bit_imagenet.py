@@ -5,7 +5,7 @@
       --config.data.data_dir=/path/to/tfds \
       --config.stages.student.teachers.teacher.source=/path/to/R152x2_T_384.npz
 
-Variants (`PRESET[,epochs=N][,init[=PATH.npz]]`, see configs/common_bit.py):
+Variants (`PRESET[,epochs=N][,init[=PATH.npz]]`, see bigkd/bit_recipes.py):
   t224_s224       teacher at 224 px, student at 224 px (the default preset)
   t384_s224       teacher at 384 px, student at 224 px (same crop, rendered at each resolution)
   t224_s160       teacher at 224 px, student at 160 px
@@ -34,16 +34,7 @@ transient second copy while loading. Evaluation resizes the whole stored image t
 resolution (not the paper's resize-256/central-crop-224). On few devices, lower memory with
 --config.stages.student.model_kwargs.remat=True or --config.mesh.fsdp=N.
 """
-import importlib.util
-import os
-
-try:
-  from configs import common_bit
-except ImportError:  # loaded from outside the repository root
-  _spec = importlib.util.spec_from_file_location(
-      'common_bit', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'common_bit.py'))
-  common_bit = importlib.util.module_from_spec(_spec)
-  _spec.loader.exec_module(common_bit)
+from bigkd import bit_recipes as common_bit
 
 TEACHER_224 = common_bit.placeholder('R152x2_T_224.npz')
 TEACHER_384 = common_bit.placeholder('R152x2_T_384.npz')

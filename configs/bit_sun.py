@@ -5,9 +5,9 @@ matching (Beyer et al. 2022, "Knowledge distillation: A good teacher is patient 
       --config.data.data_dir=/path/to/tfds \
       --config.stages.student.teachers.teacher.source=/path/to/R152x2_T_sun128.npz
 
-Variants (`BUDGET[,epochs=N][,init[=PATH.npz]]`, see configs/common_bit.py); the budgets are the
+Variants (`BUDGET[,epochs=N][,init[=PATH.npz]]`, see bigkd/bit_recipes.py); the budgets are the
 released recommended settings (the paper's Fig. 3 / Tab. 4; weight decay in big_vision's
-convention, converted for bigkd's Adam in common_bit.py):
+convention, converted for bigkd's Adam in bigkd/bit_recipes.py):
   fast    100 epochs, lr 1e-2, weight decay 1e-3, temperature 10 (the default)
   medium  1,000 epochs, lr 1e-3, weight decay 1e-4, temperature 10
   long    3,000 epochs, lr 1e-2, weight decay 3e-5, temperature 10
@@ -24,16 +24,7 @@ Known limitation: bigkd's tfds source loads with as_supervised=True, which tfds 
 (it declares no supervised keys), so this config resolves but cannot load its data until
 bigkd/data/sources.py reads the 'image' and 'label' features instead.
 """
-import importlib.util
-import os
-
-try:
-  from configs import common_bit
-except ImportError:  # loaded from outside the repository root
-  _spec = importlib.util.spec_from_file_location(
-      'common_bit', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'common_bit.py'))
-  common_bit = importlib.util.module_from_spec(_spec)
-  _spec.loader.exec_module(common_bit)
+from bigkd import bit_recipes as common_bit
 
 
 def get_config(variant=None):

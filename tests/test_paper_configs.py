@@ -5,7 +5,7 @@ default run; every other trainable variant in the `slow` tests).
 Resolution (no training, every variant): `get_config(variant)` passes `bigkd.config.validate` and
 `bigkd.stages.plan_run` with the real model names, resolutions and batch sizes, and each number is
 checked against the table below (restated here from the paper's released settings, independently
-of configs/common_bit.py), including epochs -> steps for the real train-split sizes.
+of bigkd/bit_recipes.py), including epochs -> steps for the real train-split sizes.
 
 Training (2 steps, in one subprocess so that XLA can compile at -O0: compile time dominates):
 the real registry names bit_r152x2 (teachers) and bit_r50x1 (student), with tiny models only
