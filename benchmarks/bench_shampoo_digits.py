@@ -43,14 +43,9 @@ import optax
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 sys.path.insert(0, ROOT)
-from bigkd import checkpoint, stages  # noqa: E402
-from bigkd.config import validate  # noqa: E402
-from bigkd.evaluate import evaluate  # noqa: E402
-from bigkd.models import get_model  # noqa: E402
+from bigkd import build, stages  # noqa: E402
+from bigkd.config import stage_names  # noqa: E402
 from bigkd.optim import build_optimizer  # noqa: E402
-from bigkd.sharding import batch_sharding, make_mesh, put_global, replicated  # noqa: E402
-from bigkd.step import (StepSpec, Teacher, TrainState, make_eval_step,  # noqa: E402
-                        make_train_step, with_device_batches)
 
 # Shampoo options used here (the rest are default_shampoo_options()). cnn_small's kernels merge
 # to (27, 16), (144, 32) and (288, 10) matrices: block_size 288 keeps every axis whole (one
@@ -79,53 +74,20 @@ def ensure_teacher(teacher_dir, workdir):
 
 @dataclasses.dataclass
 class Setup:
-  plan: stages.StagePlan
-  spec: StepSpec
-  config: object
-  data: stages.RunData
+  plan: object   # bigkd.plan.StagePlan of the demo's student stage
+  data: object
   mesh: object
-  teacher_params: list
-  resident: tuple
-  eval_step: object
-  init_params: object
 
 
 def make_setup(teacher_dir, workdir, steps):
   """The demo's student stage, its teacher read from teacher_dir; everything but the optimiser."""
   config = load_digits_config()
-  demo_index = stages.stage_names(config).index('student')  # seeds init/augmentation as the demo
+  demo_index = stage_names(config).index('student')  # seeds init/augmentation as the demo
   config.stages.student.teachers.teacher.source = os.path.abspath(teacher_dir)
   config.stages.student.steps = steps
   config.stage_order = 'student'
-  mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
-  validate(config, mesh.size)
-  data = stages.load_data(config.data)
-  (plan,) = stages.plan_run(config, workdir, len(data.train.labels))
-  plan = dataclasses.replace(plan, index=demo_index)
-  stages.check_external_checkpoints([plan], config, workdir, data.num_classes, mesh)
-
-  student = get_model(plan.model, data.num_classes, **plan.model_kwargs)
-  teacher_dtype = jnp.dtype(config.teacher_dtype)
-  teachers, teacher_params = [], []
-  for t in plan.teachers:
-    teachers.append(Teacher(get_model(t.model, data.num_classes, dtype=teacher_dtype,
-                                      **t.model_kwargs), t.resolution))
-    target = stages.abstract_params(t.model, t.model_kwargs, data.num_classes, t.resolution,
-                                    teacher_dtype, mesh)
-    teacher_params.append(checkpoint.load_params(t.source, target, f'teacher {t.name}'))
-  spec = StepSpec(student, plan.resolution, tuple(teachers), data.num_classes,
-                  tuple(sorted(plan.augment.items())), plan.teaching_mode, plan.loss,
-                  plan.temperature, plan.label_weight, plan.ensemble, config.seed + plan.index)
-  targets = stages.abstract_params(plan.model, plan.model_kwargs, data.num_classes,
-                                   plan.resolution, jnp.float32, mesh)
-  init_key = jax.random.fold_in(jax.random.key(config.seed), plan.index)
-  dummy = jnp.zeros((1, plan.resolution, plan.resolution, 3))
-  init_params = jax.jit(lambda k: student.init(k, dummy)['params'],
-                        out_shardings=jax.tree.map(lambda a: a.sharding, targets))(init_key)
-  resident = (put_global(data.train.images, replicated(mesh)),
-              put_global(data.train.labels, replicated(mesh)))
-  eval_step = jax.jit(make_eval_step(student, plan.resolution, tuple(teachers), plan.ensemble))
-  return Setup(plan, spec, config, data, mesh, teacher_params, resident, eval_step, init_params)
+  mesh, data, (plan,) = stages.prepare(config, workdir)
+  return Setup(dataclasses.replace(plan, index=demo_index), data, mesh)
 
 
 def optimizer_config(setup, name, lr, shampoo_options):
@@ -134,46 +96,33 @@ def optimizer_config(setup, name, lr, shampoo_options):
   return opt
 
 
-def build_step(setup, opt):
-  """(jitted train step, optax transformation) exactly as bigkd.stages.run_stage builds them."""
-  tx, schedule = build_optimizer(opt, setup.plan.steps, setup.plan.warmup_steps)
-  step = with_device_batches(make_train_step(setup.spec, tx, schedule), setup.spec.seed,
-                             setup.plan.batch_size, batch_sharding(setup.mesh))
-  return jax.jit(step, donate_argnums=0), tx
-
-
-def fresh_state(setup, tx):
-  params = jax.tree.map(jnp.copy, setup.init_params)
-  return TrainState(jnp.zeros((), jnp.int32), params, jax.jit(tx.init)(params))
-
-
-def val_kl(setup, params):
-  return evaluate(setup.eval_step, params, setup.teacher_params, setup.data.val,
-                  setup.config.eval_batch_size, batch_sharding(setup.mesh))
+def build_run(setup, opt):
+  """The stage exactly as the trainer builds it (bigkd.build), with optimiser config `opt`."""
+  return build.build_stage(dataclasses.replace(setup.plan, optimizer=opt), setup.data, setup.mesh)
 
 
 def train_run(setup, name, lr, shampoo_options, eval_every):
   """One training run; returns the validation KL curve (step 0, every eval_every, the end)
   and the mean training KL over each evaluation window."""
-  step_fn, tx = build_step(setup, optimizer_config(setup, name, lr, shampoo_options))
-  state = fresh_state(setup, tx)
-  first = val_kl(setup, state.params)
-  curve = [dict(step=0, val_kl=first['kl'], val_agreement=first['agreement'], train_kl=None)]
+  stage = build_run(setup, optimizer_config(setup, name, lr, shampoo_options))
+  state, inputs = stage.state, stage.inputs(0)
+  val = lambda params: stage.evaluate(params, splits=('val',))
+  first = val(state.params)
+  curve = [dict(step=0, val_kl=first['val_kl'], val_agreement=first['val_agreement'],
+                train_kl=None)]
   window, start = [], time.perf_counter()
   for step in range(1, setup.plan.steps + 1):
-    state, metrics = step_fn(state, setup.teacher_params, *setup.resident)
+    state, metrics = stage.train_step(state, stage.teacher_params, *next(inputs))
     window.append(metrics['kl'])
     if step % eval_every == 0 or step == setup.plan.steps:
-      ev = val_kl(setup, state.params)
+      ev = val(state.params)
       train_kl = float(np.mean(jax.device_get(window)))
       window = []
-      if not np.isfinite(ev['kl']):
-        curve.append(dict(step=step, val_kl=float('nan'), val_agreement=ev['agreement'],
-                          train_kl=train_kl))
+      curve.append(dict(step=step, val_kl=ev['val_kl'] if np.isfinite(ev['val_kl'])
+                        else float('nan'), val_agreement=ev['val_agreement'], train_kl=train_kl))
+      if not np.isfinite(ev['val_kl']):
         print(f'  {name} lr {lr:g}: non-finite KL at step {step}; stopping this run', flush=True)
         break
-      curve.append(dict(step=step, val_kl=ev['kl'], val_agreement=ev['agreement'],
-                        train_kl=train_kl))
   wall = time.perf_counter() - start
   last = curve[-1]
   print(f'  {name:8s} lr {lr:<8g} final val KL {last["val_kl"]:.4f}  agreement '
@@ -201,10 +150,12 @@ def time_steps(setup, opts, rounds, steps_per_round, warmup):
   fresh states that advance in lockstep (so both see the same batches), blocking every step."""
   runs = {}
   for name, opt in opts.items():
-    step_fn, tx = build_step(setup, opt)
-    state = fresh_state(setup, tx)
+    stage = build_run(setup, opt)
+    state, inputs = stage.state, stage.inputs(0)
+    step_fn = lambda state, stage=stage, inputs=inputs: stage.train_step(
+        state, stage.teacher_params, *next(inputs))
     for _ in range(warmup):  # compiles; runs past start_preconditioning_step
-      state, metrics = step_fn(state, setup.teacher_params, *setup.resident)
+      state, metrics = step_fn(state)
     jax.block_until_ready((state, metrics))
     runs[name] = [step_fn, state, []]
   for r in range(rounds):
@@ -213,7 +164,7 @@ def time_steps(setup, opts, rounds, steps_per_round, warmup):
       step_fn, state, times = runs[name]
       for _ in range(steps_per_round):
         t0 = time.perf_counter()
-        state, metrics = step_fn(state, setup.teacher_params, *setup.resident)
+        state, metrics = step_fn(state)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - t0)
       runs[name][1] = state
@@ -223,8 +174,9 @@ def time_steps(setup, opts, rounds, steps_per_round, warmup):
 def time_updates(setup, opts, rounds, steps_per_round, warmup):
   """ms per jitted optimiser update alone (fixed random gradients), alternating rounds."""
   rng = np.random.default_rng(0)
+  init_params = build_run(setup, next(iter(opts.values()))).state.params
   grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape) * 1e-2, p.dtype),
-                       setup.init_params)
+                       init_params)
   runs = {}
   for name, opt in opts.items():
     tx, _ = build_optimizer(opt, setup.plan.steps, setup.plan.warmup_steps)
@@ -233,7 +185,7 @@ def time_updates(setup, opts, rounds, steps_per_round, warmup):
       updates, opt_state = tx.update(grads, opt_state, params)
       return optax.apply_updates(params, updates), opt_state
     update = jax.jit(update, donate_argnums=(0, 1))
-    params = jax.tree.map(jnp.copy, setup.init_params)
+    params = jax.tree.map(jnp.copy, init_params)
     carry = (params, jax.jit(tx.init)(params))
     for _ in range(warmup):
       carry = update(*carry)

@@ -1,14 +1,38 @@
 """bigkd: knowledge distillation of image classifiers in JAX/Flax.
 
-Where things live:
+Modules follow the data flow, config -> plan -> build -> loop:
   train.py        command line: python -m bigkd.train --config configs/x.py --workdir DIR
-  config.py       validation of a resolved config; one-line errors (exit code 2)
+  config.py       every config field with its default and meaning
+  plan.py         config -> stage plans; every check that needs no device (exit code 2)
+  build.py        stage plan -> data, params, optimiser state, teachers, jitted step, inputs, eval
+  stages.py       the loop: steps, logging, evaluation, checkpoints, resume
+  step.py         the pure train step (teacher + student on the same views) and eval step
   data/           sources (digits, tfds, image folder), batch sampling, augment.py (crop boxes, views)
-  models/         registry name -> linen module (CNN, CIFAR ResNets, BiT)
+  models/         registry name -> linen module (CNN, CIFAR ResNets, BiT and its .npz format)
   losses.py       KL at temperature, Hinton, pseudo-labels, logit L2, ensembles
-  optim/          optax chain from config (clip, adam/sgd/shampoo, weight decay, schedule)
-  step.py         the jitted train step (teacher + student on the same views)
+  optim/          optax chain from config (clip, adam/sgd/shampoo/muon, weight decay, schedule)
+  sharding.py     mesh, parameter sharding rule, multi-host placement
+  checkpoint.py   orbax checkpoints of a stage; teachers and initialisations from folders / .npz
   evaluate.py     accuracy, agreement, KL on val/test
-  checkpoint.py   orbax checkpoints of the student; teacher loading
-  stages.py       the multi-stage runner (teacher -> assistants -> student)
+  inspect.py      notebook helpers;  bench.py: step throughput and MFU;  cli.py: --help, errors
 """
+import os
+
+
+def _import_tensorflow_quietly():
+  """TensorFlow (data loading, clu's TensorBoard writer) writes C++ start-up notices (oneDNN,
+  CPU features) straight to the process's stderr before its logging is set up, so neither
+  TF_CPP_MIN_LOG_LEVEL nor Python logging hides them. Import it once here with file
+  descriptor 2 pointed at /dev/null; an import error still surfaces as a Python exception."""
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+  try:
+    os.dup2(devnull, 2)
+    import tensorflow  # noqa: F401
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)
+
+
+_import_tensorflow_quietly()

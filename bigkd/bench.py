@@ -3,6 +3,9 @@
   python -m bigkd.bench --config configs/X.py[:variant] [--config.a.b=v ...] [--stage NAME]
                         [--steps N] [--peak_tflops F] [--json PATH]
 
+Example (the digits student, its teacher at random weights; on an H100 add --peak_tflops=989):
+  python -m bigkd.bench --config configs/digits.py --json bench.json
+
 The step is the trainer's (mesh, shardings, optimiser, on-device augmentation, teacher forward,
 gradient accumulation); teachers and student are randomly initialised, since speed does not
 depend on weights. It is timed twice, after warm-up, in interleaved rounds (the best round
@@ -15,7 +18,6 @@ nothing. FLOPs come from XLA's cost analysis of the compiled step; MFU is achiev
 `--peak_tflops` per device (e.g. 989 for an H100's dense bf16) or, when it is 0, over a measured
 large-matmul rate.
 """
-import functools
 import itertools
 import json
 import sys
@@ -26,32 +28,27 @@ import jax.numpy as jnp
 from absl import flags
 from ml_collections import config_flags
 
-from bigkd import stages
-from bigkd.config import ConfigError, validate
-from bigkd.data.sampling import prefetch
-from bigkd.data.sources import DataError
-from bigkd.models import get_model
-from bigkd.optim import build_optimizer
-from bigkd.sharding import (batch_sharding, fsdp_compute_sharding, gather_rows, init_opt_state,
-                            make_mesh, put_global, put_rows_sharded, replicated)
-from bigkd.step import StepSpec, Teacher, TrainState, make_train_step, with_device_batches
-from bigkd.train import fail
+from bigkd import cli
 
-FLAGS = flags.FlagValues()
-config_flags.DEFINE_config_file('config', None, 'Config file (configs/x.py[:variant]).',
-                                lock_config=True, flag_values=FLAGS)
-flags.DEFINE_string('stage', '', 'Stage to time; default: the last stage with teachers '
-                    '(else the last stage).', flag_values=FLAGS)
-flags.DEFINE_integer('steps', 30, 'Timed steps per variant (after warm-up).', flag_values=FLAGS)
-flags.DEFINE_integer('warmup', 3, 'Untimed steps per variant before timing.', flag_values=FLAGS)
-flags.DEFINE_float('peak_tflops', 0.0, 'Peak TFLOP/s of one device; 0: measure a matmul.',
-                   flag_values=FLAGS)
-flags.DEFINE_string('json', '', 'Write the results to this JSON file.', flag_values=FLAGS)
+def define_flags(argv) -> flags.FlagValues:
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, 'Config file (configs/x.py[:variant]).',
+                                  lock_config=True, flag_values=fv, sys_argv=argv)
+  flags.DEFINE_string('stage', '', 'Stage to time; default: the last stage with teachers '
+                      '(else the last stage).', flag_values=fv)
+  flags.DEFINE_integer('steps', 30, 'Timed steps per variant (after warm-up).', flag_values=fv)
+  flags.DEFINE_integer('warmup', 3, 'Untimed steps per variant before timing.', flag_values=fv)
+  flags.DEFINE_float('peak_tflops', 0.0, 'Peak TFLOP/s of one device; 0: measure a matmul.',
+                     flag_values=fv)
+  flags.DEFINE_string('json', '', 'Write the results to this JSON file.', flag_values=fv)
+  return fv
+
 
 ROUNDS = 10  # timing alternates pipeline / fixed in rounds so both see the same machine load
 
 
 def pick_plan(plans, name):
+  from bigkd.config import ConfigError
   if name:
     by_name = {p.name: p for p in plans}
     if name not in by_name:
@@ -60,81 +57,29 @@ def pick_plan(plans, name):
   return ([p for p in plans if p.teachers] or plans)[-1]
 
 
-def random_params(model, resolution, seed, targets):
-  """Random parameters with the dtypes and shardings of `targets` (ShapeDtypeStructs)."""
-  dummy = jnp.zeros((1, resolution, resolution, 3))
-  init = lambda key: jax.tree.map(lambda p, t: p.astype(t.dtype),
-                                  model.init(key, dummy)['params'], targets)
-  return jax.jit(init, out_shardings=jax.tree.map(lambda t: t.sharding, targets))(
-      jax.random.key(seed))
-
-
-def init_student(plan, config, mesh, num_classes):
-  """(student module, TrainState, optax tx, lr schedule) with the trainer's shardings."""
-  min_fsdp = config.mesh.min_fsdp_size
-  targets = stages.abstract_params(plan.model, plan.model_kwargs, num_classes, plan.resolution,
-                                   jnp.float32, mesh, min_fsdp)
-  student = get_model(plan.model, num_classes, **plan.model_kwargs)
-  params = random_params(student, plan.resolution, config.seed, targets)
-  tx, lr_schedule = build_optimizer(plan.optimizer, plan.steps, plan.warmup_steps)
-  state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), replicated(mesh)), params,
-                     init_opt_state(tx, params, mesh, min_fsdp))
-  return student, state, tx, lr_schedule
-
-
-def init_teachers(plan, config, mesh, num_classes):
-  """(Teachers, their random parameters) in the teacher dtype with the trainer's shardings."""
-  dtype = jnp.dtype(config.teacher_dtype)
-  teachers, params = [], []
-  for i, t in enumerate(plan.teachers):
-    model = get_model(t.model, num_classes, dtype=dtype, **t.model_kwargs)
-    targets = stages.abstract_params(t.model, t.model_kwargs, num_classes, t.resolution, dtype,
-                                     mesh, config.mesh.min_fsdp_size)
-    teachers.append(Teacher(model, t.resolution))
-    params.append(random_params(model, t.resolution, config.seed + 1 + i, targets))
-  return tuple(teachers), params
-
-
-def input_pipeline(config, data, plan, seed, step, mesh):
-  """(step fed by the stage's input pipeline, iterator of its batch arguments), as trained."""
-  batches = batch_sharding(mesh)
-  if not config.data.device_resident:
-    return step, prefetch(stages.host_batches(data.train, seed, plan.batch_size, 0, batches))
-  shard = config.data.shard_resident
-  resident = (put_rows_sharded(data.train.images, mesh) if shard
-              else put_global(data.train.images, replicated(mesh)),
-              put_global(data.train.labels, replicated(mesh)))
-  return (with_device_batches(step, seed, plan.batch_size, batches,
-                              functools.partial(gather_rows, mesh) if shard else None),
-          itertools.repeat(resident))
-
-
-def build(config, stage_name):
-  """Everything the timed loops need: compiled pipeline and fixed steps and their inputs."""
-  mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
-  validate(config, mesh.size)
-  data = stages.load_data(config.data)
-  plan = pick_plan(stages.plan_run(config, '/nonexistent', len(data.train.labels)), stage_name)
-  student, state, tx, lr_schedule = init_student(plan, config, mesh, data.num_classes)
-  teachers, teacher_params = init_teachers(plan, config, mesh, data.num_classes)
-  spec = StepSpec(student, plan.resolution, teachers, data.num_classes,
-                  tuple(sorted(plan.augment.items())), plan.teaching_mode, plan.loss,
-                  plan.temperature, plan.label_weight, plan.ensemble, config.seed + plan.index)
-  jit = functools.partial(jax.jit, donate_argnums=0, out_shardings=(
-      jax.tree.map(lambda x: x.sharding, state), replicated(mesh)))
-  make_step = lambda k: make_train_step(spec, tx, lr_schedule, k, fsdp_compute_sharding(mesh))
-  step = make_step(plan.grad_accum_steps)
-  pipeline_step, pipeline_batches = input_pipeline(config, data, plan, spec.seed, step, mesh)
-  first = next(pipeline_batches)
+def setup_stage(config, stage_name):
+  """The trainer's build of one stage (random weights), its step compiled twice: fed by the
+  stage's input pipeline, and fed one batch that already sits on the devices."""
+  from bigkd import build, stages
+  from bigkd.sharding import batch_sharding, put_global
+  from bigkd.step import make_train_step
+  mesh, data, plans = stages.prepare(config, '/nonexistent')
+  plan = pick_plan(plans, stage_name)
+  stage = build.build_stage(plan, data, mesh, random_params=True)
+  inputs = stage.inputs(0)
+  first = next(inputs)
   fixed_batch = tuple(put_global(x[:plan.batch_size], batch_sharding(mesh))
                       for x in (data.train.images, data.train.labels))
-  compiled_pipeline = jit(pipeline_step).lower(state, teacher_params, *first).compile()
-  compiled_fixed = jit(step).lower(state, teacher_params, *fixed_batch).compile()
+  args = (stage.state, stage.teacher_params)
+  compiled_pipeline = stage.train_step.lower(*args, *first).compile()
+  compiled_fixed = build.jit_step(stage.raw_step, stage.state, mesh).lower(
+      *args, *fixed_batch).compile()
   # XLA counts a scan's body once: take the FLOPs of the same step without accumulation.
-  counted = compiled_fixed if plan.grad_accum_steps == 1 else jit(make_step(1)).lower(
-      state, teacher_params, *fixed_batch).compile()
-  return dict(plan=plan, mesh=mesh, state=state, teacher_params=teacher_params,
-              pipeline=(compiled_pipeline, itertools.chain([first], pipeline_batches)),
+  counted = compiled_fixed if plan.grad_accum_steps == 1 else build.jit_step(make_train_step(
+      stage.spec, stage.tx, stage.lr_schedule, 1), stage.state, mesh).lower(
+          *args, *fixed_batch).compile()
+  return dict(plan=plan, mesh=mesh, state=stage.state, teacher_params=stage.teacher_params,
+              pipeline=(compiled_pipeline, itertools.chain([first], inputs)),
               fixed=(compiled_fixed, itertools.repeat(fixed_batch)),
               flops_per_image=counted.cost_analysis()['flops'] * mesh.size / plan.batch_size)
 
@@ -167,7 +112,7 @@ def measured_peak_tflops():
 
 
 def run(config, stage='', steps=30, warmup=3, peak_tflops=0.0) -> dict:
-  setup = build(config, stage)
+  setup = setup_stage(config, stage)
   plan, mesh = setup['plan'], setup['mesh']
   for variant in ('pipeline', 'fixed'):
     time_steps(setup, variant, warmup)
@@ -211,19 +156,19 @@ def report(r) -> str:
 
 
 def main(argv=None):
+  argv = argv or sys.argv
+  fv = define_flags(argv)
+  cli.parse(fv, argv, __doc__)
+  from bigkd.checkpoint import CheckpointError
+  from bigkd.config import ConfigError
+  from bigkd.data.sources import DataError
   try:
-    FLAGS(argv or sys.argv)
-  except Exception as e:  # flag and config-file errors
-    fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-  if FLAGS.config is None:
-    fail('--config is required')
-  try:
-    result = run(FLAGS.config, FLAGS.stage, FLAGS.steps, FLAGS.warmup, FLAGS.peak_tflops)
-  except (ConfigError, DataError) as e:
-    fail(str(e).splitlines()[0])
+    result = run(fv.config, fv.stage, fv.steps, fv.warmup, fv.peak_tflops)
+  except (ConfigError, CheckpointError, DataError) as e:
+    cli.fail(str(e).splitlines()[0])
   print(report(result), flush=True)
-  if FLAGS.json:
-    with open(FLAGS.json, 'w') as f:
+  if fv.json:
+    with open(fv.json, 'w') as f:
       json.dump(result, f, indent=1)
 
 

@@ -13,25 +13,29 @@ the train/val/test splits and the teacher checkpoints (`R152x2_T_*.npz`).
 
 Weight decay. The released configs use big_vision's decoupled weight decay, whose per-step decay
 is `wd · schedule(t)` with the schedule normalised to 1 at its peak: it is NOT multiplied by the
-base learning rate. bigkd's Adam is optax.adamw, whose decay is `lr(t) · weight_decay`, so the
-configs set `optimizer.weight_decay = paper_wd / lr` (the same decay per step). If you override
-`optimizer.lr`, scale `optimizer.weight_decay` by hand to keep the paper's decay.
+base learning rate. The configs store the paper's value as is, `optimizer.weight_decay = wd`,
+with `optimizer.weight_decay_scaled_by_lr = False`; bigkd.optim converts it for its optimisers
+(optax.adamw's `lr(t) · weight_decay`) from the lr actually used, so overriding `optimizer.lr`
+keeps the paper's decay.
 
-Variant strings (the part after ':' in `--config configs/bit_x.py:VARIANT`) are
-  PRESET[,epochs=N][,init[=PATH.npz]]
-PRESET picks the experiment (see each config file); `epochs=N` replaces the preset's training
-length; `init` starts the student from a pretrained BiT-R50x1 .npz (the paper's comparison with a
-transfer-initialised student) instead of random weights; a bare `init` uses a placeholder path
-that the trainer rejects until you override `--config.stages.student.init=/path/to/file.npz`.
-Caveat: bigkd currently loads an `init` .npz as is, so its head must already have the dataset's
-class count; the public BiT-M-R50x1.npz (21,843-class head) is rejected with "does not fit the
-model" until bigkd re-initialises the head for `init` (as bigkd.models.bit.reinit_head does).
-A wrong PRESET or option is a ValueError naming the allowed ones (the trainer exits with code 2).
+Variant strings (the part after ':' in `--config configs/bit_x.py:VARIANT`):
+  configs/bit_imagenet.py:  [PRESET][,epochs=N][,init[=PATH.npz]]
+  configs/bit_transfer.py:  DATASET[,BUDGET][,epochs=N][,init[=PATH.npz]]
+PRESET picks the ImageNet experiment, DATASET the transfer dataset and BUDGET its released
+settings (see each config file); `epochs=N` replaces the training length; `init` starts the
+student from a pretrained BiT-R50x1 .npz (the paper's comparison with a transfer-initialised
+student) instead of random weights. Its head is re-initialised (zeros) for the dataset's class
+count when loaded (bigkd.checkpoint.load_params(..., new_head_classes=...)), so the public
+21,843-class BiT-M-R50x1.npz can be given as is. A bare `init` uses a placeholder path that the
+trainer rejects until you override `--config.stages.student.init=/path/to/file.npz`. A wrong
+name or option is a ValueError naming the allowed ones (the trainer exits with code 2).
 
 Teacher and init paths default to placeholders under `/path/to/bit_models/`, which fail with the
 trainer's "checkpoint file ... does not exist" error; set the real ones with overrides, e.g.
   --config.stages.student.teachers.teacher.source=/data/bit/R152x2_T_384.npz
 """
+import math
+
 from bigkd.config import base_config, stage_config
 
 PLACEHOLDER_DIR = '/path/to/bit_models'
@@ -44,17 +48,35 @@ def placeholder(filename: str) -> str:
   return f'{PLACEHOLDER_DIR}/{filename}'
 
 
-def parse_variant(variant, presets, default):
-  """'PRESET[,epochs=N][,init[=PATH]]' -> (preset, {'epochs': float, 'init': str}).
+def parse_variant(variant, config, slots):
+  """Reads a variant string: its leading names, then the options `epochs=N`, `init[=PATH]`.
 
-  `presets`: the allowed preset names; `default`: the preset when `variant` is None or ''.
+  `config`: the config file, for messages. `slots`: [(label, allowed names, default)], the
+  leading names in order; a slot whose default is None must be given. Returns
+  ({label: name}, {'epochs': float, 'init': str}) with only the options given; anything else is
+  a one-line ValueError naming the allowed values and the variant grammar.
   """
+  grammar = ''
+  for label, _, default in slots:
+    name = (',' if grammar else '') + label.upper()
+    grammar += name if default is None else f'[{name}]'
+  grammar += '[,epochs=N][,init[=PATH.npz]]'
+
+  def fail(problem):
+    raise ValueError(f'{config}:{variant}: {problem} (variants: {grammar})' if variant else
+                     f'{config} without a variant: {problem} (variants: {grammar})')
+
   tokens = [t.strip() for t in (variant or '').split(',') if t.strip()]
-  name = default
-  if tokens and '=' not in tokens[0] and tokens[0] != 'init':
-    name = tokens.pop(0)
-  if name not in presets:
-    raise ValueError(f'unknown variant {name!r}; one of: {", ".join(presets)}')
+  names = {}
+  for label, allowed, default in slots:
+    if tokens and '=' not in tokens[0] and tokens[0] != 'init':
+      names[label] = tokens.pop(0)
+      if names[label] not in allowed:
+        fail(f'unknown {label} {names[label]!r}; {label}s: {", ".join(allowed)}')
+    elif default is None:
+      fail(f'no {label} given; {label}s: {", ".join(allowed)}')
+    else:
+      names[label] = default
   options = {}
   for token in tokens:
     key, _, value = token.partition('=')
@@ -63,14 +85,14 @@ def parse_variant(variant, presets, default):
       try:
         options['epochs'] = float(value)
       except ValueError:
-        raise ValueError(f'variant option {token!r}: epochs must be a number') from None
-      if options['epochs'] <= 0:
-        raise ValueError(f'variant option {token!r}: epochs must be positive')
+        options['epochs'] = math.nan
+      if not 0 < options['epochs'] < math.inf:
+        fail(f'option {token!r}: epochs must be a positive number')
     elif key == 'init':
       options['init'] = value.strip() or placeholder(STUDENT_INIT_FILE)
     else:
-      raise ValueError(f'unknown variant option {token!r}; options: epochs=N, init[=PATH.npz]')
-  return name, options
+      fail(f'unknown option {token!r}; options: epochs=N, init[=PATH.npz]')
+  return names, options
 
 
 def distill_config(*, dataset, num_classes, splits, base_size, device_resident, batch_size,
@@ -108,7 +130,8 @@ def distill_config(*, dataset, num_classes, splits, base_size, device_resident, 
   c.optimizer.warmup_steps = warmup_steps
   c.optimizer.b1, c.optimizer.b2, c.optimizer.eps = 0.9, 0.999, 1e-8
   c.optimizer.mu_dtype = 'bfloat16'         # released code: scale_by_adam(mu_dtype='bfloat16')
-  c.optimizer.weight_decay = round(paper_wd / lr, 12)  # big_vision wd, see the docstring
+  c.optimizer.weight_decay = paper_wd       # as released, in big_vision's convention:
+  c.optimizer.weight_decay_scaled_by_lr = False  # decay wd·lr(t)/lr, see the docstring
   c.optimizer.clip_norm = 1.0
   c.stages.student = stage_config(
       STUDENT_MODEL, student_resolution, epochs=epochs, init=init,
@@ -120,12 +143,13 @@ def distill_config(*, dataset, num_classes, splits, base_size, device_resident, 
   return c
 
 
-# --- Flowers102, Pets, Food101, SUN397: teachers fine-tuned at 128 px, student at 128 px. -----
+# --- configs/bit_transfer.py: Flowers102, Pets, Food101, SUN397. ----------------------------
+# Teachers fine-tuned at 128 px, student at 128 px.
 
 # Released settings (big_vision bigsweep_flowers_pet.py / bigsweep_food_sun.py, "recommended
 # settings from Fig3/Tab4 of the paper"): epochs, lr, weight decay (big_vision convention) and
 # KL temperature for each training budget.
-SMALL_DATASETS = {
+TRANSFER_DATASETS = {
     'flowers': dict(
         tfds='oxford_flowers102', num_classes=102, teacher='R152x2_T_flowers128.npz',
         splits=('train', 'validation', 'test'), device_resident=True,
@@ -151,23 +175,27 @@ SMALL_DATASETS = {
                      medium=dict(epochs=1_000, lr=1e-3, wd=1e-4, temperature=10.0),
                      long=dict(epochs=3_000, lr=1e-2, wd=3e-5, temperature=10.0))),
 }
-SMALL_RESOLUTION = 128   # teachers released at 128 px ("rc128"); student trained/evaluated at 128
-SMALL_BASE_SIZE = 160    # released eval: resize_small(160) then central_crop(128); see below
+BUDGETS = ('fast', 'medium', 'long')
+TRANSFER_RESOLUTION = 128  # teachers released at 128 px ("rc128"); student trained/evaluated at 128
+TRANSFER_BASE_SIZE = 160   # released eval: resize_small(160) then central_crop(128); see below
 
 
-def small_dataset_config(dataset: str, variant):
-  """Flowers102 / Pets / Food101 / SUN397 with the 'fast' | 'medium' | 'long' budgets."""
-  spec = SMALL_DATASETS[dataset]
-  budget, options = parse_variant(variant, tuple(spec['budgets']), 'fast')
-  hp = spec['budgets'][budget]
+def transfer_config(variant):
+  """configs/bit_transfer.py: 'DATASET[,BUDGET][,epochs=N][,init[=PATH.npz]]', DATASET one of
+  flowers | pets | food | sun, BUDGET one of fast (the default) | medium | long."""
+  names, options = parse_variant(variant, 'configs/bit_transfer.py',
+                                 [('dataset', tuple(TRANSFER_DATASETS), None),
+                                  ('budget', BUDGETS, 'fast')])
+  spec = TRANSFER_DATASETS[names['dataset']]
+  hp = spec['budgets'][names['budget']]
   # Images are stored at 160 px (short side, centre crop): training crops are taken from them and
   # rendered at 128 px. Evaluation resizes the whole 160 px image to 128 px, i.e. the central
   # square of the image, a slightly wider view than the paper's 128-of-160 central crop.
   return distill_config(
       dataset=spec['tfds'], num_classes=spec['num_classes'], splits=spec['splits'],
-      base_size=SMALL_BASE_SIZE, device_resident=spec['device_resident'], batch_size=512,
+      base_size=TRANSFER_BASE_SIZE, device_resident=spec['device_resident'], batch_size=512,
       eval_batch_size=512,
-      teachers={'teacher': (placeholder(spec['teacher']), SMALL_RESOLUTION)},
-      student_resolution=SMALL_RESOLUTION, epochs=options.get('epochs', hp['epochs']),
+      teachers={'teacher': (placeholder(spec['teacher']), TRANSFER_RESOLUTION)},
+      student_resolution=TRANSFER_RESOLUTION, epochs=options.get('epochs', hp['epochs']),
       lr=hp['lr'], paper_wd=hp['wd'], temperature=hp['temperature'], warmup_steps=1500,
       log_every=100, eval_every=5000, checkpoint_every=2500, init=options.get('init', ''))

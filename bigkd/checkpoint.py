@@ -30,12 +30,15 @@ def save(mngr: ocp.CheckpointManager, step: int, params, opt_state) -> None:
                                           opt_state=ocp.args.StandardSave(opt_state)))
 
 
-def restore(mngr: ocp.CheckpointManager, step: int, abstract_params, abstract_opt_state):
-  """Restores (params, opt_state) with the shardings of the abstract targets."""
+def restore_state(mngr: ocp.CheckpointManager, step: int, state):
+  """The TrainState saved at `step`, restored into the shapes, dtypes and shardings of `state`
+  (a TrainState of the same stage, e.g. the freshly built step 0)."""
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                        (state.params, state.opt_state))
   out = mngr.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(abstract_params),
-      opt_state=ocp.args.StandardRestore(abstract_opt_state)))
-  return out['params'], out['opt_state']
+      params=ocp.args.StandardRestore(target[0]), opt_state=ocp.args.StandardRestore(target[1])))
+  return state.replace(step=jax.device_put(np.int32(step), state.step.sharding),
+                       params=out['params'], opt_state=out['opt_state'])
 
 
 def shape_mismatches(params, abstract_params) -> list[str]:
@@ -73,6 +76,40 @@ def read_stage_info(stage_dir: str) -> dict:
     return json.load(f)
 
 
+def _latest_step(source: str, what: str):
+  """(manager, latest step) of a bigkd stage folder; CheckpointError when it has none."""
+  if not os.path.isdir(os.path.join(source, 'checkpoints')):
+    raise CheckpointError(f'{what}: no checkpoints in {source!r}')
+  mngr = manager(source)
+  step = mngr.latest_step()
+  if step is None:
+    mngr.close()
+    raise CheckpointError(f'{what}: no checkpoints in {source!r}')
+  return mngr, step
+
+
+def _read_npz(source: str, what: str, new_head_classes, shapes_only=False):
+  if not os.path.isfile(source):
+    raise CheckpointError(f'{what}: checkpoint file {source!r} does not exist')
+  from bigkd.models import bit
+  return bit.load_npz(source, num_classes=new_head_classes, shapes_only=shapes_only)
+
+
+def check_fits(source: str, model: str, model_kwargs: dict, num_classes: int, resolution: int,
+               what: str, new_head_classes: int | None = None) -> None:
+  """Raises CheckpointError unless `source` (stage folder or .npz) exists and has exactly the
+  parameter shapes of `model`. Reads metadata and headers only: nothing is loaded or placed."""
+  from bigkd.models import param_shapes
+  want = param_shapes(model, num_classes, resolution, **model_kwargs)
+  if source.endswith('.npz'):
+    have = _read_npz(source, what, new_head_classes, shapes_only=True)
+  else:
+    mngr, step = _latest_step(source, what)
+    have = mngr.item_metadata(step)['params']
+    mngr.close()
+  check_fit(have, want, f'{what} ({source})')
+
+
 def load_params(source: str, abstract_params, what: str, new_head_classes: int | None = None):
   """Parameters from a bigkd stage folder (its latest checkpoint) or a BiT .npz file, checked
   against `abstract_params` (ShapeDtypeStructs with shardings) before they are placed.
@@ -81,17 +118,9 @@ def load_params(source: str, abstract_params, what: str, new_head_classes: int |
   BiT-M), a zero head for this many classes replaces the file's. Teachers never get one.
   """
   if source.endswith('.npz'):
-    if not os.path.isfile(source):
-      raise CheckpointError(f'{what}: checkpoint file {source!r} does not exist')
-    from bigkd.models import bit
-    params = bit.load_npz(source, num_classes=new_head_classes)
+    params = _read_npz(source, what, new_head_classes)
   else:
-    if not os.path.isdir(os.path.join(source, 'checkpoints')):
-      raise CheckpointError(f'{what}: no checkpoints in {source!r}')
-    mngr = manager(source)
-    step = mngr.latest_step()
-    if step is None:
-      raise CheckpointError(f'{what}: no checkpoints in {source!r}')
+    mngr, step = _latest_step(source, what)
     metadata = mngr.item_metadata(step)['params']
     check_fit(metadata, abstract_params, f'{what} ({source})')
     params = mngr.restore(step, args=ocp.args.Composite(

@@ -1,15 +1,11 @@
-"""Config defaults, per-stage resolution and validation.
+"""Config defaults: every field, its default and what it means.
 
 A config file (configs/*.py) builds its ConfigDict from `base_config()` and `stage_config()`, so
 every field has a default and a comment here, and command-line overrides of unknown keys fail.
-Validation raises `ConfigError` with one line naming the problem; the trainer turns it into
-exit code 2 before any work starts.
+The checks of a config's values live in `bigkd.plan`; a failed check raises `ConfigError` with
+one line naming the problem, which the entry points turn into exit code 2 before any work.
 """
 import ml_collections
-
-from bigkd.data.augment import TEACHING_MODES
-from bigkd.losses import DISTILL_LOSSES, ENSEMBLE_MODES
-from bigkd.optim import OPTIMIZERS, SCHEDULES
 
 ConfigDict = ml_collections.ConfigDict
 
@@ -56,7 +52,10 @@ def base_config() -> ConfigDict:
       b1=0.9, b2=0.999, eps=1e-8,  # Adam (b1, b2 also Shampoo's momentum / statistics decay)
       mu_dtype='float32',         # dtype of Adam's first moment (bfloat16 saves memory)
       momentum=0.9, nesterov=False,  # SGD
-      weight_decay=0.0,           # decoupled (AdamW semantics), kernels only
+      weight_decay=0.0,           # decoupled, kernels only; see weight_decay_scaled_by_lr
+      weight_decay_scaled_by_lr=True,  # True: decay per step = lr(t)·weight_decay (optax.adamw);
+                                  # False: weight_decay·lr(t)/lr, the schedule's shape only
+                                  # (big_vision, the paper's code): overriding lr keeps the decay
       clip_norm=1.0,              # global-norm gradient clipping; 0: off
       shampoo=ConfigDict(_shampoo_defaults()),  # options of bigkd.optim.shampoo
   ))
@@ -126,68 +125,3 @@ def merged(defaults: ConfigDict, overrides: ConfigDict, where: str) -> dict:
       raise ConfigError(f'{where}.{key}: unknown key (known: {", ".join(sorted(out))})')
     out[key] = value.to_dict() if isinstance(value, ConfigDict) else value
   return out
-
-
-def validate(config: ConfigDict, num_devices: int) -> None:
-  """Checks what can be checked without data or checkpoints."""
-  def need(ok, message):
-    if not ok:
-      raise ConfigError(message)
-
-  from bigkd.models import model_names
-  need(len(stage_names(config)) > 0, 'config.stage_order is empty: nothing to run')
-  for name in stage_names(config):
-    need(name in config.stages, f'stage_order names {name!r}, which is not in config.stages '
-         f'({", ".join(config.stages)})')
-  need(config.data.source in ('digits', 'tfds', 'folder'),
-       f'data.source={config.data.source!r}: must be digits, tfds or folder')
-  need(config.data.source != 'tfds' or config.data.name, 'data.source=tfds needs data.name')
-  need(config.data.source != 'folder' or config.data.data_dir,
-       'data.source=folder needs data.data_dir (the folder root)')
-  need(config.eval_batch_size % num_devices == 0,
-       f'eval_batch_size={config.eval_batch_size} is not divisible by the {num_devices} devices')
-  seen = []
-  for name in stage_names(config):
-    stage, where = config.stages[name], f'stages.{name}'
-    need(stage.model in model_names(), f'{where}.model={stage.model!r}: unknown model')
-    need(0 < stage.resolution <= config.data.base_size,
-         f'{where}.resolution={stage.resolution} is above the stored image size '
-         f'data.base_size={config.data.base_size}' if stage.resolution > 0 else
-         f'{where}.resolution must be positive')
-    batch = stage.batch_size or config.batch_size
-    need(batch > 0 and batch % num_devices == 0,
-         f'{where}: batch size {batch} is not divisible by the {num_devices} devices')
-    accum = stage.grad_accum_steps or config.grad_accum_steps
-    need(accum > 0 and batch % (accum * num_devices) == 0,
-         f'{where}: batch size {batch} is not divisible by grad_accum_steps={accum} x the '
-         f'{num_devices} devices')
-    need(stage.steps > 0 or stage.epochs > 0, f'{where}: set steps or epochs (> 0)')
-    need(stage.teaching_mode in TEACHING_MODES,
-         f'{where}.teaching_mode={stage.teaching_mode!r}: one of {", ".join(TEACHING_MODES)}')
-    need(stage.loss in DISTILL_LOSSES, f'{where}.loss={stage.loss!r}: one of {DISTILL_LOSSES}')
-    need(stage.ensemble in ENSEMBLE_MODES,
-         f'{where}.ensemble={stage.ensemble!r}: one of {ENSEMBLE_MODES}')
-    need(stage.temperature > 0, f'{where}.temperature must be positive')
-    need(0.0 <= stage.label_weight <= 1.0, f'{where}.label_weight must be in [0, 1]')
-    opt = merged(config.optimizer, stage.optimizer, f'{where}.optimizer')
-    aug = merged(config.augment, stage.augment, f'{where}.augment')
-    need(opt['name'] in OPTIMIZERS, f'{where}: optimizer.name={opt["name"]!r}: one of {OPTIMIZERS}')
-    need(opt['schedule'] in SCHEDULES, f'{where}: optimizer.schedule={opt["schedule"]!r}: one of {SCHEDULES}')
-    need(opt['lr'] > 0, f'{where}: optimizer.lr must be positive')
-    need(0 < aug['crop_area'][0] <= aug['crop_area'][1] <= 1,
-         f'{where}: augment.crop_area={aug["crop_area"]} must satisfy 0 < min <= max <= 1')
-    need(0 < aug['crop_aspect'][0] <= aug['crop_aspect'][1],
-         f'{where}: augment.crop_aspect={aug["crop_aspect"]} must satisfy 0 < min <= max')
-    if stage.teachers and stage.teaching_mode == 'function_matching':
-      need(aug['mixup_alpha'] > 0, f'{where}: function_matching needs augment.mixup_alpha > 0')
-    for tname, teacher in stage.teachers.items():
-      if teacher.source in config.stages:
-        need(teacher.source in seen, f'{where}.teachers.{tname}: stage {teacher.source!r} '
-             'must run before the stage it teaches (see stage_order)')
-      elif teacher.source.endswith('.npz'):
-        need(teacher.model and teacher.resolution > 0, f'{where}.teachers.{tname}: a .npz '
-             'teacher needs model and resolution')
-      need(teacher.resolution <= config.data.base_size,
-           f'{where}.teachers.{tname}.resolution={teacher.resolution} is above the stored '
-           f'image size data.base_size={config.data.base_size}')
-    seen.append(name)

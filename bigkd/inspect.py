@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from bigkd import checkpoint
+from bigkd.build import param_targets
 from bigkd.data import augment
 from bigkd.models import get_model
 from bigkd.sharding import make_mesh
@@ -43,12 +44,11 @@ def load_run(workdir: str) -> Run:
 
 def load_stage_model(stage_dir: str):
   """(linen module, params of the latest checkpoint) of a stage folder, on one device."""
-  from bigkd.stages import abstract_params
   info = checkpoint.read_stage_info(stage_dir)
   kwargs = info.get('model_kwargs', {})
   model = get_model(info['model'], info['num_classes'], **kwargs)
   mesh = make_mesh(1, 1, jax.devices()[:1])
-  target = abstract_params(info['model'], kwargs, info['num_classes'], info['resolution'],
+  target = param_targets(info['model'], kwargs, info['num_classes'], info['resolution'],
                            jnp.float32, mesh)
   return model, checkpoint.load_params(stage_dir, target, stage_dir)
 

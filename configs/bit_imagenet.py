@@ -5,7 +5,7 @@
       --config.data.data_dir=/path/to/tfds \
       --config.stages.student.teachers.teacher.source=/path/to/R152x2_T_384.npz
 
-Variants (`PRESET[,epochs=N][,init[=PATH.npz]]`, see bigkd/bit_recipes.py):
+Variants (`[PRESET][,epochs=N][,init[=PATH.npz]]`, see bigkd/bit_recipes.py):
   t224_s224       teacher at 224 px, student at 224 px (the default preset)
   t384_s224       teacher at 384 px, student at 224 px (same crop, rendered at each resolution)
   t224_s160       teacher at 224 px, student at 160 px
@@ -16,16 +16,18 @@ Variants (`PRESET[,epochs=N][,init[=PATH.npz]]`, see bigkd/bit_recipes.py):
   epochs=N        training length (default 1200, the released config's "good middle-ground").
                   The paper's ImageNet table reports 300, 1200, 4800 and 9600 epochs (T224->S160:
                   no 4800); 600 is also named as a budget but is not confirmed by our sources.
-  init[=PATH]     start the student from a pretrained BiT-R50x1 .npz instead of random weights.
+  init[=PATH]     start the student from a pretrained BiT-R50x1 .npz instead of random weights
+                  (e.g. the public BiT-M-R50x1.npz: its 21,843-class head is replaced by a zero
+                  1000-class head when loaded).
 
 Teachers: BiT-M-R152x2 (ImageNet-21k pre-trained) fine-tuned on ImageNet at 224 px and at 384 px,
 released as R152x2_T_224.npz and R152x2_T_384.npz (gs://bit_models/distill/).
 
 Recipe (paper Sec. 3 + the authors' released config bit_i1k.py): batch 4096, Adam (bfloat16 first
-moment), lr 0.03, decoupled weight decay 3e-4 (big_vision convention, converted: see
-common_bit.py), 5000 warmup steps then cosine, clip 1.0, KL at temperature 1, mixup Beta(1, 1),
-inception crop + flip. Splits as released: train = train[:98%], val (minival) = train[99%:],
-test = the ImageNet validation set.
+moment), lr 0.03, decoupled weight decay 3e-4 (big_vision's convention, which an lr override
+leaves unchanged: see bigkd/bit_recipes.py), 5000 warmup steps then cosine, clip 1.0, KL at
+temperature 1, mixup Beta(1, 1), inception crop + flip. Splits as released: train =
+train[:98%], val (minival) = train[99%:], test = the ImageNet validation set.
 
 Data are streamed from host memory (`data.device_resident=False`), but the whole train split is
 held there as base_size² uint8 images: about 189 GB at base_size 224 and 555 GB at 384 (the 384 px
@@ -34,10 +36,10 @@ transient second copy while loading. Evaluation resizes the whole stored image t
 resolution (not the paper's resize-256/central-crop-224). On few devices, lower memory with
 --config.stages.student.model_kwargs.remat=True or --config.mesh.fsdp=N.
 """
-from bigkd import bit_recipes as common_bit
+from bigkd import bit_recipes
 
-TEACHER_224 = common_bit.placeholder('R152x2_T_224.npz')
-TEACHER_384 = common_bit.placeholder('R152x2_T_384.npz')
+TEACHER_224 = bit_recipes.placeholder('R152x2_T_224.npz')
+TEACHER_384 = bit_recipes.placeholder('R152x2_T_384.npz')
 
 # preset -> (teachers {name: (path, resolution)}, student resolution)
 PRESETS = {
@@ -51,9 +53,10 @@ DEFAULT_EPOCHS = 1200
 
 
 def get_config(variant=None):
-  preset, options = common_bit.parse_variant(variant, tuple(PRESETS), 't224_s224')
-  teachers, student_resolution = PRESETS[preset]
-  return common_bit.distill_config(
+  names, options = bit_recipes.parse_variant(variant, 'configs/bit_imagenet.py',
+                                             [('preset', tuple(PRESETS), 't224_s224')])
+  teachers, student_resolution = PRESETS[names['preset']]
+  return bit_recipes.distill_config(
       dataset='imagenet2012', num_classes=1000,
       splits=('train[:98%]', 'train[99%:]', 'validation'),
       base_size=max(res for _, res in teachers.values()),  # the largest teacher resolution

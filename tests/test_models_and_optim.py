@@ -82,3 +82,35 @@ def test_other_optimizers_reduce_a_loss(name):
   for _ in range(100):
     params, state = step(params, state)
   assert float(loss(params)) < 0.2 * float(loss({'w': jnp.zeros((6, 4)), 'b': jnp.zeros(4)}))
+
+
+def test_paper_weight_decay_does_not_change_with_the_learning_rate():
+  """The paper's configs keep big_vision's weight decay: per step, a kernel shrinks by
+  wd · lr(t)/lr (the schedule normalised to 1 at its peak), whatever lr is set to."""
+  from bigkd.bit_recipes import transfer_config
+  paper = transfer_config('flowers,fast').optimizer.to_dict()
+  paper_wd, paper_lr = paper['weight_decay'], paper['lr']
+  assert paper['weight_decay_scaled_by_lr'] is False and paper_wd == 3e-4
+  assert (paper['name'], paper['clip_norm']) == ('adam', 1.0)
+  params = {'kernel': jnp.ones((3, 3)), 'bias': jnp.ones(3)}
+  zero_grads = jax.tree.map(jnp.zeros_like, params)  # Adam's own update is then 0
+  steps = np.array([0, 5, 10, 30, 59])
+
+  def decay_per_step(opt):
+    """Relative decay of the kernel at `steps`, and the learning rate there."""
+    tx, schedule = build_optimizer(opt, total_steps=60, warmup_steps=10)
+    def step(state, _):
+      updates, state = tx.update(zero_grads, state, params)
+      return state, -updates['kernel'] / params['kernel']
+    _, decay = jax.lax.scan(step, tx.init(params), length=60)
+    return np.asarray(decay[steps, 0, 0]), np.asarray(schedule(steps))
+
+  decays = []
+  for lr in (paper_lr, 10 * paper_lr):
+    decay, lr_t = decay_per_step(dict(paper, lr=lr))
+    np.testing.assert_allclose(decay, paper_wd * lr_t / lr, rtol=1e-5, atol=1e-12)
+    assert decay[2] == pytest.approx(paper_wd)  # the peak, at the end of the warmup
+    decays.append(decay)
+    decay, lr_t = decay_per_step(dict(paper, lr=lr, weight_decay_scaled_by_lr=True))
+    np.testing.assert_allclose(decay, lr_t * paper_wd, rtol=1e-5, atol=1e-12)  # optax.adamw
+  np.testing.assert_allclose(decays[0], decays[1], rtol=1e-5)  # the lr override changed nothing

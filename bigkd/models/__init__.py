@@ -8,6 +8,7 @@ that they shard, checkpoint and load from .npz simply, and teacher forward needs
 """
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
@@ -33,6 +34,13 @@ def get_model(name: str, num_classes: int, dtype=jnp.float32, **kwargs) -> nn.Mo
   if name not in _REGISTRY:
     raise KeyError(f'unknown model {name!r}; known: {", ".join(model_names())}')
   return _REGISTRY[name](num_classes=num_classes, dtype=dtype, **kwargs)
+
+
+def param_shapes(name: str, num_classes: int, resolution: int, **kwargs):
+  """ShapeDtypeStructs of model `name`'s parameters (float32); nothing is computed."""
+  model = get_model(name, num_classes, **kwargs)
+  images = jax.ShapeDtypeStruct((1, resolution, resolution, 3), jnp.float32)
+  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)['params']
 
 
 from bigkd.models import bit, cifar  # noqa: E402,F401  (register bit_*, cnn_*, resnet*)

@@ -13,6 +13,7 @@ gamma/beta spelled scale/bias; loading and saving are a key mapping:
 In a unit, `x/group_norm` is the norm applied before conv `x` (pre-activation), as in the files.
 """
 import re
+import zipfile
 
 import flax.linen as nn
 import jax
@@ -275,7 +276,28 @@ def _infer_model(flat: dict, num_classes: int, where) -> ResNetV2:
   return ResNetV2(num_classes, tuple(units), 1, base=flat[_ROOT].shape[-1])
 
 
-def load_npz(path, model: nn.Module | str | None = None, num_classes: int | None = None) -> dict:
+def _read_npz(path) -> dict[str, np.ndarray]:
+  with np.load(path, allow_pickle=False) as archive:
+    return {k: np.asarray(archive[k]) for k in archive.files}
+
+
+def _read_npz_headers(path) -> dict[str, np.ndarray]:
+  """{key: a zero-stride stand-in with the stored shape and dtype}: only the .npy headers are
+  read, so checking a multi-GB teacher file costs nothing."""
+  arrays = {}
+  with zipfile.ZipFile(path) as archive:
+    for name in archive.namelist():
+      with archive.open(name) as f:
+        version = np.lib.format.read_magic(f)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, _, dtype = read_header(f)
+      arrays[name.removesuffix('.npy')] = np.broadcast_to(np.zeros((), dtype), shape)
+  return arrays
+
+
+def load_npz(path, model: nn.Module | str | None = None, num_classes: int | None = None,
+             shapes_only: bool = False) -> dict:
   """Reads a released-layout .npz into a params tree for `model.apply({'params': p}, images)`.
 
   Accepts the `standardized_conv2d_<N>` spelling and GroupNorm params stored as (C,) or with
@@ -284,10 +306,10 @@ def load_npz(path, model: nn.Module | str | None = None, num_classes: int | None
   count) is what the file is checked against; when None, the architecture is inferred from the
   file (root width, units per block), which cannot notice a block's trailing units all missing.
   Raises CheckpointError (unreadable file) or CheckpointMismatchError, one line naming `path`.
+  `shapes_only`: read only the arrays' headers (leaves are read-only stand-ins): for checks.
   """
   try:
-    with np.load(path, allow_pickle=False) as archive:
-      raw = {k: np.asarray(archive[k]) for k in archive.files}
+    raw = _read_npz_headers(path) if shapes_only else _read_npz(path)
   except Exception as e:  # noqa: BLE001  (any failure to read is reported the same way)
     detail = ' '.join(str(e).split())
     raise CheckpointError(f'{path}: not a readable .npz checkpoint ({type(e).__name__}: {detail})')

@@ -3,6 +3,14 @@
   clip_by_global_norm(clip_norm) → adam | sgd+momentum | shampoo | muon
   (each with decoupled weight decay on kernels, AdamW semantics: decay ∝ lr(t)·wd)
   learning rate: linear warmup to `lr`, then cosine decay to 0 (or constant).
+
+Weight decay. Every optimiser here multiplies its decay term `wd · param` by lr(t), so a kernel
+shrinks by `lr(t) · wd` per step (optax.adamw's convention; SGD's passes through its momentum).
+`optimizer.weight_decay_scaled_by_lr=True` (the default) uses `weight_decay` as that wd. `False`
+reads `weight_decay` in big_vision's convention (the paper's code): a decay of
+`weight_decay · lr(t) / lr` per step, the schedule's shape (1 at its peak) without the peak `lr`.
+It is converted here, `wd = weight_decay / lr`, from the lr actually used, so overriding
+`optimizer.lr` leaves that decay as configured.
 """
 import jax
 import jax.numpy as jnp
@@ -10,6 +18,7 @@ import optax
 
 OPTIMIZERS = ('adam', 'sgd', 'shampoo', 'muon')
 SCHEDULES = ('cosine', 'constant')
+DTYPES = ('float32', 'bfloat16', 'float16')  # for optimizer.mu_dtype and teacher_dtype
 
 
 def learning_rate_schedule(lr, warmup_steps, total_steps, schedule):
@@ -33,6 +42,8 @@ def build_optimizer(opt, total_steps, warmup_steps):
   """Returns (optax transformation, learning-rate schedule) for optimiser config `opt`."""
   schedule = learning_rate_schedule(opt['lr'], warmup_steps, total_steps, opt['schedule'])
   name, wd = opt['name'], opt['weight_decay']
+  if not opt.get('weight_decay_scaled_by_lr', True):
+    wd = wd / opt['lr']  # big_vision's decay, weight_decay·lr(t)/lr, as optax's lr(t)·wd
   if name == 'adam':
     base = optax.adamw(schedule, b1=opt['b1'], b2=opt['b2'], eps=opt['eps'],
                        mu_dtype=jnp.dtype(opt['mu_dtype']), weight_decay=wd, mask=kernels_only)

@@ -1,0 +1,187 @@
+"""A stage plan -> what its loop needs: data, parameters and optimiser state with their
+shardings, the teachers (loaded once), the jitted train step with its inputs, and evaluation.
+
+This is the one place where arrays are made from a plan. The trainer (`bigkd.stages`), the
+benchmark (`bigkd.bench`), the notebook helpers (`bigkd.inspect`) and `benchmarks/` all call
+`build_stage`, so what they time or inspect is what trains.
+"""
+import collections
+import dataclasses
+import functools
+import itertools
+import sys
+from typing import Any, Callable, Iterator
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bigkd import checkpoint
+from bigkd.data import sources
+from bigkd.data.sampling import host_batch_indices
+from bigkd.evaluate import evaluate
+from bigkd.models import get_model, param_shapes
+from bigkd.optim import build_optimizer
+from bigkd.plan import StagePlan
+from bigkd.sharding import batch_sharding, fsdp_compute_sharding, gather_rows, init_opt_state, \
+    put_global, put_rows_sharded, replicated, tree_shardings
+from bigkd.step import StepSpec, Teacher, TrainState, make_eval_step, make_train_step, \
+    with_device_batches
+
+
+@dataclasses.dataclass
+class RunData:
+  train: sources.Split
+  val: sources.Split
+  test: sources.Split
+  num_classes: int
+
+
+def load_data(data_cfg) -> RunData:
+  train = sources.load_split(data_cfg, 'train_split')
+  val = sources.load_split(data_cfg, 'val_split')
+  test = sources.load_split(data_cfg, 'test_split')
+  return RunData(train, val, test, sources.num_classes(data_cfg, train))
+
+
+def param_targets(model, model_kwargs, num_classes, resolution, dtype, mesh,
+                  min_fsdp_size=2 ** 18):
+  """ShapeDtypeStructs (in `dtype`, with their shardings) of a model's parameters."""
+  shapes = param_shapes(model, num_classes, resolution, **model_kwargs)
+  shardings = tree_shardings(mesh, shapes, min_fsdp_size)
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype, sharding=sh),
+                      shapes, shardings)
+
+
+def random_params(model, resolution, key, targets):
+  """`model.init` drawn on the devices, directly in the dtypes and shardings of `targets`."""
+  dummy = jnp.zeros((1, resolution, resolution, 3))
+  init = lambda k: jax.tree.map(lambda p, t: p.astype(t.dtype), model.init(k, dummy)['params'],
+                                targets)
+  return jax.jit(init, out_shardings=jax.tree.map(lambda t: t.sharding, targets))(key)
+
+
+def load_teachers(plan: StagePlan, mesh, random_init=False):
+  """(Teachers, their parameters) in the teacher dtype, sharded like the student's.
+  `random_init`: random weights instead of the checkpoints (the benchmark: speed only)."""
+  dtype = jnp.dtype(plan.teacher_dtype)
+  teachers, params = [], []
+  for i, t in enumerate(plan.teachers):
+    model = get_model(t.model, plan.num_classes, dtype=dtype, **t.model_kwargs)
+    targets = param_targets(t.model, t.model_kwargs, plan.num_classes, t.resolution, dtype, mesh,
+                            plan.min_fsdp_size)
+    teachers.append(Teacher(model, t.resolution))
+    params.append(random_params(model, t.resolution, jax.random.key(plan.seed + 1 + i), targets)
+                  if random_init else
+                  checkpoint.load_params(t.source, targets, f'stages.{plan.name}.teachers.{t.name}'))
+  return tuple(teachers), params
+
+
+def initial_state(plan: StagePlan, student, tx, mesh) -> TrainState:
+  """Step 0: parameters from `plan.init` (head re-initialised) or drawn from (seed, stage
+  index), and the optimiser state, each sharded by the parameter rule (`sharding.py`)."""
+  targets = param_targets(plan.model, plan.model_kwargs, plan.num_classes, plan.resolution,
+                          jnp.float32, mesh, plan.min_fsdp_size)
+  if plan.init:
+    params = checkpoint.load_params(plan.init, targets, f'stages.{plan.name}.init',
+                                    new_head_classes=plan.num_classes)
+  else:
+    init_key = jax.random.fold_in(jax.random.key(plan.seed), plan.index)
+    params = random_params(student, plan.resolution, init_key, targets)
+  return TrainState(jax.device_put(jnp.zeros((), jnp.int32), replicated(mesh)), params,
+                    init_opt_state(tx, params, mesh, plan.min_fsdp_size))
+
+
+def prefetch_to_device(iterator, size=2):
+  """Keeps `size` batches in flight: device transfers are asynchronous, so the next batch
+  moves while the current step runs (the pattern of flax.jax_utils.prefetch_to_device, for
+  global sharded arrays)."""
+  queue = collections.deque()
+  for item in iterator:
+    queue.append(item)
+    if len(queue) > size:
+      yield queue.popleft()
+  yield from queue
+
+
+def streamed_inputs(split, seed, batch_size, sharding, start_step, stop_step=sys.maxsize):
+  """Batches of steps start_step, start_step + 1, ...: each process gathers only its rows of the
+  global batch (indices a pure function of (seed, step)) in grain's reader threads, then sends
+  them to its devices."""
+  def local_rows(step):
+    indices = host_batch_indices(seed, step, batch_size, len(split.labels))
+    local = np.array_split(indices, jax.process_count())[jax.process_index()]
+    return split.images[local], split.labels[local]
+
+  host = grain.MapDataset.range(start_step, stop_step).map(local_rows).to_iter_dataset(
+      grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+  return prefetch_to_device(
+      tuple(jax.make_array_from_process_local_data(sharding, x) for x in rows) for rows in host)
+
+
+def jit_step(step_fn, state: TrainState, mesh):
+  """`step_fn(state, teacher_params, *inputs)` jitted: the state is donated (updated in place)
+  and keeps its shardings; metrics come back replicated."""
+  return jax.jit(step_fn, donate_argnums=0, out_shardings=(
+      jax.tree.map(lambda x: x.sharding, state), replicated(mesh)))
+
+
+@dataclasses.dataclass
+class Stage:
+  """A built stage. `train_step(state, teacher_params, *inputs) -> (state, metrics)` is jitted
+  (state donated) and fed by `inputs(start_step)`; `raw_step` is the same step, unjitted, on an
+  explicit (images, labels) batch."""
+  plan: StagePlan
+  mesh: Any
+  student: Any
+  teachers: tuple
+  teacher_params: list
+  tx: Any
+  lr_schedule: Callable
+  spec: StepSpec
+  state: TrainState
+  raw_step: Callable
+  train_step: Callable
+  inputs: Callable[[int], Iterator]
+  evaluate: Callable  # (params, splits=('val', 'test')) -> {'val_accuracy': ..., ...}
+
+
+def build_stage(plan: StagePlan, data: RunData, mesh, random_params=False) -> Stage:
+  """Everything the loop of `plan` needs, at step 0. `random_params`: random student and
+  teachers, no checkpoint read (the benchmark: speed does not depend on weights)."""
+  student = get_model(plan.model, plan.num_classes, **plan.model_kwargs)
+  teachers, teacher_params = load_teachers(plan, mesh, random_init=random_params)
+  tx, lr_schedule = build_optimizer(plan.optimizer, plan.steps, plan.warmup_steps)
+  state = initial_state(dataclasses.replace(plan, init='') if random_params else plan, student,
+                        tx, mesh)
+  spec = StepSpec(student, plan.resolution, teachers, plan.num_classes,
+                  tuple(sorted(plan.augment.items())), plan.teaching_mode, plan.loss,
+                  plan.temperature, plan.label_weight, plan.ensemble, plan.step_seed)
+  raw_step = make_train_step(spec, tx, lr_schedule, plan.grad_accum_steps,
+                             fsdp_compute_sharding(mesh))
+  batches = batch_sharding(mesh)
+  if plan.device_resident:
+    rows_sharded = plan.shard_resident  # each device (process) holds only its rows of images
+    fed_step = with_device_batches(raw_step, spec.seed, plan.batch_size, batches,
+                                   functools.partial(gather_rows, mesh) if rows_sharded else None)
+    resident = (put_rows_sharded(data.train.images, mesh) if rows_sharded
+                else put_global(data.train.images, replicated(mesh)),
+                put_global(data.train.labels, replicated(mesh)))
+    inputs = lambda start_step: itertools.repeat(resident)
+  else:
+    fed_step = raw_step
+    inputs = functools.partial(streamed_inputs, data.train, spec.seed, plan.batch_size, batches)
+  train_step = jit_step(fed_step, state, mesh)
+  eval_step = jax.jit(make_eval_step(student, plan.resolution, teachers, plan.ensemble))
+
+  def evaluate_splits(params, splits=('val', 'test')):
+    results = {}
+    for name in splits:
+      metrics = evaluate(eval_step, params, teacher_params, getattr(data, name),
+                         plan.eval_batch_size, batches)
+      results.update({f'{name}_{k}': v for k, v in metrics.items()})
+    return results
+
+  return Stage(plan, mesh, student, teachers, teacher_params, tx, lr_schedule, spec, state,
+               raw_step, train_step, inputs, evaluate_splits)

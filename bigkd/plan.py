@@ -1,0 +1,239 @@
+"""Config -> stage plans: every check that needs no device, in one place.
+
+The trainer, the benchmark and the notebook helpers all go through here, so a bad config is found
+the same way everywhere: `check_config` (before any data is read) and `plan_stages` (once the
+train split's size and class count are known) raise `ConfigError` with one line naming the
+problem, before the workdir is touched. A `StagePlan` holds every value a stage needs as a plain
+Python value; `bigkd.build` turns it into arrays and functions, `bigkd.stages` runs it.
+"""
+import dataclasses
+import os
+
+from bigkd import checkpoint
+from bigkd.config import ConfigError, merged, stage_names
+from bigkd.data.augment import TEACHING_MODES
+from bigkd.losses import DISTILL_LOSSES, ENSEMBLE_MODES
+from bigkd.models import model_names
+from bigkd.optim import DTYPES, OPTIMIZERS, SCHEDULES
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherPlan:
+  name: str
+  source: str       # a stage folder (of this run or another) or a .npz file
+  model: str
+  resolution: int
+  model_kwargs: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class StagePlan:
+  """One stage with everything resolved to plain values (nothing else is read from the config)."""
+  name: str
+  index: int            # position in stage_order: seeds this stage's init and augmentation
+  seed: int             # the run's seed
+  model: str
+  model_kwargs: dict
+  resolution: int
+  init: str             # '' (random), a bigkd stage folder, or a .npz (head re-initialised)
+  steps: int
+  warmup_steps: int
+  batch_size: int
+  grad_accum_steps: int
+  optimizer: dict
+  augment: dict
+  teachers: tuple       # of TeacherPlan; empty: supervised
+  teaching_mode: str
+  loss: str
+  temperature: float
+  label_weight: float
+  ensemble: str
+  num_classes: int
+  teacher_dtype: str
+  min_fsdp_size: int
+  device_resident: bool
+  shard_resident: bool
+  eval_batch_size: int
+  log_every: int
+  eval_every: int
+  checkpoint_every: int
+  keep_checkpoints: int
+
+  @property
+  def step_seed(self) -> int:
+    """Seed of the step's randomness (augmentation, batch order): differs between stages."""
+    return self.seed + self.index
+
+
+def mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int]:
+  """(data, fsdp) with -1 resolved; a `ConfigError` naming the sizes when they do not fit."""
+  if data == -1 and fsdp == -1:
+    raise ConfigError('mesh: at most one of mesh.data, mesh.fsdp may be -1')
+  if data == 0 or fsdp == 0 or data < -1 or fsdp < -1:
+    raise ConfigError(f'mesh.data={data}, mesh.fsdp={fsdp}: sizes must be positive (or -1)')
+  rest = num_devices // max(data, fsdp, 1)
+  data, fsdp = (rest if data == -1 else data), (rest if fsdp == -1 else fsdp)
+  if data * fsdp != num_devices:
+    raise ConfigError(f'mesh.data={data} x mesh.fsdp={fsdp} does not match the '
+                      f'{num_devices} devices')
+  return data, fsdp
+
+
+def _need(ok, message):
+  if not ok:
+    raise ConfigError(message)
+
+
+def check_config(config, num_devices: int) -> None:
+  """Everything that can be checked from the config and the device count alone."""
+  mesh_shape(config.mesh.data, config.mesh.fsdp, num_devices)
+  names = stage_names(config)
+  _need(len(names) > 0, 'config.stage_order is empty: nothing to run')
+  for name in names:
+    _need(name in config.stages, f'stage_order names {name!r}, which is not in config.stages '
+          f'({", ".join(config.stages)})')
+  data = config.data
+  _need(data.source in ('digits', 'tfds', 'folder'),
+        f'data.source={data.source!r}: must be digits, tfds or folder')
+  _need(data.source != 'tfds' or data.name, 'data.source=tfds needs data.name')
+  _need(data.source != 'folder' or data.data_dir,
+        'data.source=folder needs data.data_dir (the folder root)')
+  _need(config.eval_batch_size % num_devices == 0,
+        f'eval_batch_size={config.eval_batch_size} is not divisible by the {num_devices} devices')
+  _need(config.teacher_dtype in DTYPES,
+        f'teacher_dtype={config.teacher_dtype!r}: one of {", ".join(DTYPES)}')
+  seen = []
+  for name in names:
+    _check_stage(config, name, seen, num_devices)
+    seen.append(name)
+
+
+def _check_stage(config, name, earlier, num_devices):
+  stage, where, base_size = config.stages[name], f'stages.{name}', config.data.base_size
+  _need(stage.model in model_names(), f'{where}.model={stage.model!r}: unknown model')
+  _need(0 < stage.resolution <= base_size,
+        f'{where}.resolution={stage.resolution} is above the stored image size '
+        f'data.base_size={base_size}' if stage.resolution > 0 else
+        f'{where}.resolution must be positive')
+  batch = stage.batch_size or config.batch_size
+  _need(batch > 0 and batch % num_devices == 0,
+        f'{where}: batch size {batch} is not divisible by the {num_devices} devices')
+  accum = stage.grad_accum_steps or config.grad_accum_steps
+  _need(accum > 0 and batch % (accum * num_devices) == 0,
+        f'{where}: batch size {batch} is not divisible by grad_accum_steps={accum} x the '
+        f'{num_devices} devices')
+  _need(stage.steps > 0 or stage.epochs > 0, f'{where}: set steps or epochs (> 0)')
+  _need(stage.teaching_mode in TEACHING_MODES,
+        f'{where}.teaching_mode={stage.teaching_mode!r}: one of {", ".join(TEACHING_MODES)}')
+  _need(stage.loss in DISTILL_LOSSES, f'{where}.loss={stage.loss!r}: one of {DISTILL_LOSSES}')
+  _need(stage.ensemble in ENSEMBLE_MODES,
+        f'{where}.ensemble={stage.ensemble!r}: one of {ENSEMBLE_MODES}')
+  _need(stage.temperature > 0, f'{where}.temperature must be positive')
+  _need(0.0 <= stage.label_weight <= 1.0, f'{where}.label_weight must be in [0, 1]')
+  opt = merged(config.optimizer, stage.optimizer, f'{where}.optimizer')
+  aug = merged(config.augment, stage.augment, f'{where}.augment')
+  _need(opt['name'] in OPTIMIZERS, f'{where}: optimizer.name={opt["name"]!r}: one of {OPTIMIZERS}')
+  _need(opt['schedule'] in SCHEDULES,
+        f'{where}: optimizer.schedule={opt["schedule"]!r}: one of {SCHEDULES}')
+  _need(opt['lr'] > 0, f'{where}: optimizer.lr must be positive')
+  _need(opt['mu_dtype'] in DTYPES,
+        f'{where}: optimizer.mu_dtype={opt["mu_dtype"]!r}: one of {", ".join(DTYPES)}')
+  _need(0 < aug['crop_area'][0] <= aug['crop_area'][1] <= 1,
+        f'{where}: augment.crop_area={aug["crop_area"]} must satisfy 0 < min <= max <= 1')
+  _need(0 < aug['crop_aspect'][0] <= aug['crop_aspect'][1],
+        f'{where}: augment.crop_aspect={aug["crop_aspect"]} must satisfy 0 < min <= max')
+  if stage.teachers and stage.teaching_mode == 'function_matching':
+    _need(aug['mixup_alpha'] > 0, f'{where}: function_matching needs augment.mixup_alpha > 0')
+  for tname, teacher in stage.teachers.items():
+    if teacher.source in config.stages:
+      _need(teacher.source in earlier, f'{where}.teachers.{tname}: stage {teacher.source!r} '
+            'must run before the stage it teaches (see stage_order)')
+    elif teacher.source.endswith('.npz'):
+      _need(teacher.model and teacher.resolution > 0, f'{where}.teachers.{tname}: a .npz '
+            'teacher needs model and resolution')
+    _need(teacher.resolution <= base_size,
+          f'{where}.teachers.{tname}.resolution={teacher.resolution} is above the stored '
+          f'image size data.base_size={base_size}')
+
+
+def _teacher_plans(name, stage, workdir, earlier, base_size):
+  """The teachers of stage `name`, each resolved to a source path, model and resolution."""
+  teachers = []
+  for tname, t in stage.teachers.items():
+    if t.source in earlier:
+      src = earlier[t.source]
+      plan = TeacherPlan(tname, os.path.join(workdir, t.source), src.model, src.resolution,
+                         src.model_kwargs)
+    elif t.source.endswith('.npz'):
+      plan = TeacherPlan(tname, t.source, t.model, t.resolution, t.model_kwargs.to_dict())
+    else:
+      try:
+        info = checkpoint.read_stage_info(t.source)
+      except checkpoint.CheckpointError as e:
+        raise ConfigError(f'stages.{name}.teachers.{tname}: {e}') from None
+      plan = TeacherPlan(tname, t.source, t.model or info['model'],
+                         t.resolution or info['resolution'],
+                         t.model_kwargs.to_dict() or info.get('model_kwargs', {}))
+    _need(plan.resolution <= base_size,
+          f'stages.{name}.teachers.{tname}: resolution {plan.resolution} is above the stored '
+          f'image size data.base_size={base_size}')
+    teachers.append(plan)
+  return tuple(teachers)
+
+
+def plan_stages(config, workdir: str, num_train_examples: int,
+                num_classes: int) -> list[StagePlan]:
+  """The stages of a checked config (see `check_config`), in order. Checks what depends on the
+  data (batch vs split size) and that every checkpoint from outside this run (teachers, `init`)
+  exists and fits its model; shapes only, so nothing is loaded twice."""
+  plans = {}
+  for index, name in enumerate(stage_names(config)):
+    stage = config.stages[name]
+    batch = stage.batch_size or config.batch_size
+    _need(batch <= num_train_examples, f'stages.{name}: batch size {batch} exceeds the '
+          f'{num_train_examples} training examples')
+    _need(not config.data.device_resident or batch * num_train_examples < 2 ** 31,
+          f'stages.{name}: batch size x examples >= 2^31; use data.device_resident=False')
+    steps_per_epoch = num_train_examples / batch
+    steps = round(stage.epochs * steps_per_epoch) if stage.epochs > 0 else stage.steps
+    opt = merged(config.optimizer, stage.optimizer, f'stages.{name}.optimizer')
+    warmup = (round(opt['warmup_epochs'] * steps_per_epoch) if opt['warmup_epochs'] > 0
+              else opt['warmup_steps'])
+    aug = merged(config.augment, stage.augment, f'stages.{name}.augment')
+    aug = {k: tuple(v) if isinstance(v, list) else v for k, v in aug.items()}
+    plans[name] = StagePlan(
+        name=name, index=index, seed=config.seed, model=stage.model,
+        model_kwargs=stage.model_kwargs.to_dict(), resolution=stage.resolution, init=stage.init,
+        steps=max(1, steps), warmup_steps=warmup, batch_size=batch,
+        grad_accum_steps=stage.grad_accum_steps or config.grad_accum_steps, optimizer=opt,
+        augment=aug,
+        teachers=_teacher_plans(name, stage, workdir, plans, config.data.base_size),
+        teaching_mode=stage.teaching_mode, loss=stage.loss, temperature=stage.temperature,
+        label_weight=stage.label_weight, ensemble=stage.ensemble, num_classes=num_classes,
+        teacher_dtype=config.teacher_dtype, min_fsdp_size=config.mesh.min_fsdp_size,
+        device_resident=config.data.device_resident,
+        shard_resident=config.data.shard_resident, eval_batch_size=config.eval_batch_size,
+        log_every=config.log_every, eval_every=config.eval_every,
+        checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints)
+  plans = list(plans.values())
+  check_external_checkpoints(plans, workdir)
+  return plans
+
+
+def check_external_checkpoints(plans, workdir) -> None:
+  """Teachers and initialisations from outside this run must exist and fit their models."""
+  internal = {os.path.join(workdir, p.name) for p in plans}
+  for plan in plans:
+    checks = [(t.source, t.model, t.model_kwargs, t.resolution,
+               f'stages.{plan.name}.teachers.{t.name}', None)
+              for t in plan.teachers if t.source not in internal]
+    if plan.init:
+      checks.append((plan.init, plan.model, plan.model_kwargs, plan.resolution,
+                     f'stages.{plan.name}.init', plan.num_classes))
+    for source, model, model_kwargs, resolution, what, new_head in checks:
+      try:
+        checkpoint.check_fits(source, model, model_kwargs, plan.num_classes, resolution, what,
+                              new_head_classes=new_head)
+      except (checkpoint.CheckpointError, ValueError, OSError) as e:
+        raise ConfigError(str(e).splitlines()[0] if str(e) else
+                          f'{what}: unreadable checkpoint') from None
