@@ -1,13 +1,27 @@
-"""Shared fixtures: small, fast configs on the bundled digits."""
+"""Shared fixtures: small, fast configs on the bundled digits, the CLI called in-process, and one
+1-device reference run that every "N devices / N processes = 1 device" test compares against."""
+import contextlib
+import io
+import json
 import os
 import subprocess
 import sys
 
-import pytest
+# Before jax is imported: XLA's backend optimisations cost more compile time than they save on
+# these tiny models. Subprocesses started by the tests inherit it.
+FAST_XLA = '--xla_backend_optimization_level=0'
+os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {FAST_XLA}'.strip()
 
-from bigkd.config import base_config, stage_config
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from bigkd import checkpoint  # noqa: E402
+from bigkd.config import base_config, stage_config  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MIN_FSDP = 256  # small enough that the cnn kernels split over fsdp
 
 
 def tiny_config(steps=30, **top):
@@ -30,11 +44,146 @@ def tiny_config(steps=30, **top):
   return c
 
 
-def run_cli(args, env_extra=None, timeout=600):
-  """Runs `python -m bigkd.train ARGS` in a fresh process; returns the CompletedProcess."""
-  env = dict(os.environ, PYTHONPATH=REPO, **(env_extra or {}))
-  return subprocess.run([sys.executable, '-m', 'bigkd.train', *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=timeout)
+def run_main(module, args):
+  """`python -m MODULE ARGS` in this process (its `main`): CompletedProcess with the exit code
+  and what it printed. For everything that needs no other device count or process."""
+  import importlib
+  main = importlib.import_module(module).main
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), contextlib.chdir(REPO):
+    try:
+      main([module, *args])
+      code = 0
+    except SystemExit as e:
+      code = e.code
+  return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def run_cli(args):
+  """`python -m bigkd.train ARGS`, in-process."""
+  return run_main('bigkd.train', args)
+
+
+def subprocess_env(devices=1):
+  return dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, 'tests')]),
+              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} {FAST_XLA}')
+
+
+# --- Multi-device and multi-process runs, compared with one 1-device reference. -------------
+
+def random_params(model, resolution, num_classes=10, seed=0):
+  """Random parameters drawn on the host (no XLA compile, unlike `model.init`)."""
+  from bigkd.models import param_shapes
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: (rng.standard_normal(s.shape) / np.sqrt(
+      np.prod(s.shape[:-1]) or 1)).astype(np.float32), param_shapes(model, num_classes, resolution))
+
+
+def random_stage(stage_dir, model='cnn_small', resolution=12, num_classes=10, seed=0):
+  """A bigkd stage folder with random parameters: a teacher without training one."""
+  params = random_params(model, resolution, num_classes, seed)
+  checkpoint.write_stage_info(stage_dir, model, {}, resolution, num_classes)
+  mngr = checkpoint.manager(stage_dir)
+  checkpoint.save(mngr, 1, params, {'unused': np.zeros((), np.int32)})
+  mngr.wait_until_finished()
+  mngr.close()
+  return stage_dir
+
+
+DISTILL_STEPS = 6
+
+
+def distill_config(teacher_dir, **overrides):
+  """cnn_tiny at 8 px distilled (function matching, mixup) from the stage in `teacher_dir`,
+  logged every 3 steps: the run every device-count test repeats on another mesh."""
+  c = tiny_config()
+  c.log_every = 3
+  c.mesh.min_fsdp_size = MIN_FSDP
+  c.stages.student = stage_config('cnn_tiny', 8, teachers={'teacher': teacher_dir},
+                                  steps=DISTILL_STEPS)
+  c.stage_order = 'student'
+  c.update_from_flattened_dict(overrides)
+  return c
+
+
+RUNNER = """
+import json, sys
+import jax
+from bigkd import stages
+from conftest import distill_config
+teacher, runs, distributed = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+if distributed:
+  jax.distributed.initialize(**distributed)
+for workdir, overrides in runs:
+  stages.run(distill_config(teacher, **overrides), workdir)
+"""
+
+
+def start_runs(teacher_dir, runs, devices, distributed=None):
+  """Runs [(workdir, overrides)] of `distill_config` one after another in a fresh process with
+  `devices` CPU devices (`distributed`: jax.distributed.initialize arguments)."""
+  return subprocess.Popen([sys.executable, '-c', RUNNER, teacher_dir, json.dumps(runs),
+                           json.dumps(distributed or {})], cwd=REPO, env=subprocess_env(devices),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc, timeout=600):
+  out, err = proc.communicate(timeout=timeout)
+  assert proc.returncode == 0, err[-3000:]
+  return out
+
+
+class ReferenceRun:
+  """The 1-device run of `distill_config`, started in the background when first requested
+  (so it overlaps the process a test starts next) and waited for by `stage_dir()`."""
+
+  def __init__(self, root):
+    self.teacher = random_stage(os.path.join(root, 'teacher'))
+    self.workdir = os.path.join(root, 'one_device')
+    self._proc = start_runs(self.teacher, [(self.workdir, {})], 1)
+
+  def stage_dir(self):
+    if self._proc is not None:
+      finish(self._proc)
+      self._proc = None
+    return os.path.join(self.workdir, 'student')
+
+
+@pytest.fixture(scope='session')
+def reference_run(tmp_path_factory):
+  return ReferenceRun(str(tmp_path_factory.mktemp('reference')))
+
+
+def final_params(stage_dir, model='cnn_tiny', resolution=8):
+  """The stage's last parameters, restored (whatever mesh wrote them) onto this 1-device host."""
+  from bigkd.build import param_targets
+  from bigkd.sharding import make_mesh
+  target = param_targets(model, {}, 10, resolution, jnp.float32, make_mesh())
+  return jax.device_get(checkpoint.load_params(stage_dir, target, 'test'))
+
+
+def read_metrics(stage_dir):
+  with open(os.path.join(stage_dir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def assert_same_run(reference_dir, stage_dir, what):
+  """Same final parameters (float tolerance), same logged loss / grad norm / lr at the same
+  steps, same final evaluation."""
+  import chex
+  chex.assert_trees_all_close(final_params(reference_dir), final_params(stage_dir), rtol=1e-4,
+                              atol=2e-5, custom_message=what)
+  ref, got = read_metrics(reference_dir), read_metrics(stage_dir)
+  assert [m['step'] for m in ref] == [m['step'] for m in got], what
+  for a, b in zip(ref, got):
+    for key in ('loss', 'kl', 'grad_norm', 'lr'):
+      np.testing.assert_allclose(a[key], b[key], rtol=2e-3, atol=1e-5, err_msg=f'{what} {key}')
+  with open(os.path.join(reference_dir, 'summary.json')) as f1, \
+       open(os.path.join(stage_dir, 'summary.json')) as f2:
+    s1, s2 = json.load(f1), json.load(f2)
+  for key, value in s1.items():
+    if isinstance(value, float):
+      np.testing.assert_allclose(value, s2[key], atol=2e-3, err_msg=f'{what} {key}')
 
 
 @pytest.fixture(scope='session')

@@ -1,10 +1,13 @@
 """Bad configs stop before any work: exit code 2 and one line on stderr naming the problem."""
 import os
 
+import jax
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from bigkd.config import ConfigError
+from bigkd.plan import check_config
+from conftest import run_cli, run_main, tiny_config
 
 DIGITS = ['--config', 'configs/digits.py:fast']
 
@@ -31,10 +34,32 @@ def test_bad_overrides_exit_2_naming_the_problem(tmp_path, override, fragments):
   assert not os.path.exists(tmp_path / 'w' / 'teacher')  # nothing was started
 
 
-def test_batch_size_not_divisible_by_devices(tmp_path):
-  result = run_cli([*DIGITS, '--workdir', str(tmp_path), '--config.batch_size=12'],
-                   env_extra={'XLA_FLAGS': '--xla_force_host_platform_device_count=8'})
-  assert_bad_config(result, 'batch size 12', '8 devices')
+def test_batch_size_not_divisible_by_devices():
+  c = tiny_config()
+  c.batch_size = 12
+  with pytest.raises(ConfigError, match='batch size 12 is not divisible by the 8 devices'):
+    check_config(c, 8)
+
+
+@pytest.mark.parametrize('args, fragments', [
+    (['--config', 'configs/nofile.py'], ('No such file', 'configs/nofile.py')),
+    (['--config', 'configs/bit_transfer.py:flowers,huge'], ("unknown budget 'huge'", 'long')),
+    (['--config.stages.teacher.stpes=5'], ('stpes', 'Did you mean "steps"')),
+    (['--bogus_flag'], ('bogus_flag',)),
+])
+def test_bad_command_lines_exit_2_with_the_whole_message(tmp_path, args, fragments):
+  args = args if args[0] == '--config' else [*DIGITS, *args]
+  result = run_cli([*args, '--workdir', str(tmp_path / 'w')])
+  assert_bad_config(result, *fragments)
+  assert '\\n' not in result.stderr and not os.path.exists(tmp_path / 'w')
+
+
+def test_help_lists_the_flags_with_an_example():
+  for module in ('bigkd.train', 'bigkd.bench'):
+    result = run_main(module, ['--help'])
+    assert result.returncode == 0, result.stderr
+    assert '--config' in result.stdout and 'Example' in result.stdout, result.stdout
+    assert 'flagfile' not in result.stdout  # absl's own flags are left out
 
 
 def test_missing_teacher_checkpoint(tmp_path):
@@ -53,14 +78,13 @@ def test_teacher_checkpoint_that_does_not_fit(tmp_path, trained_teacher):
 
 
 def test_npz_teacher_that_does_not_fit(tmp_path):
-  from bigkd.models import bit, get_model
-  import jax
-  import jax.numpy as jnp
-  model = get_model('bit_tiny', num_classes=5)  # digits have 10 classes
-  params = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))['params']
-  bit.save_npz(jax.tree.map(np.asarray, params), str(tmp_path / 'teacher.npz'))
+  from bigkd.models import bit, param_shapes
+  shapes = param_shapes('bit_tiny', num_classes=5, resolution=16)  # digits have 10 classes
+  bit.save_npz(jax.tree.map(lambda s: np.zeros(s.shape, np.float32), shapes),
+               str(tmp_path / 'teacher.npz'))
   result = run_cli([*DIGITS, '--workdir', str(tmp_path / 'w'), '--config.stage_order=student',
                     f'--config.stages.student.teachers.teacher.source={tmp_path}/teacher.npz',
                     '--config.stages.student.teachers.teacher.model=bit_tiny',
                     '--config.stages.student.teachers.teacher.resolution=16'])
-  assert_bad_config(result, 'teacher.npz')
+  assert_bad_config(result, 'teacher.npz', 'does not fit the model', 'has shape (1, 1, 1024, 5)')
+  assert not os.path.exists(tmp_path / 'w')

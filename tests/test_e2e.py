@@ -101,7 +101,8 @@ def test_streamed_batches_and_periodic_evaluation(tmp_path):
   summary = stages.run(c, str(tmp_path))['stages']['teacher']
   assert summary['test_accuracy'] > 0.5
   evals = [m for m in read_metrics(tmp_path / 'teacher') if 'val_accuracy' in m]
-  assert [m['step'] for m in evals] == [20, 40]
+  assert [m['step'] for m in evals] == [20, 40, 60]  # every 20 steps, and the final evaluation
+  assert evals[-1]['test_accuracy'] == summary['test_accuracy']
   assert evals[-1]['val_accuracy'] > evals[0]['val_accuracy'] - 0.05
 
 
