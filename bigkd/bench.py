@@ -60,10 +60,10 @@ def pick_plan(plans, name):
 def setup_stage(config, stage_name):
   """The trainer's build of one stage (random weights), its step compiled twice: fed by the
   stage's input pipeline, and fed one batch that already sits on the devices."""
-  from bigkd import build, stages
+  from bigkd import build
   from bigkd.sharding import batch_sharding, put_global
   from bigkd.step import make_train_step
-  mesh, data, plans = stages.prepare(config, '/nonexistent')
+  mesh, data, plans = build.prepare(config, '/nonexistent')
   plan = pick_plan(plans, stage_name)
   stage = build.build_stage(plan, data, mesh, random_params=True)
   inputs = stage.inputs(0)

@@ -23,9 +23,9 @@ from bigkd.data.sampling import host_batch_indices
 from bigkd.evaluate import evaluate
 from bigkd.models import get_model, param_shapes
 from bigkd.optim import build_optimizer
-from bigkd.plan import StagePlan
+from bigkd.plan import StagePlan, check_config, mesh_shape, plan_stages
 from bigkd.sharding import batch_sharding, fsdp_compute_sharding, gather_rows, init_opt_state, \
-    put_global, put_rows_sharded, replicated, tree_shardings
+    make_mesh, put_global, put_rows_sharded, replicated, tree_shardings
 from bigkd.step import StepSpec, Teacher, TrainState, make_eval_step, make_train_step, \
     with_device_batches
 
@@ -43,6 +43,16 @@ def load_data(data_cfg) -> RunData:
   val = sources.load_split(data_cfg, 'val_split')
   test = sources.load_split(data_cfg, 'test_split')
   return RunData(train, val, test, sources.num_classes(data_cfg, train))
+
+
+def prepare(config, workdir: str):
+  """(mesh, data, stage plans) of a config, every check done: raises ConfigError / DataError
+  (one line) before anything is written. The trainer, the benchmark and notebooks start here."""
+  num_devices = jax.device_count()
+  check_config(config, num_devices)
+  mesh = make_mesh(*mesh_shape(config.mesh.data, config.mesh.fsdp, num_devices))
+  data = load_data(config.data)
+  return mesh, data, plan_stages(config, workdir, len(data.train.labels), data.num_classes)
 
 
 def param_targets(model, model_kwargs, num_classes, resolution, dtype, mesh,

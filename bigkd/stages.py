@@ -12,9 +12,9 @@ import jax
 from clu import metric_writers, periodic_actions
 
 from bigkd import checkpoint
-from bigkd.build import RunData, build_stage, load_data
-from bigkd.plan import StagePlan, check_config, mesh_shape, plan_stages
-from bigkd.sharding import describe, make_mesh
+from bigkd.build import RunData, build_stage, prepare
+from bigkd.plan import StagePlan
+from bigkd.sharding import describe
 
 
 class StepRecordWriter(metric_writers.MetricWriter):
@@ -169,17 +169,6 @@ def print_table(summaries: dict) -> None:
     fmt = lambda key: f'{100 * s[key]:.2f}' if key in s else '-'
     print(f'{name:<12} {fmt("test_accuracy"):>9} {fmt("test_teacher_accuracy"):>12} '
           f'{fmt("test_agreement"):>10}')
-
-
-def prepare(config, workdir: str):
-  """(mesh, data, stage plans) of a config, every check done; raises ConfigError / DataError
-  (one line) before anything is written. Shared by the trainer, the benchmark and notebooks."""
-  num_devices = jax.device_count()
-  check_config(config, num_devices)
-  mesh = make_mesh(*mesh_shape(config.mesh.data, config.mesh.fsdp, num_devices))
-  data = load_data(config.data)
-  plans = plan_stages(config, workdir, len(data.train.labels), data.num_classes)
-  return mesh, data, plans
 
 
 def run(config, workdir: str) -> dict:
