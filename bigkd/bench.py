@@ -25,6 +25,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
@@ -68,8 +69,8 @@ def setup_stage(config, stage_name):
   stage = build.build_stage(plan, data, mesh, random_params=True)
   inputs = stage.inputs(0)
   first = next(inputs)
-  fixed_batch = tuple(put_global(x[:plan.batch_size], batch_sharding(mesh))
-                      for x in (data.train.images, data.train.labels))
+  fixed_batch = tuple(put_global(x, batch_sharding(mesh))
+                      for x in data.train.rows(np.arange(plan.batch_size)))
   args = (stage.state, stage.teacher_params)
   compiled_pipeline = stage.train_step.lower(*args, *first).compile()
   compiled_fixed = build.jit_step(stage.raw_step, stage.state, mesh).lower(

@@ -32,9 +32,10 @@ from bigkd.step import StepSpec, Teacher, TrainState, make_eval_step, make_train
 
 @dataclasses.dataclass
 class RunData:
-  train: sources.Split
-  val: sources.Split
-  test: sources.Split
+  """The three splits: `sources.Split` (in memory) or `sources.StreamedSplit` (read on demand)."""
+  train: Any
+  val: Any
+  test: Any
   num_classes: int
 
 
@@ -52,7 +53,7 @@ def prepare(config, workdir: str):
   check_config(config, num_devices)
   mesh = make_mesh(*mesh_shape(config.mesh.data, config.mesh.fsdp, num_devices))
   data = load_data(config.data)
-  return mesh, data, plan_stages(config, workdir, len(data.train.labels), data.num_classes)
+  return mesh, data, plan_stages(config, workdir, len(data.train), data.num_classes)
 
 
 def param_targets(model, model_kwargs, num_classes, resolution, dtype, mesh,
@@ -115,17 +116,18 @@ def prefetch_to_device(iterator, size=2):
   yield from queue
 
 
-def streamed_inputs(split, seed, batch_size, sharding, start_step, stop_step=sys.maxsize):
-  """Batches of steps start_step, start_step + 1, ...: each process gathers only its rows of the
-  global batch (indices a pure function of (seed, step)) in grain's reader threads, then sends
-  them to its devices."""
+def streamed_inputs(split, seed, batch_size, sharding, start_step, stop_step=None,
+                    num_threads=4):
+  """Batches (images, sizes, labels) of steps start_step, start_step + 1, ...: each process reads
+  and decodes only its rows of the global batch (indices a pure function of (seed, step)),
+  `num_threads` steps at a time in grain's reader threads (TF's decoding releases the GIL), then
+  sends them to its devices."""
   def local_rows(step):
-    indices = host_batch_indices(seed, step, batch_size, len(split.labels))
-    local = np.array_split(indices, jax.process_count())[jax.process_index()]
-    return split.images[local], split.labels[local]
+    indices = host_batch_indices(seed, step, batch_size, len(split))
+    return split.rows(np.array_split(indices, jax.process_count())[jax.process_index()])
 
-  host = grain.MapDataset.range(start_step, stop_step).map(local_rows).to_iter_dataset(
-      grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+  host = grain.MapDataset.range(start_step, stop_step or sys.maxsize).map(local_rows).to_iter_dataset(
+      grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads))
   return prefetch_to_device(
       tuple(jax.make_array_from_process_local_data(sharding, x) for x in rows) for rows in host)
 
@@ -140,7 +142,7 @@ def jit_step(step_fn, state: TrainState, mesh):
 @dataclasses.dataclass
 class Stage:
   """A built stage. `train_step(state, teacher_params, *inputs) -> (state, metrics)` is jitted
-  (state donated) and fed by `inputs(start_step)`; `raw_step` is the same step, unjitted, on an
+  (state donated) and fed by `inputs(start_step, stop_step)`; `raw_step` is the same step, unjitted, on an
   explicit (images, labels) batch."""
   plan: StagePlan
   mesh: Any
@@ -153,7 +155,7 @@ class Stage:
   state: TrainState
   raw_step: Callable
   train_step: Callable
-  inputs: Callable[[int], Iterator]
+  inputs: Callable[..., Iterator]  # (start_step, stop_step=None: endless) -> inputs per step
   evaluate: Callable  # (params, splits=('val', 'test')) -> {'val_accuracy': ..., ...}
 
 
@@ -177,13 +179,16 @@ def build_stage(plan: StagePlan, data: RunData, mesh, random_params=False) -> St
                                    functools.partial(gather_rows, mesh) if rows_sharded else None)
     resident = (put_rows_sharded(data.train.images, mesh) if rows_sharded
                 else put_global(data.train.images, replicated(mesh)),
+                put_global(data.train.sizes, replicated(mesh)),
                 put_global(data.train.labels, replicated(mesh)))
-    inputs = lambda start_step: itertools.repeat(resident)
+    inputs = lambda start_step, stop_step=None: itertools.repeat(resident)
   else:
     fed_step = raw_step
-    inputs = functools.partial(streamed_inputs, data.train, spec.seed, plan.batch_size, batches)
+    inputs = functools.partial(streamed_inputs, data.train, spec.seed, plan.batch_size, batches,
+                               num_threads=plan.reader_threads)
   train_step = jit_step(fed_step, state, mesh)
-  eval_step = jax.jit(make_eval_step(student, plan.resolution, teachers, plan.ensemble))
+  eval_step = jax.jit(make_eval_step(student, plan.resolution, teachers, plan.ensemble,
+                                     plan.eval_crop_fraction))
 
   def evaluate_splits(params, splits=('val', 'test')):
     results = {}

@@ -26,19 +26,28 @@ def base_config() -> ConfigDict:
   c.checkpoint_every = 500        # steps between checkpoints (and always at the end)
   c.keep_checkpoints = 2          # checkpoints kept per stage
   c.data = ConfigDict(dict(
-      source='digits',            # digits | tfds | folder
+      source='digits',            # digits | tfds | folder | records (bigkd.prepare's output)
       name='',                    # tfds dataset name (source='tfds')
-      data_dir='',                # tfds data_dir, or the image folder root (source='folder')
-      base_size=32,               # images are stored as base_size² uint8 (short side + centre crop)
-      num_classes=0,              # 0: max train label + 1
+      data_dir='',                # tfds data_dir, image folder root, or bigkd.prepare's --out
+      base_size=32,               # canvas side: each image is resized so its long side is this
+                                  # (aspect kept); crops are taken over the whole image
+      num_classes=0,              # 0: the source's class count (digits: max train label + 1)
       train_split='train', val_split='val', test_split='test',
-      device_resident=True,       # True: images live on the devices; False: streamed from host
+      device_resident=True,       # True: decoded once, held on the devices; False: streamed,
+                                  # each process reading and decoding only its rows per step
       shard_resident=False,       # resident images: False replicated on every device (fastest
                                   # gather); True split by rows over devices and processes
+      reader_threads=4,           # streamed: steps read and decoded in parallel per process
+      eval_crop_fraction=0.0,     # evaluation view: central crop of this fraction of the short
+                                  # side (resize_small(S) + central_crop(R): R/S); 0: whole image
   ))
   c.augment = ConfigDict(dict(
+      crop_sampler='uniform_area',  # uniform_area: area ~ U(crop_area), log aspect ~ U, 10
+                                  # attempts | tf: tf.image.sample_distorted_bounding_box as in
+                                  # the paper's code (integer heights, uniform aspect)
       crop_area=(0.08, 1.0),      # inception crop: area fraction range
-      crop_aspect=(3 / 4, 4 / 3),  # inception crop: aspect ratio range
+      crop_aspect=(3 / 4, 4 / 3),  # inception crop: aspect ratio range (box width / height)
+      crop_attempts=100,          # crop_sampler=tf: attempts before the whole image is used
       flip=True,                  # random horizontal flips
       mixup_alpha=1.0,            # Beta(α, α) mixup (function matching; supervised if > 0)
       mixup_per_example=False,    # False: one mixup weight per batch, as in the paper's code

@@ -1,25 +1,37 @@
-"""Evaluation on whole images: student and teacher accuracy, top-1 agreement, KL(teacher ‖ student)."""
+"""Evaluation on a whole split: student and teacher accuracy, top-1 agreement, KL(teacher ‖ student)."""
+import grain
 import jax
 import numpy as np
 
-from bigkd.sharding import put_global
+
+def local_positions(start, batch_size):
+  """This process's share of the global batch positions start .. start + batch_size."""
+  positions = np.arange(start, start + batch_size)
+  return np.array_split(positions, jax.process_count())[jax.process_index()]
 
 
-def padded_batches(images, labels, batch_size):
-  """Fixed-size batches (one compiled shape) with a mask marking the real examples."""
-  for start in range(0, len(labels), batch_size):
-    stop = min(start + batch_size, len(labels))
-    pad = batch_size - (stop - start)
-    mask = np.concatenate([np.ones(stop - start, np.float32), np.zeros(pad, np.float32)])
-    yield (np.pad(images[start:stop], [(0, pad)] + [(0, 0)] * 3),
-           np.pad(labels[start:stop], (0, pad)), mask)
+def eval_batches(split, batch_size, sharding):
+  """The split in order as fixed-size global batches (one compiled shape), the last one padded
+  and masked. Each process reads only its rows; grain's threads read (and, for a streamed
+  split, decode) the next batches while the current one is evaluated."""
+  n = len(split)
+
+  def batch(start):
+    positions = local_positions(start, batch_size)
+    images, sizes, labels = split.rows(np.minimum(positions, n - 1))
+    mask = (positions < n).astype(np.float32)
+    return tuple(jax.make_array_from_process_local_data(sharding, x)
+                 for x in (images, sizes, labels, mask))
+
+  return grain.MapDataset.range(0, n, batch_size).map(batch).to_iter_dataset(
+      grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
 
 
 def evaluate(eval_step, params, teacher_params, split, batch_size, sharding) -> dict:
   """Runs the jitted `eval_step` over a split; returns accuracies, agreement and mean KL."""
   totals = None
-  for batch in padded_batches(split.images, split.labels, batch_size):
-    sums = eval_step(params, teacher_params, *(put_global(x, sharding) for x in batch))
+  for batch in eval_batches(split, batch_size, sharding):
+    sums = eval_step(params, teacher_params, *batch)
     totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
   totals = jax.device_get(totals)
   count = float(totals.pop('count'))

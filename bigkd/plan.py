@@ -11,10 +11,12 @@ import os
 
 from bigkd import checkpoint
 from bigkd.config import ConfigError, merged, stage_names
-from bigkd.data.augment import TEACHING_MODES
+from bigkd.data.augment import CROP_SAMPLERS, TEACHING_MODES
 from bigkd.losses import DISTILL_LOSSES, ENSEMBLE_MODES
 from bigkd.models import model_names
 from bigkd.optim import DTYPES, OPTIMIZERS, SCHEDULES
+
+SOURCES = ('digits', 'tfds', 'folder', 'records')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +55,9 @@ class StagePlan:
   min_fsdp_size: int
   device_resident: bool
   shard_resident: bool
+  reader_threads: int   # streamed data: steps read and decoded at once per process
   eval_batch_size: int
+  eval_crop_fraction: float
   log_every: int
   eval_every: int
   checkpoint_every: int
@@ -93,8 +97,14 @@ def check_config(config, num_devices: int) -> None:
     _need(name in config.stages, f'stage_order names {name!r}, which is not in config.stages '
           f'({", ".join(config.stages)})')
   data = config.data
-  _need(data.source in ('digits', 'tfds', 'folder'),
-        f'data.source={data.source!r}: must be digits, tfds or folder')
+  _need(data.source in SOURCES, f'data.source={data.source!r}: one of {", ".join(SOURCES)}')
+  _need(data.source != 'records' or data.data_dir,
+        'data.source=records needs data.data_dir (the output folder of bigkd.prepare)')
+  _need(data.source != 'digits' or data.device_resident,
+        'data.source=digits is held in memory: data.device_resident must be True')
+  _need(0 <= data.eval_crop_fraction <= 1,
+        f'data.eval_crop_fraction={data.eval_crop_fraction} must be in [0, 1] (0: whole image)')
+  _need(data.reader_threads > 0, f'data.reader_threads={data.reader_threads} must be positive')
   _need(data.source != 'tfds' or data.name, 'data.source=tfds needs data.name')
   _need(data.source != 'folder' or data.data_dir,
         'data.source=folder needs data.data_dir (the folder root)')
@@ -132,6 +142,9 @@ def _check_stage(config, name, earlier, num_devices):
   _need(0.0 <= stage.label_weight <= 1.0, f'{where}.label_weight must be in [0, 1]')
   opt = merged(config.optimizer, stage.optimizer, f'{where}.optimizer')
   aug = merged(config.augment, stage.augment, f'{where}.augment')
+  _need(aug['crop_sampler'] in CROP_SAMPLERS,
+        f'{where}: augment.crop_sampler={aug["crop_sampler"]!r}: one of {", ".join(CROP_SAMPLERS)}')
+  _need(aug['crop_attempts'] > 0, f'{where}: augment.crop_attempts must be positive')
   _need(opt['name'] in OPTIMIZERS, f'{where}: optimizer.name={opt["name"]!r}: one of {OPTIMIZERS}')
   _need(opt['schedule'] in SCHEDULES,
         f'{where}: optimizer.schedule={opt["schedule"]!r}: one of {SCHEDULES}')
@@ -212,7 +225,9 @@ def plan_stages(config, workdir: str, num_train_examples: int,
         label_weight=stage.label_weight, ensemble=stage.ensemble, num_classes=num_classes,
         teacher_dtype=config.teacher_dtype, min_fsdp_size=config.mesh.min_fsdp_size,
         device_resident=config.data.device_resident,
-        shard_resident=config.data.shard_resident, eval_batch_size=config.eval_batch_size,
+        shard_resident=config.data.shard_resident, reader_threads=config.data.reader_threads,
+        eval_batch_size=config.eval_batch_size,
+        eval_crop_fraction=config.data.eval_crop_fraction,
         log_every=config.log_every, eval_every=config.eval_every,
         checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints)
   plans = list(plans.values())

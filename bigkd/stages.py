@@ -134,7 +134,8 @@ def run_stage(plan: StagePlan, data: RunData, mesh, workdir: str) -> dict:
   # Logging steps are the only host syncs: metrics are fetched there and nowhere else.
   progress = periodic_actions.ReportProgress(num_train_steps=plan.steps, writer=writer,
                                              every_steps=plan.log_every, every_secs=None)
-  inputs = stage.inputs(start_step)
+  decoded_before = getattr(data.train, 'decoded', None)
+  inputs = stage.inputs(start_step, plan.steps)
   try:
     for step in range(start_step + 1, plan.steps + 1):
       state, metrics = stage.train_step(state, stage.teacher_params, *next(inputs))
@@ -155,6 +156,9 @@ def run_stage(plan: StagePlan, data: RunData, mesh, workdir: str) -> dict:
   finally:
     mngr.close()
     writer.close()
+  if decoded_before is not None:  # streamed: each process reads only its rows of each batch
+    print(f'[{plan.name}] process {jax.process_index()} read and decoded '
+          f'{data.train.decoded - decoded_before} training images', flush=True)
   summary = {'steps': plan.steps, 'model': plan.model, 'resolution': plan.resolution,
              **final_eval}
   if is_main:

@@ -44,9 +44,9 @@ class StepSpec(NamedTuple):
   seed: int
 
 
-def teacher_views(teachers, images, teacher_draws):
+def teacher_views(teachers, images, teacher_draws, image_hw=None):
   """The teachers' views {resolution: view}, rendered once per distinct resolution."""
-  return {size: augment.render_view(images, teacher_draws, size)
+  return {size: augment.render_view(images, teacher_draws, size, image_hw)
           for size in sorted({t.resolution for t in teachers})}
 
 
@@ -58,9 +58,10 @@ def logits_on_views(teachers, teacher_params, views):
           for t, params in zip(teachers, teacher_params)]
 
 
-def teacher_logits(teachers, teacher_params, images, teacher_draws):
+def teacher_logits(teachers, teacher_params, images, teacher_draws, image_hw=None):
   """Logits of each teacher on its view; views are rendered once per distinct resolution."""
-  return logits_on_views(teachers, teacher_params, teacher_views(teachers, images, teacher_draws))
+  return logits_on_views(teachers, teacher_params,
+                         teacher_views(teachers, images, teacher_draws, image_hw))
 
 
 def microbatches(x, k):
@@ -71,7 +72,8 @@ def microbatches(x, k):
 
 def make_train_step(spec: StepSpec, tx: optax.GradientTransformation, lr_schedule,
                     grad_accum_steps: int = 1, gather_params=None):
-  """Returns `train_step(state, teacher_params, images, labels) -> (state, metrics)`.
+  """Returns `train_step(state, teacher_params, images, sizes, labels) -> (state, metrics)`
+  (a batch of canvases, each image's size on its canvas, and labels: see `data/sources.py`).
 
   With `grad_accum_steps` k > 1 the whole batch is augmented first (its draws and mixup pairs
   are those of the full batch), then forward and backward run on k microbatches in a scan and
@@ -81,16 +83,17 @@ def make_train_step(spec: StepSpec, tx: optax.GradientTransformation, lr_schedul
   """
   aug = dict(spec.augment)
 
-  def inputs(images, labels, key):
+  def inputs(images, sizes, labels, key):
     """(student view, teacher views, targets) of the whole batch: the only random part."""
     batch = images.shape[0]
     onehot = jax.nn.one_hot(labels, spec.num_classes)
     if spec.teachers:
-      student_draws, teacher_draws = augment.distillation_draws(key, batch, aug, spec.teaching_mode)
+      student_draws, teacher_draws = augment.distillation_draws(key, batch, aug,
+                                                                spec.teaching_mode, sizes)
     else:
-      student_draws = augment.sample_draws(key, batch, aug, use_mixup=aug['mixup_alpha'] > 0)
-    student_view = augment.render_view(images, student_draws, spec.resolution)
-    views = teacher_views(spec.teachers, images, teacher_draws) if spec.teachers else {}
+      student_draws = augment.sample_draws(key, batch, aug, aug['mixup_alpha'] > 0, sizes)
+    student_view = augment.render_view(images, student_draws, spec.resolution, sizes)
+    views = teacher_views(spec.teachers, images, teacher_draws, sizes) if spec.teachers else {}
     return student_view, views, augment.mix_labels(onehot, student_draws)
 
   def loss_fn(params, teacher_params, student_view, views, targets):
@@ -130,9 +133,10 @@ def make_train_step(spec: StepSpec, tx: optax.GradientTransformation, lr_schedul
     total, _ = jax.lax.scan(add_microbatch, zeros, micro)
     return jax.tree.map(lambda x: x / k, total)
 
-  def train_step(state: TrainState, teacher_params, images, labels):
+  def train_step(state: TrainState, teacher_params, images, sizes, labels):
     key = jax.random.fold_in(jax.random.key(spec.seed), state.step)
-    grads, metrics = accumulated_grads(state.params, teacher_params, inputs(images, labels, key))
+    grads, metrics = accumulated_grads(state.params, teacher_params,
+                                       inputs(images, sizes, labels, key))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics['grad_norm'] = optax.global_norm(grads)
@@ -150,29 +154,32 @@ def with_device_batches(train_step, seed, batch_size, batch_sharding, gather_ima
   are split over devices (their row count then includes padding: the example count is that of
   the labels)."""
 
-  def step_on_resident_data(state, teacher_params, all_images, all_labels):
+  def step_on_resident_data(state, teacher_params, all_images, all_sizes, all_labels):
     indices = device_batch_indices(seed, state.step, batch_size, all_labels.shape[0])
     sharded_indices = jax.lax.with_sharding_constraint(indices, batch_sharding)
     images = (gather_images(all_images, indices) if gather_images
               else all_images[sharded_indices])
-    return train_step(state, teacher_params, images, all_labels[sharded_indices])
+    return train_step(state, teacher_params, images, all_sizes[sharded_indices],
+                      all_labels[sharded_indices])
 
   return step_on_resident_data
 
 
-def make_eval_step(student, resolution, teachers, ensemble):
-  """Returns `eval_step(params, teacher_params, images, labels, mask) -> sums` on whole images
-  (the stored base-size image resized to each model's resolution)."""
+def make_eval_step(student, resolution, teachers, ensemble, crop_fraction=0.0):
+  """Returns `eval_step(params, teacher_params, images, sizes, labels, mask) -> sums`. Each
+  model sees the central crop of the paper's code (resize_small(S) then central_crop(R), with
+  `crop_fraction` = R / S) rendered at its own resolution; `crop_fraction` 0: the whole image."""
 
-  def eval_step(params, teacher_params, images, labels, mask):
-    full = augment.Draws(augment.full_boxes(images.shape[0]),
+  def eval_step(params, teacher_params, images, sizes, labels, mask):
+    view = augment.Draws(augment.central_boxes(sizes, crop_fraction),
                          jnp.zeros(images.shape[:1], bool), None)
-    s_logits = student.apply({'params': params}, augment.render_view(images, full, resolution))
+    s_logits = student.apply({'params': params},
+                             augment.render_view(images, view, resolution, sizes))
     sums = {'count': jnp.sum(mask),
             'student_correct': jnp.sum(mask * (jnp.argmax(s_logits, -1) == labels))}
     if teachers:
-      t_logits = losses.ensemble_logits(teacher_logits(teachers, teacher_params, images, full),
-                                        ensemble)
+      t_logits = losses.ensemble_logits(
+          teacher_logits(teachers, teacher_params, images, view, sizes), ensemble)
       t_logp, s_logp = jax.nn.log_softmax(t_logits), jax.nn.log_softmax(s_logits)
       kl = jnp.sum(jnp.exp(t_logp) * (t_logp - s_logp), axis=-1)
       sums['teacher_correct'] = jnp.sum(mask * (jnp.argmax(t_logits, -1) == labels))

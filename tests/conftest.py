@@ -193,3 +193,40 @@ def trained_teacher(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('teacher_run'))
   summary = stages.run(tiny_config(steps=120), workdir)
   return os.path.join(workdir, 'teacher'), summary['stages']['teacher']
+
+
+# --- A folder of JPEGs of mixed sizes and aspect ratios, for the streamed input path. --------
+
+JPEG_SIZES = [(30, 40), (40, 30), (36, 36), (27, 48)]  # landscape 4:3, portrait, square, 16:9
+JPEG_CLASSES = ('circle', 'cross', 'square')
+
+
+def write_jpeg_folder(root, per_class={'train': 8, 'val': 4, 'test': 4}, seed=0):
+  """root/{split}/{class}/*.jpg: each class a tinted image, sizes cycling through JPEG_SIZES."""
+  import tensorflow as tf
+  rng = np.random.default_rng(seed)
+  for split, n in per_class.items():
+    for c, cls in enumerate(JPEG_CLASSES):
+      os.makedirs(os.path.join(root, split, cls), exist_ok=True)
+      for i in range(n):
+        h, w = JPEG_SIZES[i % len(JPEG_SIZES)]
+        image = rng.integers(0, 60, (h, w, 3)) + 60 * np.eye(3, dtype=int)[c] * 3
+        jpeg = tf.io.encode_jpeg(np.clip(image, 0, 255).astype(np.uint8), quality=95)
+        tf.io.write_file(os.path.join(root, split, cls, f'{i:03d}.jpg'), jpeg)
+  return root
+
+
+@pytest.fixture(scope='session')
+def jpeg_folder(tmp_path_factory):
+  return write_jpeg_folder(str(tmp_path_factory.mktemp('jpegs')))
+
+
+def folder_config(root, steps=6, streamed=True, **top):
+  """A supervised cnn_tiny stage (16 px) on the JPEG folder, streamed by default."""
+  c = tiny_config(steps=steps, **top)
+  c.batch_size, c.eval_batch_size, c.log_every = 8, 8, 3
+  c.data.source, c.data.data_dir, c.data.base_size = 'folder', root, 24
+  c.data.device_resident = not streamed
+  c.stages.teacher = stage_config('cnn_tiny', 16, steps=steps, label_weight=1.0,
+                                  augment=dict(mixup_alpha=0.0))
+  return c

@@ -15,6 +15,7 @@ def test_digits_split_is_fixed_disjoint_and_complete():
   for split in splits.values():
     assert split.images.shape[1:] == (16, 16, 3) and split.images.dtype == np.uint8
     assert split.images.max() > 200  # strokes reach white after the 0..16 -> 0..255 rescale
+    assert np.all(split.sizes == 16)  # square: the image fills its canvas
   fingerprints = [{img.tobytes() for img in s.images} for s in splits.values()]
   assert len(fingerprints[0] & fingerprints[2]) < 5  # (a few digits are pixel-identical)
   again = sources.load_digits('test', 16)
@@ -22,23 +23,26 @@ def test_digits_split_is_fixed_disjoint_and_complete():
   np.testing.assert_array_equal(again.images, splits['test'].images)
 
 
-def test_resize_to_base_takes_the_centre_of_the_short_side():
+def test_canvas_keeps_the_whole_image_and_its_aspect():
   image = np.zeros((40, 80, 3), np.uint8)
-  image[:, 20:60] = 255  # the centre square is white, the sides black
-  out = sources.resize_to_base(image, 20)
-  assert out.shape == (20, 20, 3)
-  assert out[:, 1:-1].min() >= 250
+  image[:, :10] = 255    # a white left edge and a grey right edge: both must survive
+  image[:, -10:] = 128
+  canvas, (h, w) = sources.fit_to_canvas(image, 20)
+  assert canvas.shape == (20, 20, 3) and (h, w) == (10, 20)  # long side to 20, aspect kept
+  assert canvas[:h, 0].min() >= 250 and abs(int(canvas[:h, -1].mean()) - 128) <= 2
+  np.testing.assert_array_equal(canvas[h:], np.repeat(canvas[h - 1:h], 20 - h, axis=0))
 
 
 def test_tfds_source_reads_a_dataset_offline(tmp_path):
   cfg = ConfigDict(dict(source='tfds', name='cifar10', data_dir=str(tmp_path), base_size=24,
                         num_classes=0, train_split='train[:75%]', val_split='train[75%:]',
-                        test_split='test'))
+                        test_split='test', device_resident=True))
   with tfds.testing.mock_data(num_examples=16):
     train = sources.load_split(cfg, 'train_split')
     val = sources.load_split(cfg, 'val_split')
   # (mock_data yields num_examples for any split string; slicing is tfds's own business)
   assert train.images.shape == (16, 24, 24, 3) and train.images.dtype == np.uint8
+  assert train.sizes.shape == (16, 2) and train.sizes.max() == 24
   assert len(val.labels) == 16 and train.labels.max() < 10
 
 
@@ -52,21 +56,29 @@ def write_png(path, array):
   tf.io.write_file(path, tf.io.encode_png(array))
 
 
-def test_image_folder_source(tmp_path):
+def test_image_folder_in_memory_and_streamed(tmp_path):
   rng = np.random.default_rng(0)
   for split, n in (('train', 3), ('val', 2)):
     for cls in ('cat', 'dog'):
       for i in range(n):
         write_png(str(tmp_path / split / cls / f'{i}.png'),
                   rng.integers(0, 255, (30, 20, 3), dtype=np.uint8))
-  train = sources.load_image_folder(str(tmp_path), 'train', 16)
-  val = sources.load_image_folder(str(tmp_path), 'val', 16)
-  assert train.images.shape == (6, 16, 16, 3)
+  (tmp_path / 'train' / 'cat' / '.DS_Store').write_bytes(b'\0\1')
+  source = sources.FolderSource(str(tmp_path), 'train')
+  assert source.class_names == ['cat', 'dog'] and source.skipped == 1
+  train = sources.in_memory(source, 16)
+  val = sources.in_memory(sources.FolderSource(str(tmp_path), 'val'), 16)
+  assert train.images.shape == (6, 16, 16, 3) and np.all(train.sizes == [16, 11])  # 30x20
   assert list(train.labels) == [0, 0, 0, 1, 1, 1] and list(val.labels) == [0, 0, 1, 1]
+  streamed = sources.StreamedSplit(source, 16)
+  images, sizes, labels = streamed.rows([4, 1])
+  np.testing.assert_array_equal(images, train.images[[4, 1]])
+  np.testing.assert_array_equal(labels, [1, 0])
+  assert streamed.decoded == 2  # read on demand: only the rows asked for
 
 
 def test_image_folder_names_a_corrupt_image(tmp_path):
   write_png(str(tmp_path / 'train' / 'a' / 'good.png'), np.zeros((8, 8, 3), np.uint8))
   (tmp_path / 'train' / 'a' / 'bad.png').write_bytes(b'not an image')
   with pytest.raises(sources.DataError, match='bad.png'):
-    sources.load_image_folder(str(tmp_path), 'train', 8)
+    sources.in_memory(sources.FolderSource(str(tmp_path), 'train'), 8)

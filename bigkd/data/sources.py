@@ -1,14 +1,24 @@
-"""Where images come from. Every source returns, per split, decoded uint8 images at one fixed
-square base size and int32 labels: `Split(images[N, S, S, 3], labels[N])`.
+"""Where images come from, and the one form every batch takes.
 
-Resizing is done once, here: the short side is resized to the base size, then the centre is
-cropped. Training crops are sampled later, on device, from these base-size images.
+Every image is placed on a square uint8 canvas of side `data.base_size`: resized (aspect kept)
+so that its long side is the canvas side, at the top-left corner, the rest filled by repeating
+its edge pixels; its valid (height, width) travels with it. Crop boxes are then sampled over the
+whole image with its own aspect ratio (`augment.py`), never over a pre-cut centre square, and
+each model renders the same box at its own resolution. A batch is `(images [B, S, S, 3] uint8,
+sizes [B, 2] int32, labels [B] int32)`.
+
+Two kinds of split give such batches through one method, `rows(indices)`:
+  `Split`          decoded once into host memory (small data: it then lives on the devices);
+  `StreamedSplit`  a random-access source (an image folder, ArrayRecord files written by
+                   `python -m bigkd.prepare`, or a tfds dataset prepared as ArrayRecord) whose
+                   rows are read and decoded when asked for: memory does not grow with the data.
 
 Bundled digits: scikit-learn's 1,797 8x8 grey digits, shuffled once with a fixed seed (0) and
 split 1,197 train / 300 val / 300 test. The split is part of the data's definition; it never
 depends on the run's seed.
 """
 import os
+import threading
 from typing import NamedTuple
 
 import numpy as np
@@ -18,29 +28,63 @@ class DataError(ValueError):
   """Bad data input: a missing folder, a corrupt image, an unknown split."""
 
 
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
+
+
 class Split(NamedTuple):
+  """A split held in host memory as canvases."""
   images: np.ndarray  # uint8 [N, S, S, 3]
+  sizes: np.ndarray   # int32 [N, 2]: each image's (height, width) on its canvas
   labels: np.ndarray  # int32 [N]
 
+  def __len__(self):
+    return len(self.labels)
 
-DIGITS_SPLIT_SIZES = {'train': 1197, 'val': 300, 'test': 300}
-DIGITS_SPLIT_SEED = 0
+  def rows(self, indices):
+    return self.images[indices], self.sizes[indices], self.labels[indices]
 
 
-def resize_to_base(image: np.ndarray, base_size: int) -> np.ndarray:
-  """Short side to `base_size`, then centre crop; grey becomes RGB. uint8 in, uint8 out."""
+def fit_to_canvas(image, size: int):
+  """(canvas uint8 [size, size, 3], (h, w)): `image` resized (bilinear, antialiased) so its long
+  side is `size`, aspect kept, at the top-left; the padding repeats the edge pixels so that
+  resampling at the image's border never blends in a foreign colour."""
   import tensorflow as tf  # lazy: TF import costs seconds and only data loading needs it
+  image = np.asarray(image)
   if image.ndim == 2:
     image = image[..., None]
   if image.shape[-1] == 1:
     image = np.repeat(image, 3, axis=-1)
+  image = image[..., :3]
   h, w = image.shape[:2]
-  scale = base_size / min(h, w)
-  new_h, new_w = max(base_size, round(h * scale)), max(base_size, round(w * scale))
-  resized = tf.image.resize(image[..., :3], (new_h, new_w), method='bilinear', antialias=True)
-  top, left = (new_h - base_size) // 2, (new_w - base_size) // 2
-  crop = resized[top:top + base_size, left:left + base_size]
-  return np.asarray(tf.clip_by_value(tf.round(crop), 0, 255), np.uint8)
+  scale = size / max(h, w)
+  new_h, new_w = max(1, min(size, round(h * scale))), max(1, min(size, round(w * scale)))
+  if (new_h, new_w) != (h, w):
+    resized = tf.image.resize(image, (new_h, new_w), method='bilinear', antialias=True)
+    image = np.asarray(tf.clip_by_value(tf.round(resized), 0, 255), np.uint8)
+  canvas = np.pad(image, [(0, size - new_h), (0, size - new_w), (0, 0)], mode='edge')
+  return canvas, (new_h, new_w)
+
+
+def stack_canvases(images, size: int):
+  """(canvases [N, S, S, 3], sizes [N, 2]) of decoded images."""
+  fitted = [fit_to_canvas(image, size) for image in images]
+  return (np.stack([c for c, _ in fitted]).astype(np.uint8),
+          np.asarray([s for _, s in fitted], np.int32).reshape(-1, 2))
+
+
+def decode_image(data, what=''):
+  """uint8 [H, W, 3] from encoded bytes (JPEG, PNG, BMP, GIF) or an already decoded array."""
+  if not isinstance(data, (bytes, np.bytes_)):
+    return np.asarray(data)
+  import tensorflow as tf
+  try:
+    return tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
+  except Exception as e:  # noqa: BLE001  (any decoding failure is a corrupt image)
+    raise DataError(f'corrupt or unreadable image {what!r}') from e
+
+
+DIGITS_SPLIT_SIZES = {'train': 1197, 'val': 300, 'test': 300}
+DIGITS_SPLIT_SEED = 0
 
 
 def load_digits(split: str, base_size: int) -> Split:
@@ -60,11 +104,108 @@ def load_digits(split: str, base_size: int) -> Split:
   import tensorflow as tf
   images = tf.image.resize(grey[..., None], (base_size, base_size), method='bilinear')
   images = np.repeat(np.asarray(tf.round(images), np.uint8), 3, axis=-1)
-  return Split(images, digits.target[idx].astype(np.int32))
+  sizes = np.full((len(idx), 2), base_size, np.int32)
+  return Split(images, sizes, digits.target[idx].astype(np.int32))
+
+
+# --- Random-access sources: (encoded image or array, label) per index. ---------------------
+
+class FolderSource:
+  """Images under `root/{split}/{class}/*`; classes are the sorted folder names of the train
+  split. Files that are not images (by extension: `.DS_Store`, notes) are skipped and counted."""
+
+  def __init__(self, root: str, split: str):
+    train_dir, split_dir = os.path.join(root, 'train'), os.path.join(root, split)
+    for d in (train_dir, split_dir):
+      if not os.path.isdir(d):
+        raise DataError(f'image folder {d!r} does not exist')
+    self.class_names = sorted(c for c in os.listdir(train_dir)
+                              if os.path.isdir(os.path.join(train_dir, c)))
+    self.paths, labels, self.skipped = [], [], 0
+    for label, cls in enumerate(self.class_names):
+      cls_dir = os.path.join(split_dir, cls)
+      for name in sorted(os.listdir(cls_dir)) if os.path.isdir(cls_dir) else []:
+        if name.lower().endswith(IMAGE_EXTENSIONS):
+          self.paths.append(os.path.join(cls_dir, name))
+          labels.append(label)
+        else:
+          self.skipped += 1
+    if not self.paths:
+      raise DataError(f'no images under {split_dir!r}')
+    self.labels = np.asarray(labels, np.int32)
+
+  def __len__(self):
+    return len(self.paths)
+
+  def __getitem__(self, i):
+    with open(self.paths[i], 'rb') as f:
+      return f.read(), int(self.labels[i]), self.paths[i]
+
+
+class RecordSource:
+  """ArrayRecord files written by `python -m bigkd.prepare` (`root/{split}/*.array_record`)."""
+
+  def __init__(self, root: str, split: str):
+    from bigkd.data import prepare
+    try:
+      self.records = prepare.RecordSplit(root, split)
+    except (OSError, ValueError, KeyError) as e:
+      raise DataError(f'prepared data {root!r} split {split!r}: {e}') from None
+    self.class_names = list(self.records.class_names)
+
+  def __len__(self):
+    return len(self.records)
+
+  def __getitem__(self, i):
+    image, label, _, _ = self.records[i]
+    return image, label, f'record {i}'
+
+
+class TfdsSource:
+  """A tfds dataset prepared in ArrayRecord format (`tfds.data_source`: random access)."""
+
+  def __init__(self, name: str, split: str, data_dir: str):
+    import tensorflow_datasets as tfds
+    try:
+      self.source = tfds.data_source(name, split=split, data_dir=data_dir or None,
+                                     download=False)
+    except Exception as e:  # noqa: BLE001  (tfds raises several types)
+      raise DataError(f'tfds dataset {name!r} split {split!r} in data_dir {data_dir!r} has no '
+                      f'random-access (ArrayRecord) files ({str(e).splitlines()[0]}); convert '
+                      'it once with python -m bigkd.prepare --tfds') from None
+    self.class_names = list(getattr(self.source.dataset_info.features['label'], 'names', []))
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, i):
+    example = self.source[i]
+    return example['image'], int(example['label']), f'example {i}'
+
+
+class StreamedSplit:
+  """A split read on demand: `rows(indices)` reads and decodes just those examples (each
+  process asks only for its own rows) and counts them in `decoded`."""
+
+  def __init__(self, source, canvas_size: int):
+    self.source, self.canvas_size = source, canvas_size
+    self.decoded = 0
+    self._lock = threading.Lock()
+
+  def __len__(self):
+    return len(self.source)
+
+  def rows(self, indices):
+    examples = [self.source[int(i)] for i in indices]
+    images, sizes = stack_canvases([decode_image(data, what) for data, _, what in examples],
+                                   self.canvas_size)
+    with self._lock:
+      self.decoded += len(examples)
+    return images, sizes, np.asarray([label for _, label, _ in examples], np.int32)
 
 
 def load_tfds(name: str, split: str, data_dir: str, base_size: int) -> Split:
-  """A tfds dataset the user already has under `data_dir` (no download), decoded and resized."""
+  """A tfds dataset the user already has under `data_dir` (no download), decoded into memory."""
   import tensorflow_datasets as tfds
   try:
     # Not as_supervised: some datasets (sun397) define no supervised keys; all have these two.
@@ -75,50 +216,50 @@ def load_tfds(name: str, split: str, data_dir: str, base_size: int) -> Split:
                     f'{str(e).splitlines()[0]}') from e
   images, labels = [], []
   for example in tfds.as_numpy(ds):
-    images.append(resize_to_base(example['image'], base_size))
+    images.append(example['image'])
     labels.append(example['label'])
   if not images:
     raise DataError(f'tfds dataset {name!r} split {split!r} is empty')
-  return Split(np.stack(images), np.asarray(labels, np.int32))
+  canvases, sizes = stack_canvases(images, base_size)
+  return Split(canvases, sizes, np.asarray(labels, np.int32))
 
 
-def load_image_folder(root: str, split: str, base_size: int) -> Split:
-  """Images under `root/{split}/{class}/*`; classes are the sorted folder names of the train split."""
-  import tensorflow as tf
-  train_dir, split_dir = os.path.join(root, 'train'), os.path.join(root, split)
-  for d in (train_dir, split_dir):
-    if not os.path.isdir(d):
-      raise DataError(f'image folder {d!r} does not exist')
-  classes = sorted(c for c in os.listdir(train_dir) if os.path.isdir(os.path.join(train_dir, c)))
-  images, labels = [], []
-  for label, cls in enumerate(classes):
-    cls_dir = os.path.join(split_dir, cls)
-    if not os.path.isdir(cls_dir):
-      continue
-    for fname in sorted(os.listdir(cls_dir)):
-      path = os.path.join(cls_dir, fname)
-      try:
-        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-      except Exception as e:
-        raise DataError(f'corrupt or unreadable image {path!r}') from e
-      images.append(resize_to_base(np.asarray(image), base_size))
-      labels.append(label)
-  if not images:
-    raise DataError(f'no images under {split_dir!r}')
-  return Split(np.stack(images), np.asarray(labels, np.int32))
+def in_memory(source, base_size: int) -> Split:
+  """Every example of a random-access source, decoded into host memory."""
+  return Split(*StreamedSplit(source, base_size).rows(range(len(source))))
 
 
-def load_split(data_cfg, split_key: str) -> Split:
-  """The split named by `data_cfg[split_key]` ('train_split', ...) of the configured source."""
+def open_source(data_cfg, split: str):
+  """The random-access source of one split (folder, prepared ArrayRecord files, or tfds)."""
+  if data_cfg.source == 'folder':
+    return FolderSource(data_cfg.data_dir, split)
+  if data_cfg.source == 'records':
+    return RecordSource(data_cfg.data_dir, split)
+  if data_cfg.source == 'tfds':
+    return TfdsSource(data_cfg.name, split, data_cfg.data_dir)
+  raise DataError(f'data.source={data_cfg.source!r} cannot be streamed (folder, records, tfds)')
+
+
+def load_split(data_cfg, split_key: str):
+  """The split named by `data_cfg[split_key]` ('train_split', ...) of the configured source:
+  a `Split` in memory when `data.device_resident`, else a `StreamedSplit`."""
   split = data_cfg[split_key]
   if data_cfg.source == 'digits':
     return load_digits(split, data_cfg.base_size)
-  if data_cfg.source == 'tfds':
+  if data_cfg.device_resident and data_cfg.source == 'tfds':
     return load_tfds(data_cfg.name, split, data_cfg.data_dir, data_cfg.base_size)
-  if data_cfg.source == 'folder':
-    return load_image_folder(data_cfg.data_dir, split, data_cfg.base_size)
-  raise DataError(f'unknown data source {data_cfg.source!r} (digits, tfds, folder)')
+  source = open_source(data_cfg, split)
+  if data_cfg.device_resident:
+    return in_memory(source, data_cfg.base_size)
+  return StreamedSplit(source, data_cfg.base_size)
 
 
-def num_classes(data_cfg, train: Split) -> int:
-  return data_cfg.num_classes or int(train.labels.max()) + 1
+def num_classes(data_cfg, train) -> int:
+  """`data.num_classes`, else the source's class count, else the largest label + 1."""
+  if data_cfg.num_classes:
+    return data_cfg.num_classes
+  if isinstance(train, Split):
+    return int(train.labels.max()) + 1
+  if not train.source.class_names:
+    raise DataError('the streamed source does not name its classes: set data.num_classes')
+  return len(train.source.class_names)

@@ -1,0 +1,665 @@
+"""Prepare: an image folder or a tfds dataset -> sharded ArrayRecord files, one JPEG per record.
+
+  python -m bigkd.prepare (--folder ROOT | --tfds NAME [--tfds_data_dir DIR]) --out OUT
+      [--splits SRC[=NAME],...] [--shards N] [--max_short_side S] [--workers K]
+      [--on_corrupt error|skip]
+
+Examples:
+  python -m bigkd.prepare --folder ~/data/birds --out ~/data/birds_ar --max_short_side 512
+  python -m bigkd.prepare --tfds oxford_flowers102 --tfds_data_dir ~/tensorflow_datasets \\
+      --splits 'train+validation=train,test' --out ~/data/flowers_ar
+
+Why: training reads random examples by index (grain). An ArrayRecord shard returns any record
+with one read, where a tfrecord can only be scanned and a folder of many small files is slow on
+network disks; capping the short side once (--max_short_side) saves decoding time every epoch.
+
+Inputs: --folder reads ROOT/{split}/{class}/*, the classes being the sorted folder names of
+ROOT/train (a split may lack some); default splits: those of train, val, test that exist.
+--tfds reads a tfds dataset already prepared in --tfds_data_dir (nothing is downloaded), its
+'image' and 'label' features; --splits lists tfds split expressions, each =NAME for its output
+folder, e.g. 'train[:90%]=train,train[90%:]=val,test' (default: every split, under its name).
+
+Output: OUT/{split}/{split}-{i:05d}-of-{n:05d}.array_record, OUT/{split}/info.json (counts,
+class names, shard files, skipped files) and OUT/info.json. Shard i holds a contiguous range of
+the examples, which come in a fixed order (classes sorted, files sorted), so the same input gives
+the same bytes. A record is a 16-byte header of little-endian int32s (format version, label,
+height, width) followed by a JPEG: JPEGs within the size cap are kept byte for byte; every other
+image (PNG, BMP, GIF's first frame, a CMYK JPEG, one above the cap) is re-encoded at quality 95.
+Grey stays grey. Read a split with `RecordSplit(OUT, split)`.
+
+Re-running the same command skips complete shards: each shard is written under a temporary name
+and renamed once complete (its counts beside it in {shard}.stats.json), so a killed run loses
+only the shards in flight. Files that are no image (.DS_Store, notes.txt) are skipped and
+counted; a corrupt image stops the run (--on_corrupt=skip skips it and lists it in info.json).
+
+Exit codes: 0 success; 2 bad command line or input (one line on stderr); 1 anything else.
+"""
+import hashlib
+import io
+import itertools
+import json
+import multiprocessing
+import os
+import queue
+import re
+import struct
+import sys
+import time
+import warnings
+from typing import NamedTuple, Optional
+
+import numpy as np
+from absl import flags
+
+from bigkd import cli
+from bigkd.data.sources import DataError
+
+RECORD_VERSION = 1
+HEADER = struct.Struct('<4i')  # version, label, height, width
+JPEG_QUALITY = 95
+# One record per chunk, so reading record i reads only record i; JPEGs do not compress further.
+WRITER_OPTIONS = 'group_size:1,uncompressed'
+IMAGES_PER_SHARD = 1000
+SHARD_SUFFIX, STATS_SUFFIX, TMP_SUFFIX = '.array_record', '.stats.json', '.tmp'
+IMAGE_EXTENSIONS = frozenset(('.jpg', '.jpeg', '.jpe', '.jfif', '.png', '.bmp', '.gif', '.webp',
+                              '.tif', '.tiff'))
+IMAGE_MAGIC = (b'\xff\xd8\xff', b'\x89PNG\r\n\x1a\n', b'GIF87a', b'GIF89a', b'BM', b'II*\x00',
+               b'MM\x00*')
+FOLDER_SPLITS = ('train', 'val', 'test')
+
+
+# --- The record format. ----------------------------------------------------------------------
+
+def encode_record(image_bytes: bytes, label: int, height: int, width: int) -> bytes:
+  """One example as one record. The fixed header comes first so that a reader knows the label
+  and the image size without decoding the image; the version guards against stale files."""
+  return HEADER.pack(RECORD_VERSION, label, height, width) + bytes(image_bytes)
+
+
+def decode_record(record: bytes) -> tuple[bytes, int, int, int]:
+  """(image_bytes, label, height, width) of a record written by `encode_record`."""
+  version, label, height, width = HEADER.unpack_from(record)
+  if version != RECORD_VERSION:
+    raise DataError(f'record format version {version}, expected {RECORD_VERSION}: prepare the '
+                    'data again with this version of bigkd')
+  return bytes(record[HEADER.size:]), label, height, width
+
+
+class RecordSplit:
+  """A prepared split, `OUT/{split}`: record i -> (image_bytes, label, height, width), the index
+  running over the shards in order. Pickles as its paths alone (grain copies sources into its
+  workers), and opens the shards on first access."""
+
+  def __init__(self, out_dir: str, split: str):
+    split_dir = os.path.join(out_dir, split)
+    with open(os.path.join(split_dir, 'info.json')) as f:  # OSError: not prepared
+      self.info = json.load(f)
+    self.paths = [os.path.join(split_dir, name) for name in self.info['shards']]
+    self.class_names = list(self.info['class_names'])
+    self.num_classes = int(self.info['num_classes'])
+    self._records = None
+
+  def __len__(self):
+    return int(self.info['num_examples'])
+
+  def __getitem__(self, i):
+    i = int(i)
+    if not -len(self) <= i < len(self):
+      raise IndexError(f'record {i} of a split of {len(self)}')
+    return decode_record(self.records()[i % len(self)])
+
+  def records(self):
+    """grain's reader over the shards, opened once per process."""
+    if self._records is None:
+      import grain
+      self._records = grain.sources.ArrayRecordDataSource(self.paths)
+      if len(self._records) != len(self):
+        raise DataError(f'{os.path.dirname(self.paths[0])}: {len(self._records)} records, '
+                        f'info.json says {len(self)}')
+    return self._records
+
+  def __getstate__(self):
+    return {**self.__dict__, '_records': None}
+
+  def __repr__(self):
+    return f'RecordSplit({len(self)} records in {len(self.paths)} shards)'
+
+
+# --- One image: bytes in, the stored JPEG out (runs in the worker processes). ---------------
+
+class Item(NamedTuple):
+  """One input example. `name` is what error lines and info.json call it (a file path, or
+  tfds:NAME:SPLIT:INDEX); `data` is None for a file, read in the worker, or the encoded bytes."""
+  name: str
+  label: int
+  data: Optional[bytes]
+  expect_image: bool  # an image by its name (extension) or its source (a tfds image feature)
+
+
+class NotAnImage(Exception):
+  """An input that is no image by name nor content: skipped and counted, never an error."""
+
+
+class CorruptImage(Exception):
+  """An input that should be an image (by name or source) but does not decode."""
+
+
+class UndecodableImage(Exception):
+  """Bytes that no image decoder accepts."""
+
+
+def looks_like_image(head: bytes) -> bool:
+  """Whether a file's first bytes are an image format's signature: the content decides for a
+  name without an image extension (a JPEG saved without one is still an image)."""
+  return head.startswith(IMAGE_MAGIC) or (head[:4] == b'RIFF' and head[8:12] == b'WEBP')
+
+
+def read_item(item: Item) -> bytes:
+  """The item's encoded bytes. A file whose name and first bytes both say 'no image' is
+  NotAnImage, found without reading the rest of it (a stray archive costs nothing)."""
+  if item.data is not None:
+    return item.data
+  with open(item.name, 'rb') as f:
+    head = f.read(16)
+    if not item.expect_image and not looks_like_image(head):
+      raise NotAnImage(item.name)
+    return head + f.read()
+
+
+def storable(image):
+  """The image in a mode that a baseline JPEG holds and every decoder reads: grey stays grey
+  ('L'), 16-bit grey is scaled to 8 bits, everything else (palette, alpha, CMYK) becomes RGB
+  (alpha dropped, as TF's decoders do)."""
+  from PIL import Image
+  if image.mode in ('RGB', 'L'):
+    return image
+  if image.mode in ('1', 'LA', 'La'):
+    return image.convert('L')
+  if image.mode.startswith('I'):
+    grey = np.clip(np.round(np.asarray(image, np.float64) / 257.0), 0, 255)
+    return Image.fromarray(grey.astype(np.uint8), 'L')
+  return image.convert('RGB')
+
+
+def capped_size(width: int, height: int, max_short_side: int) -> Optional[tuple[int, int]]:
+  """(width, height) with the short side at `max_short_side` and the aspect kept, or None when
+  the image is within the cap (or there is none, 0)."""
+  short = min(width, height)
+  if not max_short_side or short <= max_short_side:
+    return None
+  scale = max_short_side / short
+  if width <= height:
+    return max_short_side, max(1, round(height * scale))
+  return max(1, round(width * scale)), max_short_side
+
+
+def to_jpeg(data: bytes, max_short_side: int) -> tuple[bytes, int, int]:
+  """(JPEG bytes, height, width) to store for encoded image bytes. The image is decoded once in
+  full, so that a corrupt file stops preparation rather than a training run; a JPEG that needs
+  no change is returned as it was, byte for byte."""
+  from PIL import Image
+  try:
+    with warnings.catch_warnings():  # PIL warns about palettes, EXIF, big images: not our concern
+      warnings.simplefilter('ignore')
+      image = Image.open(io.BytesIO(data))
+      image.load()
+      kept = storable(image)
+      size = capped_size(kept.width, kept.height, max_short_side)
+      if size:
+        kept = kept.resize(size, Image.Resampling.BICUBIC)  # antialiased when shrinking
+  except Exception as e:  # noqa: BLE001  (PIL raises OSError, SyntaxError, ValueError, ...)
+    raise UndecodableImage(str(e)) from None
+  if image.format in ('JPEG', 'MPO') and kept is image:
+    return data, image.height, image.width
+  out = io.BytesIO()
+  kept.save(out, 'JPEG', quality=JPEG_QUALITY)
+  return out.getvalue(), kept.height, kept.width
+
+
+def item_record(item: Item, max_short_side: int) -> bytes:
+  """The record of one item; NotAnImage or CorruptImage when there is none to write."""
+  data = read_item(item)
+  try:
+    jpeg, height, width = to_jpeg(data, max_short_side)
+  except UndecodableImage:
+    raise (CorruptImage if item.expect_image else NotAnImage)(item.name) from None
+  return encode_record(jpeg, item.label, height, width)
+
+
+# --- One shard (a worker's unit of work). -----------------------------------------------------
+
+class ShardTask(NamedTuple):
+  split: str
+  index: int
+  path: str
+  items: list
+  settings: dict  # everything the shard's bytes depend on: a complete shard is reused only if equal
+  on_corrupt: str
+
+
+class ShardError(Exception):
+  """A problem with the input that stops the run (a corrupt image, an unreadable file)."""
+
+
+def corrupt_message(name: str) -> str:
+  return f'corrupt image {name} (use --on_corrupt=skip to skip it)'
+
+
+def write_records(writer, task: ShardTask) -> dict:
+  """Writes the records of `task.items`, returning the counts; ShardError stops it."""
+  counts = {'num_examples': 0, 'skipped_corrupt': [], 'skipped_not_image': 0}
+  for item in task.items:
+    try:
+      writer.write(item_record(item, task.settings['max_short_side']))
+      counts['num_examples'] += 1
+    except NotAnImage:
+      counts['skipped_not_image'] += 1
+    except CorruptImage:
+      if task.on_corrupt == 'error':
+        raise ShardError(corrupt_message(item.name)) from None
+      counts['skipped_corrupt'].append(item.name)
+    except OSError as e:
+      raise ShardError(f'cannot read {item.name}: {e.strerror or e}') from None
+  return counts
+
+
+def write_shard(task: ShardTask) -> dict:
+  """Writes one shard: the records under a temporary name, then its counts, then the rename that
+  marks it complete (so an interrupted shard is never mistaken for a complete one). Returns the
+  counts, or {'error': line} for a problem with the input (its temporary file removed)."""
+  from array_record.python.array_record_module import ArrayRecordWriter
+  tmp = task.path + TMP_SUFFIX
+  writer = ArrayRecordWriter(tmp, WRITER_OPTIONS)
+  try:
+    counts = write_records(writer, task)
+  except ShardError as e:
+    writer.close()
+    os.remove(tmp)
+    return {'split': task.split, 'index': task.index, 'error': str(e)}
+  writer.close()
+  with open(tmp, 'rb') as f:
+    os.fsync(f.fileno())
+  write_json(stats_path(task.path), {**counts, 'settings': task.settings})
+  os.replace(tmp, task.path)
+  return {'split': task.split, 'index': task.index, 'items': len(task.items), **counts}
+
+
+def write_json(path: str, value) -> None:
+  """Writes JSON atomically (temporary file, then rename): a reader never sees half a file."""
+  with open(path + TMP_SUFFIX, 'w') as f:
+    f.write(json.dumps(value, indent=1, sort_keys=True) + '\n')
+  os.replace(path + TMP_SUFFIX, path)
+
+
+def stats_path(shard_path: str) -> str:
+  return shard_path[:-len(SHARD_SUFFIX)] + STATS_SUFFIX
+
+
+# --- Sources: what the examples are, in their fixed order. -----------------------------------
+
+class SplitPlan(NamedTuple):
+  name: str       # output folder
+  source: dict    # where it comes from (info.json's 'source')
+  count: int      # input examples (files) before any is skipped
+  items: object   # () -> iterator of Item, in order
+  shards: int
+
+
+def parse_splits(text: str) -> list[tuple[str, str]]:
+  """'train[:90%]=train,train[90%:]=val,test' -> [(source split, output name), ...]."""
+  pairs = []
+  for part in filter(None, (p.strip() for p in text.split(','))):
+    source, _, name = part.partition('=')
+    name = name or source
+    if not re.fullmatch(r'[A-Za-z0-9_][A-Za-z0-9_.-]*', name):
+      raise DataError(f'--splits: {part!r} needs an output name of letters, digits, _ . - '
+                      f'(e.g. {source}=train)')
+    pairs.append((source, name))
+  names = [name for _, name in pairs]
+  if len(set(names)) != len(names):
+    raise DataError(f'--splits: an output name appears twice ({",".join(names)})')
+  return pairs
+
+
+def folder_class_names(root: str) -> list[str]:
+  """The sorted folder names of ROOT/train (as the trainer's folder source reads them)."""
+  train_dir = os.path.join(root, 'train')
+  if not os.path.isdir(root):
+    raise DataError(f'image folder {root} does not exist')
+  if not os.path.isdir(train_dir):
+    raise DataError(f'image folder {root} has no train/ folder (its class folders name the '
+                    'classes)')
+  names = sorted(c for c in os.listdir(train_dir) if os.path.isdir(os.path.join(train_dir, c)))
+  if not names:
+    raise DataError(f'image folder {train_dir} has no class folders')
+  return names
+
+
+def folder_items(root: str, split: str, class_names: list[str]) -> list[Item]:
+  """Every file under ROOT/split/{class}/, classes in sorted order, files in sorted order
+  (sub-folders of a class folder are ignored). A class folder unknown to train is an error:
+  its images would otherwise vanish silently."""
+  split_dir = os.path.join(root, split)
+  extra = sorted(set(d for d in os.listdir(split_dir)
+                     if os.path.isdir(os.path.join(split_dir, d))) - set(class_names))
+  if extra:
+    raise DataError(f'class folder {os.path.join(split_dir, extra[0])} is not a class of '
+                    f'{os.path.join(root, "train")}')
+  items = []
+  for label, cls in enumerate(class_names):
+    cls_dir = os.path.join(split_dir, cls)
+    for name in sorted(os.listdir(cls_dir)) if os.path.isdir(cls_dir) else []:
+      path = os.path.join(cls_dir, name)
+      if os.path.isfile(path):
+        expect = os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+        items.append(Item(path, label, None, expect))
+  return items
+
+
+def folder_plans(root: str, splits_text: str, shards: int) -> tuple[list[str], list[SplitPlan]]:
+  root, pairs = os.path.abspath(root), parse_splits(splits_text)
+  class_names = folder_class_names(root)
+  pairs = pairs or [
+      (s, s) for s in FOLDER_SPLITS if os.path.isdir(os.path.join(root, s))]
+  plans = []
+  for source, name in pairs:
+    if not os.path.isdir(os.path.join(root, source)):
+      raise DataError(f'image folder {os.path.join(root, source)} does not exist')
+    items = folder_items(root, source, class_names)
+    plans.append(SplitPlan(name, {'folder': root, 'split': source}, len(items),
+                           lambda items=items: iter(items), shards or default_shards(len(items))))
+  return class_names, plans
+
+
+def tfds_builder(name: str, data_dir: str):
+  import tensorflow_datasets as tfds
+  try:
+    builder = tfds.builder(name, data_dir=data_dir or None)
+  except Exception as e:  # noqa: BLE001  (tfds raises several types for an unknown name)
+    raise DataError(f'tfds dataset {name!r}: {first_line(e)}') from None
+  features = builder.info.features
+  if 'image' not in features or 'label' not in features or not hasattr(features['label'], 'names'):
+    raise DataError(f"tfds dataset {name!r} has no 'image' and class 'label' features")
+  return builder
+
+
+def tfds_dataset(builder, name: str, data_dir: str, split: str):
+  """The split's examples with the images still encoded (nothing decoded, nothing downloaded)."""
+  import tensorflow_datasets as tfds
+  try:
+    return builder.as_dataset(split=split, decoders={'image': tfds.decode.SkipDecoding()},
+                              shuffle_files=False)
+  except Exception as e:  # noqa: BLE001  (not prepared in data_dir, bad split expression, ...)
+    raise DataError(f'tfds dataset {name!r} split {split!r} in data_dir {data_dir!r}: '
+                    f'{first_line(e)}') from None
+
+
+def tfds_count(builder, split: str, dataset) -> int:
+  """The split's size from the dataset's metadata, else (no metadata) by reading it once."""
+  try:
+    return int(builder.info.splits[split].num_examples)
+  except Exception:  # noqa: BLE001  (no recorded splits, e.g. tfds.testing.mock_data)
+    return sum(1 for _ in dataset)
+
+
+def tfds_items(dataset, name: str, split: str):
+  """Items with the encoded image bytes, in the dataset's order."""
+  import tensorflow_datasets as tfds
+  for i, example in enumerate(tfds.as_numpy(dataset)):
+    yield Item(f'tfds:{name}:{split}:{i}', int(example['label']), bytes(example['image']), True)
+
+
+def tfds_plans(name: str, data_dir: str, splits_text: str,
+               shards: int) -> tuple[list[str], list[SplitPlan]]:
+  builder = tfds_builder(name, data_dir)
+  pairs = parse_splits(splits_text) or [(s, s) for s in builder.info.splits]
+  if not pairs:
+    raise DataError(f'tfds dataset {name!r} records no splits in data_dir {data_dir!r}: '
+                    'give --splits')
+  plans = []
+  for split, out_name in pairs:
+    dataset = tfds_dataset(builder, name, data_dir, split)
+    count = tfds_count(builder, split, dataset)
+    source = {'tfds': name, 'data_dir': data_dir, 'split': split}
+    plans.append(SplitPlan(out_name, source, count,
+                           lambda d=dataset, s=split: tfds_items(d, name, s),
+                           shards or default_shards(count)))
+  return list(builder.info.features['label'].names), plans
+
+
+def first_line(error: Exception) -> str:
+  return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+# --- Shards: planned, reused when complete, written by a pool. -------------------------------
+
+def default_shards(count: int) -> int:
+  return max(1, round(count / IMAGES_PER_SHARD))
+
+
+def shard_ranges(count: int, shards: int) -> list[tuple[int, int]]:
+  """Contiguous [start, end) ranges of `count` examples over `shards` shards, sizes within one."""
+  return [(i * count // shards, (i + 1) * count // shards) for i in range(shards)]
+
+
+def shard_name(split: str, index: int, shards: int) -> str:
+  return f'{split}-{index:05d}-of-{shards:05d}{SHARD_SUFFIX}'
+
+
+def shard_settings(plan: SplitPlan, start: int, items: list, max_short_side: int) -> dict:
+  """What a shard's bytes depend on. The digest of its items' names and labels notices a folder
+  that gained or lost files since the shard was written."""
+  digest = hashlib.sha256(''.join(f'{it.label}\t{it.name}\n' for it in items).encode())
+  return {'version': RECORD_VERSION, 'source': plan.source, 'start': start, 'count': len(items),
+          'max_short_side': max_short_side, 'jpeg_quality': JPEG_QUALITY,
+          'items_sha256': digest.hexdigest()}
+
+
+def complete_counts(path: str, settings: dict) -> Optional[dict]:
+  """The counts of a complete shard written with these settings, else None (write it again)."""
+  if not os.path.exists(path) or not os.path.exists(stats_path(path)):
+    return None
+  with open(stats_path(path)) as f:
+    stats = json.load(f)
+  return stats if stats.pop('settings', None) == settings else None
+
+
+def start_split(out: str, plan: SplitPlan) -> int:
+  """Makes OUT/split, removes what an interrupted run left half-written there and returns how
+  many shards look complete (their file and counts exist)."""
+  split_dir = os.path.join(out, plan.name)
+  os.makedirs(split_dir, exist_ok=True)
+  for name in os.listdir(split_dir):
+    if name.endswith(TMP_SUFFIX):
+      os.remove(os.path.join(split_dir, name))
+  paths = [os.path.join(split_dir, shard_name(plan.name, i, plan.shards))
+           for i in range(plan.shards)]
+  return sum(os.path.exists(p) and os.path.exists(stats_path(p)) for p in paths)
+
+
+def shard_steps(out: str, plans: list[SplitPlan], max_short_side: int, on_corrupt: str):
+  """Walks every split's items in order and yields, per shard, the counts of a complete one
+  (reused) or the ShardTask that writes it. A reused shard that skipped a corrupt image still
+  stops a run with --on_corrupt=error."""
+  for plan in plans:
+    items = plan.items()
+    for index, (start, end) in enumerate(shard_ranges(plan.count, plan.shards)):
+      chunk = list(itertools.islice(items, end - start))
+      if len(chunk) != end - start:
+        raise DataError(f'{plan.source} gave {start + len(chunk)} examples, expected {plan.count}')
+      path = os.path.join(out, plan.name, shard_name(plan.name, index, plan.shards))
+      settings = shard_settings(plan, start, chunk, max_short_side)
+      counts = complete_counts(path, settings)
+      if counts is None:
+        yield ShardTask(plan.name, index, path, chunk, settings, on_corrupt)
+        continue
+      if on_corrupt == 'error' and counts['skipped_corrupt']:
+        raise DataError(corrupt_message(counts['skipped_corrupt'][0]))
+      yield {'split': plan.name, 'index': index, 'items': len(chunk), 'reused': True, **counts}
+
+
+def pool_context():
+  """forkserver: workers are forked from a fresh server process that imported this module once,
+  not from this process, where TensorFlow may be running threads (tfds reading) that a fork
+  would copy mid-flight; and unlike spawn, TensorFlow is not imported again in every worker."""
+  if 'forkserver' not in multiprocessing.get_all_start_methods():
+    return multiprocessing.get_context('spawn')
+  context = multiprocessing.get_context('forkserver')
+  context.set_forkserver_preload([write_shard.__module__])
+  return context
+
+
+def finished(done: queue.SimpleQueue) -> dict:
+  result = done.get()
+  if isinstance(result, BaseException):
+    raise result
+  return result
+
+
+def run_steps(steps, workers: int, on_result) -> None:
+  """Calls `on_result` with each shard's counts, in completion order: reused ones at once, the
+  others as `workers` processes (or this one, for 1) write them. At most 2 x workers tasks are
+  in flight, so tfds bytes are read only as fast as they are written."""
+  if workers <= 1:
+    for step in steps:
+      on_result(step if isinstance(step, dict) else write_shard(step))
+    return
+  done, in_flight = queue.SimpleQueue(), 0
+  with pool_context().Pool(workers) as pool:  # on any error: the pool is terminated
+    for step in steps:
+      if isinstance(step, dict):
+        on_result(step)
+        continue
+      if in_flight == 2 * workers:
+        on_result(finished(done))
+        in_flight -= 1
+      pool.apply_async(write_shard, (step,), callback=done.put, error_callback=done.put)
+      in_flight += 1
+    for _ in range(in_flight):
+      on_result(finished(done))
+
+
+def progress_bar(total: int):
+  """A tqdm bar over images on stderr, or a stand-in that shows nothing without tqdm."""
+  try:
+    from tqdm import tqdm
+  except ImportError:
+    import contextlib
+    return contextlib.nullcontext(type('NoBar', (), {'update': lambda self, n: None})())
+  return tqdm(total=total, unit='img', desc='bigkd.prepare', file=sys.stderr, smoothing=0.1)
+
+
+# --- The whole run. ---------------------------------------------------------------------------
+
+def merge_counts(split_results: list[dict]) -> dict:
+  """A split's counts from its shards' (in shard order, so info.json is deterministic)."""
+  ordered = sorted(split_results, key=lambda r: r['index'])
+  return {'num_examples': sum(r['num_examples'] for r in ordered),
+          'skipped_corrupt': [name for r in ordered for name in r['skipped_corrupt']],
+          'skipped_not_image': sum(r['skipped_not_image'] for r in ordered),
+          'reused_shards': sum(bool(r.get('reused')) for r in ordered)}
+
+
+def write_infos(out: str, class_names: list[str], plans: list[SplitPlan], counts: dict,
+                max_short_side: int) -> None:
+  """OUT/{split}/info.json for each split written, then OUT/info.json over every split there."""
+  for plan in plans:
+    c = counts[plan.name]
+    write_json(os.path.join(out, plan.name, 'info.json'), {
+        'num_examples': c['num_examples'], 'num_classes': len(class_names),
+        'class_names': class_names, 'skipped_corrupt': c['skipped_corrupt'],
+        'skipped_not_image': c['skipped_not_image'], 'max_short_side': max_short_side,
+        'source': plan.source, 'record_version': RECORD_VERSION,
+        'shards': [shard_name(plan.name, i, plan.shards) for i in range(plan.shards)]})
+  splits = {}
+  for name in sorted(os.listdir(out)):
+    path = os.path.join(out, name, 'info.json')
+    if os.path.isfile(path):
+      with open(path) as f:
+        splits[name] = json.load(f)['num_examples']
+  write_json(os.path.join(out, 'info.json'), {
+      'class_names': class_names, 'num_classes': len(class_names), 'splits': splits,
+      'record_format': "'<4i' header (version, label, height, width), then JPEG bytes"})
+
+
+def summary_line(out: str, plans: list[SplitPlan], counts: dict, seconds: float) -> str:
+  parts = []
+  for plan in plans:
+    c = counts[plan.name]
+    reused = c['reused_shards'] and f' ({c["reused_shards"]} of {plan.shards} shards reused)'
+    parts.append(f'{plan.name} {c["num_examples"]} written / {len(c["skipped_corrupt"])} '
+                 f'skipped corrupt / {c["skipped_not_image"]} skipped non-image{reused or ""}')
+  return f'bigkd.prepare: {out} in {seconds:.1f} s: ' + '; '.join(parts)
+
+
+def prepare(out: str, class_names: list[str], plans: list[SplitPlan], max_short_side: int,
+            workers: int, on_corrupt: str) -> str:
+  """Writes every split's shards and info files; returns the summary line."""
+  began = time.time()
+  looks_complete = sum(start_split(out, plan) for plan in plans)
+  pending = sum(plan.shards for plan in plans) - looks_complete
+  results = {plan.name: [] for plan in plans}
+  with progress_bar(sum(plan.count for plan in plans)) as bar:
+    def on_result(result):
+      if 'error' in result:
+        raise DataError(result['error'])
+      results[result['split']].append(result)
+      bar.update(result['items'])
+    run_steps(shard_steps(out, plans, max_short_side, on_corrupt), min(workers, pending),
+              on_result)
+  counts = {name: merge_counts(rs) for name, rs in results.items()}
+  write_infos(out, class_names, plans, counts, max_short_side)
+  return summary_line(out, plans, counts, time.time() - began)
+
+
+def define_flags() -> flags.FlagValues:
+  """A fresh set of this command's flags (one per call: `main` can run many times in-process)."""
+  fv = flags.FlagValues()
+  flags.DEFINE_string('folder', None, 'Image folder ROOT: images under ROOT/{split}/{class}/*.',
+                      flag_values=fv)
+  flags.DEFINE_string('tfds', None, 'A tfds dataset (NAME[/CONFIG][:VERSION]) already prepared '
+                      'in --tfds_data_dir; nothing is downloaded.', flag_values=fv)
+  flags.DEFINE_string('tfds_data_dir', None, "tfds data_dir of --tfds (default: tfds's own).",
+                      flag_values=fv)
+  flags.DEFINE_string('splits', '', 'Comma-separated SRC[=NAME]: source split (a tfds split '
+                      'expression, or a folder under ROOT) and output name. Default: train, val, '
+                      "test that exist (folder); every split (tfds).", flag_values=fv)
+  flags.DEFINE_string('out', None, 'Output folder.', flag_values=fv)
+  flags.DEFINE_integer('shards', 0, f'Shards per split; 0: one per ~{IMAGES_PER_SHARD:,} images '
+                       '(at least 1).', flag_values=fv)
+  flags.DEFINE_integer('max_short_side', 0, 'Resize images whose short side exceeds this to it '
+                       '(aspect kept, JPEG quality 95); 0: keep every size.', flag_values=fv)
+  flags.DEFINE_integer('workers', min(8, os.cpu_count() or 1), 'Processes writing shards.',
+                       flag_values=fv)
+  flags.DEFINE_enum('on_corrupt', 'error', ['error', 'skip'], 'A corrupt image: stop with an '
+                    'error, or skip it (listed in info.json).', flag_values=fv)
+  return fv
+
+
+def check_flags(fv: flags.FlagValues) -> None:
+  if bool(fv.folder) == bool(fv.tfds):
+    raise DataError('give one source: --folder ROOT or --tfds NAME')
+  if not fv.out:
+    raise DataError('--out is required')
+  for name in ('shards', 'max_short_side'):
+    if fv[name].value < 0:
+      raise DataError(f'--{name} must be >= 0, not {fv[name].value}')
+  if fv.workers < 1:
+    raise DataError(f'--workers must be >= 1, not {fv.workers}')
+
+
+def main(argv=None):
+  argv = argv or sys.argv
+  fv = define_flags()
+  cli.parse(fv, argv, __doc__)
+  try:
+    check_flags(fv)
+    if fv.folder:
+      class_names, plans = folder_plans(fv.folder, fv.splits, fv.shards)
+    else:
+      class_names, plans = tfds_plans(fv.tfds, fv.tfds_data_dir, fv.splits, fv.shards)
+    line = prepare(os.path.abspath(fv.out), class_names, plans, fv.max_short_side, fv.workers,
+                   fv.on_corrupt)
+  except DataError as e:
+    cli.fail(first_line(e))
+  print(line, flush=True)
