@@ -95,10 +95,17 @@ def parse_variant(variant, config, slots):
   return names, options
 
 
+def canvas_size(resolution: int) -> int:
+  """The canvas (long side of each stored or streamed image) for models up to `resolution`:
+  4/3 of it, rounded up to a multiple of 32, so that a 4:3 photo's short side still holds the
+  whole `resolution` and a full-image crop is not an upsample."""
+  return 32 * math.ceil(resolution * 4 / 3 / 32)
+
+
 def distill_config(*, dataset, num_classes, splits, base_size, device_resident, batch_size,
                    eval_batch_size, teachers, student_resolution, epochs, lr, paper_wd,
                    temperature, warmup_steps, log_every, eval_every, checkpoint_every,
-                   init='', ensemble='probs'):
+                   eval_crop_fraction, init='', ensemble='probs'):
   """One stage, `student`: BiT-R50x1 distilled by function matching from `teachers`
   ({name: (.npz path, resolution)}, BiT-M-R152x2 each)."""
   c = base_config()
@@ -116,10 +123,16 @@ def distill_config(*, dataset, num_classes, splits, base_size, device_resident, 
   c.data.num_classes = num_classes          # explicit: the teacher's head has this many classes
   c.data.train_split, c.data.val_split, c.data.test_split = splits
   c.data.device_resident = device_resident
+  # Released eval: resize_small(S) then central_crop(R) (256 -> 224 on ImageNet, 160 -> 128).
+  c.data.eval_crop_fraction = eval_crop_fraction
   # Paper Sec. 3 / released code: inception crop + flip, mixup with one Beta(1, 1) weight per
-  # batch ("mixup=dict(p=1.0)"), the same crop/flip/mixup for teacher and student.
-  c.augment.crop_area = (0.08, 1.0)
-  c.augment.crop_aspect = (3 / 4, 4 / 3)
+  # batch ("mixup=dict(p=1.0)"), the same crop/flip/mixup for teacher and student. The crop is
+  # big_vision's (decode_jpeg_and_)inception_crop: tf.image.sample_distorted_bounding_box with
+  # area_range (5%, 100%), aspect_ratio_range (0.75, 1.33), 100 attempts, whole image as fallback.
+  c.augment.crop_sampler = 'tf'
+  c.augment.crop_area = (0.05, 1.0)
+  c.augment.crop_aspect = (0.75, 1.33)
+  c.augment.crop_attempts = 100
   c.augment.flip = True
   c.augment.mixup_alpha = 1.0
   c.augment.mixup_per_example = False
@@ -177,7 +190,7 @@ TRANSFER_DATASETS = {
 }
 BUDGETS = ('fast', 'medium', 'long')
 TRANSFER_RESOLUTION = 128  # teachers released at 128 px ("rc128"); student trained/evaluated at 128
-TRANSFER_BASE_SIZE = 160   # released eval: resize_small(160) then central_crop(128); see below
+TRANSFER_EVAL_FRACTION = 128 / 160  # released eval: resize_small(160) then central_crop(128)
 
 
 def transfer_config(variant):
@@ -188,12 +201,9 @@ def transfer_config(variant):
                                   ('budget', BUDGETS, 'fast')])
   spec = TRANSFER_DATASETS[names['dataset']]
   hp = spec['budgets'][names['budget']]
-  # Images are stored at 160 px (short side, centre crop): training crops are taken from them and
-  # rendered at 128 px. Evaluation resizes the whole 160 px image to 128 px, i.e. the central
-  # square of the image, a slightly wider view than the paper's 128-of-160 central crop.
   return distill_config(
       dataset=spec['tfds'], num_classes=spec['num_classes'], splits=spec['splits'],
-      base_size=TRANSFER_BASE_SIZE, device_resident=spec['device_resident'], batch_size=512,
+      base_size=canvas_size(TRANSFER_RESOLUTION), eval_crop_fraction=TRANSFER_EVAL_FRACTION, device_resident=spec['device_resident'], batch_size=512,
       eval_batch_size=512,
       teachers={'teacher': (placeholder(spec['teacher']), TRANSFER_RESOLUTION)},
       student_resolution=TRANSFER_RESOLUTION, epochs=options.get('epochs', hp['epochs']),

@@ -100,8 +100,6 @@ def check_config(config, num_devices: int) -> None:
   _need(data.source in SOURCES, f'data.source={data.source!r}: one of {", ".join(SOURCES)}')
   _need(data.source != 'records' or data.data_dir,
         'data.source=records needs data.data_dir (the output folder of bigkd.prepare)')
-  _need(data.source != 'digits' or data.device_resident,
-        'data.source=digits is held in memory: data.device_resident must be True')
   _need(0 <= data.eval_crop_fraction <= 1,
         f'data.eval_crop_fraction={data.eval_crop_fraction} must be in [0, 1] (0: whole image)')
   _need(data.reader_threads > 0, f'data.reader_threads={data.reader_threads} must be positive')

@@ -1,3 +1,3 @@
-"""`python -m bigkd.prepare`: image folder or tfds dataset -> ArrayRecord shards (data/prepare.py)."""
+"""`python -m bigkd.prepare`: images -> ArrayRecord shards (the code: bigkd/data/prepare.py)."""
 from bigkd.data.prepare import main
 if __name__ == '__main__': main()  # noqa: E701

@@ -29,12 +29,15 @@ leaves unchanged: see bigkd/bit_recipes.py), 5000 warmup steps then cosine, clip
 temperature 1, mixup Beta(1, 1), inception crop + flip. Splits as released: train =
 train[:98%], val (minival) = train[99%:], test = the ImageNet validation set.
 
-Data are streamed from host memory (`data.device_resident=False`), but the whole train split is
-held there as base_size² uint8 images: about 189 GB at base_size 224 and 555 GB at 384 (the 384 px
-presets need base_size 384 because the teacher crop is rendered from the stored image), plus a
-transient second copy while loading. Evaluation resizes the whole stored image to each model's
-resolution (not the paper's resize-256/central-crop-224). On few devices, lower memory with
---config.stages.student.model_kwargs.remat=True or --config.mesh.fsdp=N.
+Data are streamed (`data.device_resident=False`): each process reads and decodes only its rows
+of every batch, from a tfds data_dir prepared as ArrayRecord or from the ArrayRecord files of
+`python -m bigkd.prepare` (`--config.data.source=records --config.data.data_dir=OUT`); host memory
+does not grow with the dataset. Each image is resized so its long side is `data.base_size`
+(4/3 of the largest model's resolution: 320 for 224 px, 512 for 384 px) with its aspect kept, and
+the crop is sampled over the whole image as in the released code (tf.image.sample_distorted_
+bounding_box semantics: area 5-100%, aspect 0.75-1.33). Evaluation is the released one: resize_small
+then central_crop, 224 of 256 (`data.eval_crop_fraction=0.875`) for every model. On few devices,
+lower memory with --config.stages.student.model_kwargs.remat=True or --config.mesh.fsdp=N.
 """
 from bigkd import bit_recipes
 
@@ -59,7 +62,8 @@ def get_config(variant=None):
   return bit_recipes.distill_config(
       dataset='imagenet2012', num_classes=1000,
       splits=('train[:98%]', 'train[99%:]', 'validation'),
-      base_size=max(res for _, res in teachers.values()),  # the largest teacher resolution
+      base_size=bit_recipes.canvas_size(max(res for _, res in teachers.values())),
+      eval_crop_fraction=224 / 256,  # released: resize_small(256), central_crop(224)
       device_resident=False,
       batch_size=4096,            # paper Sec. 3: 4096 on ImageNet
       eval_batch_size=512,

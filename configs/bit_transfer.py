@@ -56,13 +56,15 @@ fine-tuned on the dataset at 128 px, released as the file named here.
   sun      sun397 (397)            train        validation   test        R152x2_T_sun128.npz
 
 Food101 has no test split, so its validation split is the test set. SUN397 is tfds's default
-config. Flowers (1,020 train images) and Pets are held on the devices; Food and SUN (about 5 to
-6 GB each) are streamed from host memory.
+config. Flowers (1,020 train images) and Pets are held on the devices; Food and SUN are streamed
+(each process reads and decodes its rows of every batch: a tfds data_dir prepared as ArrayRecord,
+or `python -m bigkd.prepare --tfds NAME ...` once, then `--config.data.source=records`).
 
 Recipe (all four): student and teacher see the same 128 px inception crop (+ flip, mixup with one
 Beta(1, 1) weight per batch); batch 512, Adam (bfloat16 first moment), 1500 warmup steps then
-cosine, clip 1.0, KL at temperature T. Images are stored at 160 px; evaluation resizes the whole
-160 px image to 128 px.
+cosine, clip 1.0, KL at temperature T. The crop is the released inception crop (tf.image.
+sample_distorted_bounding_box semantics, area 5-100%) over the whole image, each image resized
+so that its long side is 192 px; evaluation is the released resize_small(160), central_crop(128).
 """
 from bigkd import bit_recipes
 

@@ -8,6 +8,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from conftest import REPO, read_metrics, run_cli
 
@@ -17,9 +18,16 @@ ARGS = ['--config', 'configs/digits.py:fast', '--config.stage_order=teacher',
         '--config.stages.teacher.steps=240', '--config.checkpoint_every=40']
 
 
-def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
+@pytest.mark.parametrize('data', ['resident', 'streamed'])
+def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, data, request):
+  args = ARGS
+  if data == 'streamed':  # JPEGs of mixed sizes, each step read and decoded from the folder
+    root = request.getfixturevalue('jpeg_folder')
+    args = [*ARGS, '--config.data.source=folder', f'--config.data.data_dir={root}',
+            '--config.data.device_resident=False', '--config.data.base_size=24',
+            '--config.batch_size=8', '--config.eval_batch_size=8']
   interrupted = tmp_path / 'interrupted'
-  proc = subprocess.Popen([sys.executable, '-m', 'bigkd.train', *ARGS, '--workdir',
+  proc = subprocess.Popen([sys.executable, '-m', 'bigkd.train', *args, '--workdir',
                            str(interrupted)], cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   ckpt_dir = interrupted / 'teacher' / 'checkpoints'
@@ -31,10 +39,10 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
   proc.wait()
   assert not (interrupted / 'teacher' / 'summary.json').exists(), 'finished before the kill'
 
-  resumed = run_cli([*ARGS, '--workdir', str(interrupted)])
+  resumed = run_cli([*args, '--workdir', str(interrupted)])
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert 'resuming from step' in resumed.stdout
-  straight = run_cli([*ARGS, '--workdir', str(tmp_path / 'straight')])
+  straight = run_cli([*args, '--workdir', str(tmp_path / 'straight')])
   assert straight.returncode == 0, straight.stderr[-3000:]
 
   a, b = read_metrics(interrupted / 'teacher'), read_metrics(tmp_path / 'straight' / 'teacher')

@@ -34,7 +34,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEACHER, STUDENT = 'bit_r152x2', 'bit_r50x1'
 TINY_BIT = dict(base=32, block_units=(1,))  # explicit override: root 32·width channels, 1 unit
 TINY_WIDTH = dict(base=32)                   # the slow real-depth run: real units, tiny width
-SMALL_RES = {384: 32, 224: 24, 160: 20, 128: 16}  # real resolution -> test resolution
+SMALL_RES = {384: 32, 224: 24, 160: 20, 128: 16, 512: 40, 320: 28, 192: 20}  # real resolution -> test resolution
 MOCK_EXAMPLES = 8                            # per split (mock_data ignores split slicing)
 
 # The paper's settings, restated: (config, variant) -> expectations. lr, wd (big_vision's
@@ -43,9 +43,10 @@ MOCK_EXAMPLES = 8                            # per split (mock_data ignores spli
 # paper (big_vision configs/proj/distill: bit_i1k.py, bigsweep_flowers_pet.py,
 # bigsweep_food_sun.py); batch 512 / 4096 on ImageNet (paper Sec. 3).
 IMAGENET = dict(tfds='imagenet2012', classes=1000, batch=4096, epochs=1200, lr=0.03, wd=3e-4,
-                T=1.0, warmup=5000, streamed=True,
+                T=1.0, warmup=5000, streamed=True, eval_fraction=224 / 256,
                 splits=('train[:98%]', 'train[99%:]', 'validation'))
-SMALL = dict(batch=512, warmup=1500, base=160, student=128, teachers={'teacher': 128})
+SMALL = dict(batch=512, warmup=1500, base=192, student=128, teachers={'teacher': 128},
+             eval_fraction=128 / 160)
 FLOWERS = dict(SMALL, tfds='oxford_flowers102', classes=102, streamed=False,
                splits=('train', 'validation', 'test'))
 PETS = dict(SMALL, tfds='oxford_iiit_pet', classes=37, streamed=False,
@@ -54,10 +55,10 @@ FOOD = dict(SMALL, tfds='food101', classes=101, streamed=True,
             splits=('train[:90%]', 'train[90%:]', 'validation'))
 SUN = dict(SMALL, tfds='sun397', classes=397, streamed=True, splits=('train', 'validation', 'test'))
 EXPECTED = {
-    ('bit_imagenet', 't224_s224'): dict(IMAGENET, base=224, student=224, teachers={'teacher': 224}),
-    ('bit_imagenet', 't384_s224'): dict(IMAGENET, base=384, student=224, teachers={'teacher': 384}),
-    ('bit_imagenet', 't224_s160'): dict(IMAGENET, base=224, student=160, teachers={'teacher': 224}),
-    ('bit_imagenet', 't384_t224_s224'): dict(IMAGENET, base=384, student=224,
+    ('bit_imagenet', 't224_s224'): dict(IMAGENET, base=320, student=224, teachers={'teacher': 224}),
+    ('bit_imagenet', 't384_s224'): dict(IMAGENET, base=512, student=224, teachers={'teacher': 384}),
+    ('bit_imagenet', 't224_s160'): dict(IMAGENET, base=320, student=160, teachers={'teacher': 224}),
+    ('bit_imagenet', 't384_t224_s224'): dict(IMAGENET, base=512, student=224,
                                              teachers={'t384': 384, 't224': 224}),
     ('bit_transfer', 'flowers,fast'): dict(FLOWERS, epochs=10_000, lr=3e-3, wd=3e-4, T=10.0),
     ('bit_transfer', 'flowers,medium'): dict(FLOWERS, epochs=100_000, lr=1e-3, wd=1e-4, T=1.0),
@@ -137,7 +138,12 @@ def test_variant_resolves_to_the_paper_settings(config_name, variant, monkeypatc
   # big_vision's weight decay as released; bigkd.optim converts it with the lr in use.
   assert opt.weight_decay == want['wd'] and opt.weight_decay_scaled_by_lr is False
   aug = c.augment
-  assert tuple(aug.crop_area) == (0.08, 1.0) and aug.flip and aug.mixup_alpha == 1.0
+  # The released inception crop: tf.image.sample_distorted_bounding_box, area 5-100 %,
+  # aspect 0.75-1.33, 100 attempts; the released eval: resize_small + central_crop.
+  assert (aug.crop_sampler, tuple(aug.crop_area), tuple(aug.crop_aspect), aug.crop_attempts) == (
+      'tf', (0.05, 1.0), (0.75, 1.33), 100)
+  assert aug.flip and aug.mixup_alpha == 1.0
+  assert c.data.eval_crop_fraction == pytest.approx(want['eval_fraction'])
 
   num_train = TRAIN_EXAMPLES[want['tfds']]
   # The teacher files are placeholders: test_placeholders_fail_in_plan_stages checks those.
@@ -211,8 +217,10 @@ def test_sun397_loads(tmp_path):
   c = load('bit_transfer', 'sun,fast')
   c.data.data_dir, c.data.base_size = str(tmp_path), 16
   with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
-    split = sources.load_split(c.data, 'train_split')
-  assert split.images.shape == (MOCK_EXAMPLES, 16, 16, 3)
+    split = sources.load_split(c.data, 'train_split')  # streamed: tfds.data_source
+    images, sizes, labels = split.rows([0, MOCK_EXAMPLES - 1])
+  assert len(split) == MOCK_EXAMPLES and images.shape == (2, 16, 16, 3)
+  assert sizes.max() == 16 and labels.max() < 397
 
 
 def test_student_init_from_a_checkpoint_with_another_head(tmp_path):

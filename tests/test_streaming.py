@@ -54,3 +54,69 @@ def test_a_corrupt_jpeg_is_one_line_naming_it(tmp_path):
   errors = [l for l in result.stderr.splitlines() if l.startswith('bigkd: error:')]
   assert result.returncode == 2 and len(errors) == 1, result.stderr[-3000:]
   assert 'cross/001.jpg' in errors[0]
+
+
+def streamed_overrides(root):
+  return {'data.source': 'folder', 'data.data_dir': root, 'data.device_resident': False,
+          'data.base_size': 24, 'data.num_classes': 10, 'batch_size': 8, 'eval_batch_size': 8}
+
+
+def test_two_processes_stream_their_own_rows_and_equal_one(tmp_path, jpeg_folder, reference_run):
+  """2 processes x 2 devices = 1 process x 4 devices on streamed JPEGs, and each process read
+  and decoded only its half of every batch."""
+  from conftest import DISTILL_STEPS, assert_same_run, finish, start_runs
+  from test_multihost import free_port
+  overrides = streamed_overrides(jpeg_folder)
+  address = f'127.0.0.1:{free_port()}'
+  two, one = str(tmp_path / 'two'), str(tmp_path / 'one')
+  procs = [start_runs(reference_run.teacher, [(two, overrides)], 2,
+                      dict(coordinator_address=address, num_processes=2, process_id=i))
+           for i in range(2)]
+  procs.append(start_runs(reference_run.teacher, [(one, overrides)], 4))
+  out0, out1, out_one = (finish(p) for p in procs)
+  assert_same_run(f'{one}/student', f'{two}/student', 'two processes, streamed')
+  half = DISTILL_STEPS * 8 // 2
+  assert f'process 0 read and decoded {half} training images' in out0, out0
+  assert f'process 1 read and decoded {half} training images' in out1, out1
+  assert f'process 0 read and decoded {2 * half} training images' in out_one, out_one
+
+
+def test_eval_view_is_resize_small_then_central_crop():
+  """The paper's evaluation, resize_small(S) then central_crop(R), here S=40, R=36 on a 60x90
+  image (centred offsets are whole pixels), against TF doing exactly that; bigkd renders the
+  same view from the image in one resampling."""
+  import tensorflow as tf
+  rng = np.random.default_rng(0)
+  coarse = rng.uniform(0, 255, (1, 6, 9, 3))
+  image = np.asarray(tf.image.resize(coarse, (60, 90)), np.uint8)[0]  # smooth
+  small = tf.image.resize(image, (40, 60), antialias=True).numpy()  # short side 60 -> 40
+  reference = small[2:38, 12:48]  # central 36 x 36
+  canvas, hw = sources.fit_to_canvas(image, 90)  # long side 90: the image itself
+  sizes = jax.numpy.asarray([hw], jax.numpy.int32)
+  boxes = augment.central_boxes(sizes, 36 / 40)
+  view = augment.render_view(jax.numpy.asarray(canvas[None]),
+                             augment.Draws(boxes, jax.numpy.zeros(1, bool), None), 36, sizes)
+  ours = (np.asarray(view[0]) + 1) * 127.5
+  assert np.abs(ours - reference).mean() < 1.5, np.abs(ours - reference).mean()
+  shifted = small[3:39, 12:48]  # one pixel off: a real difference, for scale
+  assert np.abs(ours - shifted).mean() > 3 * np.abs(ours - reference).mean()
+  whole = augment.central_boxes(sizes, 0.0)  # 0: the whole image (the digits' evaluation)
+  np.testing.assert_allclose(np.asarray(whole), [[0, 0, 1, 1]])
+
+
+def test_prepared_records_train_exactly_like_the_folder(tmp_path, jpeg_folder):
+  """bigkd.prepare stores the JPEGs byte for byte: streaming its ArrayRecord files gives the
+  very batches, and so the very run, of streaming the folder."""
+  from conftest import run_main
+  out = str(tmp_path / 'records')
+  result = run_main('bigkd.prepare', ['--folder', jpeg_folder, '--out', out, '--workers', '1'])
+  assert result.returncode == 0, result.stderr[-3000:]
+  folder = stages.run(folder_config(jpeg_folder), str(tmp_path / 'folder'))
+  c = folder_config(out)
+  c.data.source = 'records'
+  records = stages.run(c, str(tmp_path / 'records_run'))
+  assert records == folder
+  untimed = lambda log: [{k: v for k, v in m.items() if k not in ('steps_per_sec', 'uptime')}
+                         for m in log]
+  assert untimed(read_metrics(tmp_path / 'records_run' / 'teacher')) == untimed(
+      read_metrics(tmp_path / 'folder' / 'teacher'))
