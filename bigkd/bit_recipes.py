@@ -203,7 +203,8 @@ def transfer_config(variant):
   hp = spec['budgets'][names['budget']]
   return distill_config(
       dataset=spec['tfds'], num_classes=spec['num_classes'], splits=spec['splits'],
-      base_size=canvas_size(TRANSFER_RESOLUTION), eval_crop_fraction=TRANSFER_EVAL_FRACTION, device_resident=spec['device_resident'], batch_size=512,
+      base_size=canvas_size(TRANSFER_RESOLUTION), eval_crop_fraction=TRANSFER_EVAL_FRACTION,
+      device_resident=spec['device_resident'], batch_size=512,
       eval_batch_size=512,
       teachers={'teacher': (placeholder(spec['teacher']), TRANSFER_RESOLUTION)},
       student_resolution=TRANSFER_RESOLUTION, epochs=options.get('epochs', hp['epochs']),

@@ -83,9 +83,9 @@ def load_teachers(plan: StagePlan, mesh, random_init=False):
     targets = param_targets(t.model, t.model_kwargs, plan.num_classes, t.resolution, dtype, mesh,
                             plan.min_fsdp_size)
     teachers.append(Teacher(model, t.resolution))
+    what = f'stages.{plan.name}.teachers.{t.name}'
     params.append(random_params(model, t.resolution, jax.random.key(plan.seed + 1 + i), targets)
-                  if random_init else
-                  checkpoint.load_params(t.source, targets, f'stages.{plan.name}.teachers.{t.name}'))
+                  if random_init else checkpoint.load_params(t.source, targets, what))
   return tuple(teachers), params
 
 
@@ -126,7 +126,8 @@ def streamed_inputs(split, seed, batch_size, sharding, start_step, stop_step=Non
     indices = host_batch_indices(seed, step, batch_size, len(split))
     return split.rows(np.array_split(indices, jax.process_count())[jax.process_index()])
 
-  host = grain.MapDataset.range(start_step, stop_step or sys.maxsize).map(local_rows).to_iter_dataset(
+  steps = grain.MapDataset.range(start_step, stop_step or sys.maxsize)
+  host = steps.map(local_rows).to_iter_dataset(
       grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads))
   return prefetch_to_device(
       tuple(jax.make_array_from_process_local_data(sharding, x) for x in rows) for rows in host)
@@ -142,8 +143,8 @@ def jit_step(step_fn, state: TrainState, mesh):
 @dataclasses.dataclass
 class Stage:
   """A built stage. `train_step(state, teacher_params, *inputs) -> (state, metrics)` is jitted
-  (state donated) and fed by `inputs(start_step, stop_step)`; `raw_step` is the same step, unjitted, on an
-  explicit (images, labels) batch."""
+  (state donated) and fed by `inputs(start_step, stop_step)`; `raw_step` is the same step,
+  unjitted, on an explicit (images, sizes, labels) batch."""
   plan: StagePlan
   mesh: Any
   student: Any

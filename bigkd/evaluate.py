@@ -1,4 +1,5 @@
-"""Evaluation on a whole split: student and teacher accuracy, top-1 agreement, KL(teacher ‖ student)."""
+"""Evaluation on a whole split: student and teacher accuracy, top-1 agreement and
+KL(teacher ‖ student), each model on its evaluation view (`augment.central_boxes`)."""
 import grain
 import jax
 import numpy as np

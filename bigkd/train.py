@@ -1,4 +1,4 @@
-"""Train: python -m bigkd.train --config configs/NAME.py[:variant] --workdir DIR [--config.a.b=v ...]
+"""Train: python -m bigkd.train --config configs/NAME.py[:variant] --workdir DIR [--config.X=V ...]
 
 Runs the stages of a config (e.g. teacher -> student -> baseline) in DIR; re-running the same
 command resumes the unfinished stage from its last checkpoint and skips finished ones. Every

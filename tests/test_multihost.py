@@ -1,10 +1,13 @@
-"""Two processes on localhost (2 CPU devices each, jax.distributed + gloo) train exactly like the
-1-device reference run; they write metrics and summaries once, and their sharded checkpoint
-(each process writing its own shards) restores in a single 1-device process."""
+"""Two processes on localhost (2 CPU devices each, jax.distributed + gloo) train exactly like one
+process: with resident images split by rows across both processes and an fsdp mesh (against the
+1-device reference run), and with JPEGs streamed from a folder, each process reading and decoding
+only its half of every batch (against 1 process with 4 devices). They write metrics and summaries
+once, and their sharded checkpoint (each process writing its own shards) restores in a single
+1-device process."""
 import os
 import socket
 
-from conftest import assert_same_run, finish, read_metrics, start_runs
+from conftest import DISTILL_STEPS, assert_same_run, finish, read_metrics, start_runs
 
 
 def free_port():
@@ -13,21 +16,31 @@ def free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_equal_one_device(tmp_path, reference_run):
-  """Resident images split by rows over the 4 devices of both processes (the batch is gathered
-  across processes) and a 1x4 mesh: every large parameter is split across the processes.
-  (Streamed data takes each process's rows of the global batch: the same path as one process.)"""
-  overrides = {'data.shard_resident': True, 'mesh.data': 1, 'mesh.fsdp': 4}
-  workdir = str(tmp_path / 'two')
+def test_two_processes_equal_one(tmp_path, reference_run, jpeg_folder):
+  resident = {'data.shard_resident': True, 'mesh.data': 1, 'mesh.fsdp': 4}
+  streamed = {'data.source': 'folder', 'data.data_dir': jpeg_folder, 'data.base_size': 24,
+              'data.device_resident': False, 'data.num_classes': 10, 'batch_size': 8,
+              'eval_batch_size': 8}
+  two_resident, two_streamed = str(tmp_path / 'two_resident'), str(tmp_path / 'two_streamed')
+  one_streamed = str(tmp_path / 'one_streamed')
   address = f'127.0.0.1:{free_port()}'
-  procs = [start_runs(reference_run.teacher, [(workdir, overrides)], 2,
+  runs = [(two_resident, resident), (two_streamed, streamed)]
+  procs = [start_runs(reference_run.teacher, runs, 2,
                       dict(coordinator_address=address, num_processes=2, process_id=i))
            for i in range(2)]
-  out0, out1 = (finish(p) for p in procs)
-  stage_dir = os.path.join(workdir, 'student')
+  procs.append(start_runs(reference_run.teacher, [(one_streamed, streamed)], 4))
+  out0, out1, out_one = (finish(p) for p in procs)
+
+  stage_dir = os.path.join(two_resident, 'student')
   assert_same_run(reference_run.stage_dir(), stage_dir, 'two processes')  # restored in 1 process
   assert [m['step'] for m in read_metrics(stage_dir)] == [3, 6]  # logged once, by process 0
   assert 'test acc' in out0 and 'test acc' not in out1  # the table: process 0 only
   assert 'over 2 process(es)' in out0
   written_by = os.listdir(os.path.join(stage_dir, 'checkpoints', '6', 'params'))
   assert {'ocdbt.process_0', 'ocdbt.process_1'} <= set(written_by)
+
+  assert_same_run(f'{one_streamed}/student', f'{two_streamed}/student', 'streamed')
+  half = DISTILL_STEPS * 8 // 2
+  assert f'process 0 read and decoded {half} training images' in out0, out0
+  assert f'process 1 read and decoded {half} training images' in out1, out1
+  assert f'process 0 read and decoded {2 * half} training images' in out_one, out_one

@@ -61,13 +61,13 @@ def test_resumed_device_batches_are_those_of_an_uninterrupted_run():
   labels = jnp.arange(N, dtype=jnp.int32)  # an example's label is its index
   images = 100 + labels
   step_fn = jax.jit(with_device_batches(
-      lambda state, _, x, y: (state.replace(step=state.step + 1), (x, y)),
+      lambda state, _, x, hw, y: (state.replace(step=state.step + 1), (x, y)),
       seed=3, batch_size=B, batch_sharding=batch_sharding(make_mesh())))
 
   def run(start, steps):
     state, batches = TrainState(jnp.int32(start), None, None), []
     for _ in range(steps):
-      state, (x, y) = step_fn(state, None, images, labels)
+      state, (x, y) = step_fn(state, None, images, jnp.ones((N, 2), jnp.int32), labels)
       np.testing.assert_array_equal(x, 100 + y)  # images and labels of the same examples
       batches.append(np.asarray(y))
     return batches
@@ -81,12 +81,13 @@ def test_resumed_streamed_batches_are_those_of_an_uninterrupted_run():
   """Streamed (host) input started at step 13 gives the batches steps 13, 14, ... of a run from
   step 0 get, in order (grain's reader threads do not reorder them)."""
   labels = np.arange(N, dtype=np.int32)
-  split = Split(images=labels.astype(np.uint8).reshape(N, 1, 1, 1), labels=labels)
+  split = Split(images=labels.astype(np.uint8).reshape(N, 1, 1, 1),
+                sizes=np.ones((N, 2), np.int32), labels=labels)
   sharding = batch_sharding(make_mesh())
 
   def run(start, stop):
     batches = []
-    for x, y in streamed_inputs(split, 3, B, sharding, start, stop):
+    for x, _, y in streamed_inputs(split, 3, B, sharding, start, stop):
       np.testing.assert_array_equal(np.asarray(x)[:, 0, 0, 0], y)
       batches.append(np.asarray(y))
     return batches

@@ -86,7 +86,7 @@ def test_grad_accumulation_gives_the_full_batch_update():
   for k in (1, 4):
     step = jax.jit(make_train_step(spec, tx, lambda s: 1e-2, grad_accum_steps=k),
                    compiler_options={'xla_backend_optimization_level': 0})
-    results[k] = step(state, teacher_params, images, labels)
+    results[k] = step(state, teacher_params, images, jnp.full((16, 2), 10), labels)
   (full, full_metrics), (accum, accum_metrics) = results[1], results[4]
   chex.assert_trees_all_close(full.params, accum.params, rtol=1e-4, atol=2e-5)
   for key in ('loss', 'kl', 'agreement', 'grad_norm'):
