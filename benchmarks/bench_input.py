@@ -11,22 +11,24 @@ What it measures (all on the host CPU; the dataset is generated once and cached 
  (a) decoded+cropped images/s. bigkd: `StreamedSplit(FolderSource(root, 'train'), canvas)` fed
      through `bigkd.build.streamed_inputs` (grain reader threads, then the transfer to one CPU
      device), with 1 reader thread and with --threads. Each image is read, decoded whole and
-     resized (antialiased) so its long side is the canvas: the crop happens later, on the device.
+     resized so its long side is the canvas: the crop happens later, on the device.
      Baseline: tf.data over the same files, `read_file -> sample_distorted_bounding_box ->
      decode_and_crop_jpeg -> resize(R)` (the classic ImageNet pipeline, which decodes only the
-     crop window), with num_parallel_calls and the private thread pool at 1 and at --threads.
+     crop window), with num_parallel_calls and the private thread pool at 1 and at --threads
+     (max_intra_op_parallelism 1).
      Both read the same random batches (`host_batch_indices`), in interleaved rounds; the files
      sit in the page cache. Rates: images per wall second, and images per CPU second of this
-     process (process_time over all its threads: a per-core figure that other jobs on a shared
-     machine do not distort). Also, with --records, the same reader over `bigkd.prepare`'s
-     ArrayRecord files, and a per-image cost breakdown of both pipelines' steps.
- (b) peak host RSS (ru_maxrss) of a fresh process streaming --rss_batches batches through
+     process (process_time over all its threads: the per-core figure, less disturbed than wall
+     time by other jobs on a shared machine). Also, with --records, the same reader over
+     `bigkd.prepare`'s ArrayRecord files, and a per-image cost breakdown of both pipelines.
+ (b) peak host RSS (VmHWM; ru_maxrss too) of a fresh process streaming --rss_batches batches through
      `streamed_inputs` over --rss_small images and over --images images (memory should not grow
      with the dataset), and, for contrast, of decoding --in_memory images into host memory
      (`sources.in_memory`).
  (c) `pipeline_ratio` of `python -m bigkd.bench` (pipeline-fed step rate / fixed-batch step
-     rate) for the digits student with streamed and with device-resident input, and, with
-     --folder_stage_resolution > 0, for a cnn_small stage streamed from the JPEG folder.
+     rate) for the digits student with streamed and with device-resident input, and for a
+     cnn_small stage at --folder_stage_resolution streamed from the JPEG folder (on a CPU host the
+     reader and the step share the cores).
 """
 import argparse
 import io
@@ -304,29 +306,21 @@ def pil_fit(blob, canvas):
 
 
 def cost_breakdown(root, canvas, resolution, n):
-  """Mean CPU ms per image of each step of both pipelines, single-threaded, eager."""
+  """Mean CPU ms per image of the steps of both pipelines, one image at a time, in this thread.
+  bigkd's steps are timed through its public functions (`StreamedSplit.rows`, `fit_to_canvas`,
+  and `decode_to_canvas` where this version of sources.py has it); the rest are references."""
   import tensorflow as tf
   from bigkd.data import sources
   folder = sources.FolderSource(root, 'train')
   index = np.random.default_rng(1).choice(len(folder), n, replace=False)
   blobs = [folder[int(i)][0] for i in index]
-  images = [sources.decode_image(b) for b in blobs[:2]]  # warm-up
+  batches = [index[b:b + 64] for b in range(0, n - 63, 64)]
 
-  def cpu_ms(fn, items):
+  def cpu_ms(fn, items, per=1):
+    fn(items[0])  # warm-up: tracing, first kernels
     start = time.process_time()
     out = [fn(x) for x in items]
-    return 1e3 * (time.process_time() - start) / len(items), out
-
-  steps = {}
-  steps['read file'], _ = cpu_ms(lambda i: folder[int(i)], index)
-  steps['bigkd: decode whole JPEG (tf.io.decode_image)'], images = cpu_ms(sources.decode_image,
-                                                                          blobs)
-  steps['bigkd: fit_to_canvas (antialiased resize, pad)'], _ = cpu_ms(
-      lambda im: sources.fit_to_canvas(im, canvas), images)
-  steps['bigkd: StreamedSplit.rows, whole (per image, batch 64)'], _ = cpu_ms(
-      lambda b: sources.StreamedSplit(folder, canvas).rows(index[b:b + 64]),
-      range(0, n - 63, 64))
-  steps['bigkd: StreamedSplit.rows, whole (per image, batch 64)'] /= 64
+    return 1e3 * (time.process_time() - start) / len(items) / per, out
 
   def crop_box(blob):
     begin, size, _ = tf.image.sample_distorted_bounding_box(
@@ -335,19 +329,52 @@ def cost_breakdown(root, canvas, resolution, n):
         max_attempts=10, use_image_if_no_bounding_boxes=True)
     return tf.stack([begin[0], begin[1], size[0], size[1]])
 
+  def tf_resize(im, antialias):
+    return tf.cast(tf.image.resize(im, canvas_shape(im.shape, canvas), antialias=antialias),
+                   tf.uint8)
+
+  steps = {}
+  steps['read file'], _ = cpu_ms(lambda i: folder[int(i)], index)
+  steps['decode whole JPEG (tf.io.decode_jpeg)'], images = cpu_ms(
+      lambda b: tf.io.decode_jpeg(b, channels=3).numpy(), blobs)
+  steps['bigkd: fit_to_canvas(decoded image)'], _ = cpu_ms(
+      lambda im: sources.fit_to_canvas(im, canvas), images)
+  if hasattr(sources, 'decode_to_canvas'):
+    steps['bigkd: decode_to_canvas(JPEG bytes)'], _ = cpu_ms(
+        lambda b: sources.decode_to_canvas(b, canvas), blobs)
+  steps['bigkd: StreamedSplit.rows (per image, batches of 64)'], _ = cpu_ms(
+      sources.StreamedSplit(folder, canvas).rows, batches, per=64)
   boxes = [crop_box(b) for b in blobs]
   steps['baseline: decode_and_crop_jpeg (crop window)'], crops = cpu_ms(
       lambda bb: tf.image.decode_and_crop_jpeg(bb[0], bb[1], channels=3),
       list(zip(blobs, boxes)))
-  steps['baseline: resize to R (bilinear)'], _ = cpu_ms(
+  steps['baseline: resize crop to R (bilinear)'], _ = cpu_ms(
       lambda im: tf.cast(tf.image.resize(im, (resolution, resolution)), tf.uint8), crops)
-  steps['baseline: decode whole JPEG, for reference'], _ = cpu_ms(
-      lambda b: tf.io.decode_jpeg(b, channels=3), blobs)
-  steps['bigkd: resize without antialias, for reference'], _ = cpu_ms(
-      lambda im: tf.image.resize(im, canvas_shape(im.shape, canvas)), images)
-  steps['reference: PIL decode whole + antialiased resize (uint8)'], _ = cpu_ms(
+  steps['reference: TF resize to canvas, antialiased'], _ = cpu_ms(
+      lambda im: tf_resize(im, True), images)
+  steps['reference: TF resize to canvas, plain bilinear'], _ = cpu_ms(
+      lambda im: tf_resize(im, False), images)
+  steps['reference: PIL decode + antialiased resize (uint8)'], _ = cpu_ms(
       lambda b: pil_fit(b, canvas), blobs)
   return steps
+
+
+def code_version():
+  """What was measured: the commit, and a hash of the reader's files (uncommitted changes)."""
+  import hashlib
+
+  def git(*cmd):
+    proc = subprocess.run(['git', *cmd], cwd=REPO, capture_output=True, text=True)
+    return proc.stdout.strip()
+
+  files = ['bigkd/data/sources.py', 'bigkd/build.py']
+  digest = hashlib.sha1()
+  for name in files:
+    with open(os.path.join(REPO, name), 'rb') as f:
+      digest.update(f.read())
+  return dict(commit=git('rev-parse', '--short', 'HEAD'),
+              reader_changed=bool(git('status', '--porcelain', '--', *files)),
+              reader_sha1=digest.hexdigest()[:10])
 
 
 # --- (b) Peak host memory, each measurement in a fresh process. --------------------------------
@@ -455,14 +482,14 @@ def parse_args(argv=None):
                       help='(a) images for the per-step cost breakdown; 0: skip')
   parser.add_argument('--rss_small', type=int, default=5000,
                       help='(b) the small dataset (first N images) to compare with --images')
-  parser.add_argument('--rss_batches', type=int, default=150, help='(b) batches streamed')
+  parser.add_argument('--rss_batches', type=int, default=300, help='(b) batches streamed')
   parser.add_argument('--in_memory', type=int, default=-1,
                       help='(b) also decode the first N images into memory (contrast); '
                       '-1: --rss_small; 0: skip')
   parser.add_argument('--bench_steps', type=int, default=200, help='(c) bigkd.bench --steps')
-  parser.add_argument('--folder_stage_resolution', type=int, default=0,
+  parser.add_argument('--folder_stage_resolution', type=int, default=64,
                       help='(c) also bench a cnn_small stage at this resolution streamed from '
-                      'the JPEG folder; 0: skip')
+                      'the JPEG folder (canvas --canvas, --threads reader threads); 0: skip')
   parser.add_argument('--folder_stage_steps', type=int, default=20)
   parser.add_argument('--skip', default='', help='parts to skip, e.g. "b,c"')
   parser.add_argument('--seed', type=int, default=0)
@@ -485,7 +512,8 @@ def main(argv=None):
   os.makedirs(args.workdir, exist_ok=True)
   started = time.perf_counter()
   result = dict(args={k: v for k, v in vars(args).items() if not k.startswith('_')},
-                cpu_count=os.cpu_count(), load_average_start=os.getloadavg())
+                cpu_count=os.cpu_count(), load_average_start=os.getloadavg(),
+                code=code_version())
   root, result['dataset'] = ensure_dataset(args.workdir, args.images, args.classes,
                                            args.quality, args.seed, args.workers)
   summaries = {'a': [], 'b': [], 'c': []}  # printed in this order
@@ -540,15 +568,15 @@ def main(argv=None):
                    f'(goal >= 0.8: {verdict(per_core >= 0.8)})')
     summary.append(f'    bigkd/baseline wall, 1 thread: {wall_one:.3f};  {args.threads} threads: '
                    f'{wall_many:.3f}')
-    summary.append('    (bigkd decodes each whole JPEG and resizes it, antialiased, to the canvas; '
-                   'the baseline decodes only its crop window)')
+    summary.append('    (bigkd decodes each whole JPEG and resizes it to the canvas, the crop '
+                   'coming later on the device; the baseline decodes only its crop window)')
     if args.records and not records_root:
       summary.append('    records: bigkd.prepare was not usable; folder source only')
     if args.breakdown_images:
       steps = result['breakdown_cpu_ms'] = cost_breakdown(root, args.canvas, args.resolution,
                                                           args.breakdown_images)
-      summary.append(f'    CPU ms per image, one thread, eager ({args.breakdown_images} images):')
-      summary.extend(f'      {k:56s} {v:7.2f}' for k, v in steps.items())
+      summary.append(f'    CPU ms per image, one at a time ({args.breakdown_images} images):')
+      summary.extend(f'      {k:54s} {v:7.2f}' for k, v in steps.items())
 
   if 'c' not in skip:
     summary = summaries['c']
@@ -581,9 +609,12 @@ def main(argv=None):
   result['seconds'] = time.perf_counter() - started
   result['load_average_end'] = os.getloadavg()
   print('\n=== bench_input summary ===', flush=True)
+  code = result['code']
   print(f'machine: {os.cpu_count()} CPU cores; load average at start '
         f'{result["load_average_start"][0]:.2f}, at end {result["load_average_end"][0]:.2f}; '
         f'{result["seconds"]:.0f} s in all')
+  print(f'bigkd: commit {code["commit"]}, reader files (sources.py, build.py) sha1 '
+        f'{code["reader_sha1"]}{" (uncommitted changes)" if code["reader_changed"] else ""}')
   print('\n'.join(line for part in 'abc' for line in summaries[part]), flush=True)
   if args.json:
     with open(args.json, 'w') as f:

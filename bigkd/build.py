@@ -16,6 +16,7 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from bigkd import checkpoint
 from bigkd.data import sources
@@ -28,6 +29,10 @@ from bigkd.sharding import batch_sharding, fsdp_compute_sharding, gather_rows, i
     make_mesh, put_global, put_rows_sharded, replicated, tree_shardings
 from bigkd.step import StepSpec, Teacher, TrainState, make_eval_step, make_train_step, \
     with_device_batches
+
+# optimizer.skip_nonfinite_updates: this many non-finite updates in a row are skipped; the next
+# is applied, its non-finite parameters stop the run (a run that only makes NaNs should end).
+MAX_SKIPPED_IN_A_ROW = 10
 
 
 @dataclasses.dataclass
@@ -85,8 +90,39 @@ def load_teachers(plan: StagePlan, mesh, random_init=False):
     teachers.append(Teacher(model, t.resolution))
     what = f'stages.{plan.name}.teachers.{t.name}'
     params.append(random_params(model, t.resolution, jax.random.key(plan.seed + 1 + i), targets)
-                  if random_init else checkpoint.load_params(t.source, targets, what))
+                  if random_init else checked_finite(checkpoint.load_params(t.source, targets,
+                                                                            what),
+                                                     f'{what} ({t.source})'))
   return tuple(teachers), params
+
+
+def nonfinite_count(tree) -> int:
+  """How many values of `tree` are NaN or ±Inf (computed on device; one small fetch)."""
+  count = jax.jit(lambda t: sum(jnp.sum(~jnp.isfinite(x)) for x in jax.tree.leaves(t)))
+  return int(count(tree)) if jax.tree.leaves(tree) else 0
+
+
+def checked_finite(params, what: str):
+  """`params`, once checked finite: a teacher (or initialisation) with a NaN weight would turn
+  the whole run non-finite at its first step, so it is refused before training (exit 2)."""
+  bad = nonfinite_count(params)
+  if bad:
+    raise checkpoint.CheckpointError(f'{what}: {bad} parameter value(s) are NaN or Inf; '
+                                     'refusing to train from it')
+  return params
+
+
+def check_teacher_logits(eval_step, params, teacher_params, split, batch_size, sharding,
+                         plan: StagePlan) -> None:
+  """Refuses teachers whose logits on the first evaluation batch are not finite (finite weights
+  can still overflow). Uses the evaluation step, compiled once for the final evaluation anyway;
+  the student's weights are finite, so a non-finite KL comes from the teachers."""
+  from bigkd.evaluate import eval_batches
+  sums = eval_step(params, teacher_params, *next(iter(eval_batches(split, batch_size, sharding))))
+  if not np.isfinite(float(sums['kl'])):
+    names = ', '.join(f'stages.{plan.name}.teachers.{t.name} ({t.source})' for t in plan.teachers)
+    raise checkpoint.CheckpointError(f'{names}: non-finite logits on the first evaluation batch; '
+                                     'refusing to distil from it')
 
 
 def initial_state(plan: StagePlan, student, tx, mesh) -> TrainState:
@@ -95,13 +131,14 @@ def initial_state(plan: StagePlan, student, tx, mesh) -> TrainState:
   targets = param_targets(plan.model, plan.model_kwargs, plan.num_classes, plan.resolution,
                           jnp.float32, mesh, plan.min_fsdp_size)
   if plan.init:
-    params = checkpoint.load_params(plan.init, targets, f'stages.{plan.name}.init',
-                                    new_head_classes=plan.num_classes)
+    params = checked_finite(checkpoint.load_params(plan.init, targets, f'stages.{plan.name}.init',
+                                                   new_head_classes=plan.num_classes),
+                            f'stages.{plan.name}.init ({plan.init})')
   else:
     init_key = jax.random.fold_in(jax.random.key(plan.seed), plan.index)
     params = random_params(student, plan.resolution, init_key, targets)
-  return TrainState(jax.device_put(jnp.zeros((), jnp.int32), replicated(mesh)), params,
-                    init_opt_state(tx, params, mesh, plan.min_fsdp_size))
+  zero = lambda: jax.device_put(jnp.zeros((), jnp.int32), replicated(mesh))
+  return TrainState(zero(), params, init_opt_state(tx, params, mesh, plan.min_fsdp_size), zero())
 
 
 def prefetch_to_device(iterator, size=2):
@@ -166,6 +203,8 @@ def build_stage(plan: StagePlan, data: RunData, mesh, random_params=False) -> St
   student = get_model(plan.model, plan.num_classes, **plan.model_kwargs)
   teachers, teacher_params = load_teachers(plan, mesh, random_init=random_params)
   tx, lr_schedule = build_optimizer(plan.optimizer, plan.steps, plan.warmup_steps)
+  if plan.optimizer.get('skip_nonfinite_updates'):
+    tx = optax.apply_if_finite(tx, MAX_SKIPPED_IN_A_ROW)
   state = initial_state(dataclasses.replace(plan, init='') if random_params else plan, student,
                         tx, mesh)
   spec = StepSpec(student, plan.resolution, teachers, plan.num_classes,
@@ -190,6 +229,9 @@ def build_stage(plan: StagePlan, data: RunData, mesh, random_params=False) -> St
   train_step = jit_step(fed_step, state, mesh)
   eval_step = jax.jit(make_eval_step(student, plan.resolution, teachers, plan.ensemble,
                                      plan.eval_crop_fraction))
+  if teachers and not random_params:
+    check_teacher_logits(eval_step, state.params, teacher_params, data.val, plan.eval_batch_size,
+                         batches, plan)
 
   def evaluate_splits(params, splits=('val', 'test')):
     results = {}

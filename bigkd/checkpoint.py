@@ -6,8 +6,11 @@ is never saved with the student: a stage's checkpoint holds only its own paramet
 """
 import json
 import os
+import shutil
+import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -19,15 +22,56 @@ class CheckpointError(ValueError):
 def manager(stage_dir: str, keep: int = 2) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
       os.path.abspath(os.path.join(stage_dir, 'checkpoints')),
-      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+      # Temporary folders of saves cut short (a killed run) are removed when a manager opens.
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           cleanup_tmp_directories=True),
       item_handlers={'params': ocp.StandardCheckpointHandler(),
-                     'opt_state': ocp.StandardCheckpointHandler()})
+                     'opt_state': ocp.StandardCheckpointHandler(),
+                     'integrity': ocp.JsonCheckpointHandler()})
+
+
+def _words(x) -> jax.Array:
+  """The bits of `x`, flattened, as uint32 words (whatever its dtype)."""
+  x = x.reshape(-1)
+  if x.dtype == jnp.bool_ or x.dtype.itemsize == 1:
+    return x.astype(jnp.uint32)
+  if x.dtype.itemsize == 2:
+    return jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+  return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
+
+
+@jax.jit
+def checksum(tree) -> jax.Array:
+  """A position-weighted sum, mod 2**32, of the bits of every leaf: computed on device, the same
+  whatever the sharding (integer sums wrap exactly, in any order). Orbax restores overwritten
+  bytes of a data file without complaint; this catches them."""
+  total = jnp.uint32(0)
+  for i, leaf in enumerate(jax.tree.leaves(tree)):
+    words = _words(jnp.asarray(leaf))
+    weights = jax.lax.iota(jnp.uint32, words.size) * jnp.uint32(2654435761) + jnp.uint32(2 * i + 1)
+    total = total + jnp.sum(words * weights, dtype=jnp.uint32)
+  return total
 
 
 def save(mngr: ocp.CheckpointManager, step: int, params, opt_state) -> None:
-  """Asynchronous: call `mngr.wait_until_finished()` before reading it or exiting."""
+  """Asynchronous: call `mngr.wait_until_finished()` before reading it or exiting. With the
+  arrays goes their checksum (`integrity`), which `restore_state` verifies."""
+  integrity = {'params': int(checksum(params)), 'opt_state': int(checksum(opt_state))}
   mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                          opt_state=ocp.args.StandardSave(opt_state)))
+                                          opt_state=ocp.args.StandardSave(opt_state),
+                                          integrity=ocp.args.JsonSave(integrity)))
+
+
+def verify(mngr: ocp.CheckpointManager, step: int, restored: dict) -> None:
+  """Raises CheckpointError when restored items differ from the checksums saved with them.
+  Checkpoints written before checksums existed (no `integrity` item) pass unchecked."""
+  try:
+    saved = mngr.restore(step, args=ocp.args.Composite(integrity=ocp.args.JsonRestore()))
+  except KeyError:
+    return
+  for name, value in restored.items():
+    if name in saved['integrity'] and int(checksum(value)) != saved['integrity'][name]:
+      raise CheckpointError(f'{name} do not match their checksum (overwritten data)')
 
 
 def restore_state(mngr: ocp.CheckpointManager, step: int, state):
@@ -37,8 +81,78 @@ def restore_state(mngr: ocp.CheckpointManager, step: int, state):
                         (state.params, state.opt_state))
   out = mngr.restore(step, args=ocp.args.Composite(
       params=ocp.args.StandardRestore(target[0]), opt_state=ocp.args.StandardRestore(target[1])))
+  verify(mngr, step, out)
   return state.replace(step=jax.device_put(np.int32(step), state.step.sharding),
                        params=out['params'], opt_state=out['opt_state'])
+
+
+def warn(message: str) -> None:
+  """One line on stderr (process 0 only: every process would say the same)."""
+  if jax.process_index() == 0:
+    print(f'bigkd: warning: {message}', file=sys.stderr, flush=True)
+
+
+def one_line(error: Exception, limit: int = 160) -> str:
+  """The first sentence of an error's first line, with its type, at most `limit` characters:
+  what a one-line warning about a damaged checkpoint can say (TensorStore's run on for pages)."""
+  message = error.args[0] if isinstance(error, KeyError) and error.args else error
+  text = (str(message).strip().splitlines() or [''])[0].split('. See full')[0]
+  text = f'{type(error).__name__}: {text}' if text else type(error).__name__
+  return text if len(text) <= limit else text[:limit - 3] + '...'
+
+
+
+def restore_newest_good(mngr: ocp.CheckpointManager, state, stage: str):
+  """(state, step) from the newest checkpoint that restores; (state, 0) when there is none.
+
+  Orbax finds some damage (a garbled metadata file, truncated or overwritten data) only while
+  restoring, so each step is tried, newest first. A damaged one is named in one warning line and
+  moved out of the way (to `damaged_checkpoints/` beside `checkpoints/`, kept for a look) so the
+  run can save that step again; a stage whose checkpoints are all damaged raises
+  CheckpointError rather than silently starting again from scratch."""
+  steps = sorted(mngr.all_steps(), reverse=True)
+  damaged = []
+  for i, step in enumerate(steps):
+    try:
+      restored, error = restore_state(mngr, step, state), None
+    except Exception as e:  # orbax raises many types (ValueError, OSError, KeyError, ...)
+      restored, error = None, e
+    if agreed(error is None):
+      for bad in damaged:
+        move_aside(mngr, bad)
+      return restored, step
+    fallback = f'falling back to step {steps[i + 1]}' if i + 1 < len(steps) else 'none left'
+    reason = one_line(error) if error else 'unreadable on another process'
+    warn(f'checkpoint {step} of stage {stage} is unreadable ({reason}); {fallback}')
+    damaged.append(step)
+  if damaged:
+    raise CheckpointError(f'stage {stage}: no readable checkpoint in {mngr.directory} '
+                          f'(step(s) {", ".join(map(str, damaged))} damaged); move the folder '
+                          'away to start the stage again')
+  return state, 0
+
+
+def agreed(ok: bool) -> bool:
+  """True when `ok` holds on every process (one tiny all-gather, at resume time only): all
+  processes must fall back to the same step."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+  return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+
+
+def move_aside(mngr: ocp.CheckpointManager, step: int) -> None:
+  """Moves a damaged step to `damaged_checkpoints/<step>` (replacing an older one there)."""
+  directory = str(mngr.directory)
+  if jax.process_index() == 0:
+    aside = os.path.join(os.path.dirname(directory), 'damaged_checkpoints', str(step))
+    shutil.rmtree(aside, ignore_errors=True)
+    os.makedirs(os.path.dirname(aside), exist_ok=True)
+    shutil.move(os.path.join(directory, str(step)), aside)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f'bigkd: moved damaged checkpoint {step}')
+  mngr.reload()
 
 
 def shape_mismatches(params, abstract_params) -> list[str]:

@@ -1,7 +1,8 @@
 """What every command-line entry point shares: `--help`, flag parsing and the one-line errors.
 
 Exit codes: 0 success; 2 bad command line, config or input (one `bigkd: error:` line on stderr,
-before any work); 1 anything else.
+before any work); 3 the loss or gradients went NaN/Inf (nothing bad saved); 75 preempted by
+SIGTERM/SIGINT after a checkpoint at the current step (re-run to resume); 1 anything else.
 """
 import sys
 

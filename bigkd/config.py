@@ -66,6 +66,9 @@ def base_config() -> ConfigDict:
                                   # False: weight_decay·lr(t)/lr, the schedule's shape only
                                   # (big_vision, the paper's code): overriding lr keeps the decay
       clip_norm=1.0,              # global-norm gradient clipping; 0: off
+      skip_nonfinite_updates=False,  # True: a step with NaN/Inf gradients leaves params and
+                                  # opt state unchanged (counted: metric skipped_updates); too
+                                  # many in a row, or False: the run stops (exit 3)
       shampoo=ConfigDict(_shampoo_defaults()),  # options of bigkd.optim.shampoo
   ))
   c.mesh = ConfigDict(dict(
@@ -75,6 +78,13 @@ def base_config() -> ConfigDict:
   ))
   c.stages = ConfigDict()         # name -> stage_config(...)
   c.stage_order = ''              # comma-separated stage names, run in this order
+  c.allowed_changes = ''          # comma-separated fields (or prefixes: 'optimizer') that may
+                                  # differ from the workdir's config.json on a re-run. Without
+                                  # it only log_every, eval_every, checkpoint_every,
+                                  # keep_checkpoints, eval_batch_size, data.data_dir,
+                                  # data.reader_threads and mesh.* may (bigkd.plan.SAFE_TO_CHANGE);
+                                  # a started stage's model and a finished stage's steps
+                                  # never change, even when listed (use a new workdir)
   return c
 
 

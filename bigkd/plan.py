@@ -7,6 +7,7 @@ problem, before the workdir is touched. A `StagePlan` holds every value a stage 
 Python value; `bigkd.build` turns it into arrays and functions, `bigkd.stages` runs it.
 """
 import dataclasses
+import json
 import os
 
 from bigkd import checkpoint
@@ -93,6 +94,10 @@ def check_config(config, num_devices: int) -> None:
   mesh_shape(config.mesh.data, config.mesh.fsdp, num_devices)
   names = stage_names(config)
   _need(len(names) > 0, 'config.stage_order is empty: nothing to run')
+  twice = sorted({name for name in names if names.count(name) > 1})
+  _need(not twice, f'stage_order={config.stage_order!r} names {", ".join(twice)} twice: a '
+        'stage folder holds one stage')
+  _check_intervals(config)
   for name in names:
     _need(name in config.stages, f'stage_order names {name!r}, which is not in config.stages '
           f'({", ".join(config.stages)})')
@@ -106,6 +111,9 @@ def check_config(config, num_devices: int) -> None:
   _need(data.source != 'tfds' or data.name, 'data.source=tfds needs data.name')
   _need(data.source != 'folder' or data.data_dir,
         'data.source=folder needs data.data_dir (the folder root)')
+  _need(data.base_size > 0, f'data.base_size={data.base_size} must be positive')
+  _need(data.num_classes >= 0, f'data.num_classes={data.num_classes} must be >= 0 (0: the '
+        "source's class count)")
   _need(config.eval_batch_size % num_devices == 0,
         f'eval_batch_size={config.eval_batch_size} is not divisible by the {num_devices} devices')
   _need(config.teacher_dtype in DTYPES,
@@ -116,6 +124,26 @@ def check_config(config, num_devices: int) -> None:
     seen.append(name)
 
 
+def _check_intervals(config) -> None:
+  """Run-wide counts. A zero or negative interval would divide by zero mid-run or never save;
+  keep_checkpoints=0 would delete the final model."""
+  for key in ('eval_batch_size', 'log_every', 'checkpoint_every', 'keep_checkpoints',
+              'grad_accum_steps'):
+    _need(config[key] > 0, f'{key}={config[key]} must be positive' + (
+        ' (the final checkpoint is the trained model)' if key == 'keep_checkpoints' else ''))
+  _need(config.mesh.min_fsdp_size >= 0,
+        f'mesh.min_fsdp_size={config.mesh.min_fsdp_size} must be >= 0')
+  _need(config.eval_every >= 0, f'eval_every={config.eval_every} must be >= 0 (0: only at the '
+        'end)')
+
+
+def _check_pair(where, key, value):
+  """crop_area / crop_aspect: a (min, max) pair of numbers, so the range checks can index it."""
+  ok = isinstance(value, (tuple, list)) and len(value) == 2 and all(
+      isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+  _need(ok, f'{where}: augment.{key}={value!r} must be a (min, max) pair of numbers')
+
+
 def _check_stage(config, name, earlier, num_devices):
   stage, where, base_size = config.stages[name], f'stages.{name}', config.data.base_size
   _need(stage.model in model_names(), f'{where}.model={stage.model!r}: unknown model')
@@ -123,6 +151,8 @@ def _check_stage(config, name, earlier, num_devices):
         f'{where}.resolution={stage.resolution} is above the stored image size '
         f'data.base_size={base_size}' if stage.resolution > 0 else
         f'{where}.resolution must be positive')
+  for key in ('steps', 'epochs', 'batch_size', 'grad_accum_steps'):
+    _need(stage[key] >= 0, f'{where}.{key}={stage[key]} must be >= 0')
   batch = stage.batch_size or config.batch_size
   _need(batch > 0 and batch % num_devices == 0,
         f'{where}: batch size {batch} is not divisible by the {num_devices} devices')
@@ -147,6 +177,14 @@ def _check_stage(config, name, earlier, num_devices):
   _need(opt['schedule'] in SCHEDULES,
         f'{where}: optimizer.schedule={opt["schedule"]!r}: one of {SCHEDULES}')
   _need(opt['lr'] > 0, f'{where}: optimizer.lr must be positive')
+  for key in ('warmup_steps', 'warmup_epochs', 'weight_decay', 'clip_norm', 'eps'):
+    _need(opt[key] >= 0, f'{where}: optimizer.{key}={opt[key]} must be >= 0')
+  for key in ('b1', 'b2', 'momentum'):  # decay rates: 1 or more never forgets, or diverges
+    _need(0 <= opt[key] < 1, f'{where}: optimizer.{key}={opt[key]} must be in [0, 1)')
+  _need(aug['mixup_alpha'] >= 0, f'{where}: augment.mixup_alpha={aug["mixup_alpha"]} must be '
+        '>= 0 (0: no mixup)')
+  _check_pair(where, 'crop_area', aug['crop_area'])
+  _check_pair(where, 'crop_aspect', aug['crop_aspect'])
   _need(opt['mu_dtype'] in DTYPES,
         f'{where}: optimizer.mu_dtype={opt["mu_dtype"]!r}: one of {", ".join(DTYPES)}')
   _need(0 < aug['crop_area'][0] <= aug['crop_area'][1] <= 1,
@@ -156,6 +194,8 @@ def _check_stage(config, name, earlier, num_devices):
   if stage.teachers and stage.teaching_mode == 'function_matching':
     _need(aug['mixup_alpha'] > 0, f'{where}: function_matching needs augment.mixup_alpha > 0')
   for tname, teacher in stage.teachers.items():
+    _need(teacher.resolution >= 0, f'{where}.teachers.{tname}.resolution={teacher.resolution} '
+          'must be >= 0 (0: the resolution its stage was trained at)')
     if teacher.source in config.stages:
       _need(teacher.source in earlier, f'{where}.teachers.{tname}: stage {teacher.source!r} '
             'must run before the stage it teaches (see stage_order)')
@@ -250,3 +290,108 @@ def check_external_checkpoints(plans, workdir) -> None:
       except (checkpoint.CheckpointError, ValueError, OSError) as e:
         raise ConfigError(str(e).splitlines()[0] if str(e) else
                           f'{what}: unreadable checkpoint') from None
+
+
+# --- The workdir remembers the config it was started with. -----------------------------------
+
+# Fields that may differ from the workdir's config.json: they change how a run is watched, saved
+# or laid out, never what it computes (N devices = 1 device is tested; the data may move). A
+# prefix ('mesh') covers every field under it. Anything else needs config.allowed_changes.
+SAFE_TO_CHANGE = ('log_every', 'eval_every', 'checkpoint_every', 'keep_checkpoints',
+                  'eval_batch_size', 'data.data_dir', 'data.reader_threads', 'mesh',
+                  'allowed_changes')
+ABSENT = '(absent)'
+
+
+def flatten(tree, prefix: str = '') -> dict:
+  """{dotted.name: leaf} of nested dicts; tuples become lists, so a config and its JSON agree."""
+  if not isinstance(tree, dict):
+    return {prefix: list(tree) if isinstance(tree, tuple) else tree}
+  out = {}
+  for key, value in tree.items():
+    out.update(flatten(value, f'{prefix}.{key}' if prefix else str(key)))
+  return out
+
+
+def covered(field: str, names) -> bool:
+  """Whether `field` is one of `names` or lies under one of them."""
+  return any(field == n or field.startswith(n + '.') for n in names)
+
+
+def config_differences(stored: dict, current: dict) -> dict:
+  """{field: (old, new)} of every leaf that differs between two JSON configs."""
+  old, new = flatten(stored), flatten(current)
+  return {k: (old.get(k, ABSENT), new.get(k, ABSENT)) for k in sorted(set(old) | set(new))
+          if old.get(k, ABSENT) != new.get(k, ABSENT)}
+
+
+def _show(value) -> str:
+  return value if isinstance(value, str) and value else json.dumps(value)
+
+
+def allowed_names(config) -> tuple:
+  return SAFE_TO_CHANGE + tuple(n.strip() for n in config.allowed_changes.split(',') if n.strip())
+
+
+def check_workdir_path(workdir: str) -> None:
+  """The workdir is a folder that exists or can be made, checked without creating anything (a
+  run that fails here or in any later check leaves no trace)."""
+  _need(bool(workdir), '--workdir is empty')
+  _need(not os.path.exists(workdir) or os.path.isdir(workdir),
+        f'workdir {workdir!r} is a file, not a folder')
+  parent = os.path.abspath(workdir)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  _need(os.path.isdir(parent), f'workdir {workdir!r} cannot be made: {parent!r} is a file')
+  _need(os.access(parent, os.W_OK | os.X_OK),
+        f'workdir {workdir!r}: {parent!r} is not writable')
+
+
+def check_workdir_config(config, workdir: str) -> dict:
+  """The changes of `config` against the config.json the workdir was started with (none for a
+  new workdir): a `ConfigError` listing every field that changes the result and is not allowed;
+  else {field: (old, new)} of the accepted ones, for the record."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    return {}
+  try:
+    with open(path) as f:
+      stored = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f'workdir {workdir!r}: unreadable config.json ({e})') from None
+  changes = config_differences(stored, json.loads(config.to_json_best_effort()))
+  allowed = allowed_names(config)
+  refused = [k for k in changes if not covered(k, allowed)]
+  _need(not refused, f'workdir {workdir} was started with another config: ' + ', '.join(
+      f'{k} {_show(changes[k][0])} -> {_show(changes[k][1])}' for k in refused)
+        + f' (pass --config.allowed_changes={",".join(refused)} or use a new workdir)')
+  return changes
+
+
+def stage_record(plan) -> dict:
+  """What stage.json says of a stage: the shape of its parameters."""
+  return dict(model=plan.model, model_kwargs=plan.model_kwargs, resolution=plan.resolution,
+              num_classes=plan.num_classes)
+
+
+def check_started_stages(plans, workdir: str) -> None:
+  """A stage already started in the workdir keeps the model its stage.json and checkpoints
+  describe (also when allowed_changes or moved data would change it), and a finished stage is
+  never extended or shortened (its summary, checkpoints and the later stages it taught would no
+  longer match): either is an error naming the stage."""
+  for plan in plans:
+    stage_dir = os.path.join(workdir, plan.name)
+    if os.path.isfile(os.path.join(stage_dir, 'stage.json')):
+      started = checkpoint.read_stage_info(stage_dir)
+      now = stage_record(plan)
+      differ = [f'{k} {_show(started.get(k, ABSENT))} -> {_show(now[k])}' for k in now
+                if started.get(k, ABSENT) != now[k]]
+      _need(not differ, f'stages.{plan.name} was started in {stage_dir} with another model: '
+            f'{", ".join(differ)}; its checkpoints cannot continue: use a new workdir')
+    path = os.path.join(stage_dir, 'summary.json')
+    if not os.path.isfile(path):
+      continue
+    with open(path) as f:
+      done = json.load(f).get('steps')
+    _need(done in (None, plan.steps), f'stages.{plan.name} finished at {done} steps and would '
+          f'now run {plan.steps}: a finished stage is not extended; use a new workdir')

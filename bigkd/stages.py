@@ -7,13 +7,17 @@ stage computes with is made by `bigkd.build.build_stage`; this module only steps
 """
 import json
 import os
+import signal
+import threading
+import time
 
 import jax
 from clu import metric_writers, periodic_actions
 
 from bigkd import checkpoint
 from bigkd.build import RunData, build_stage, prepare
-from bigkd.plan import StagePlan
+from bigkd.config import ConfigError
+from bigkd.plan import StagePlan, check_started_stages, check_workdir_config, check_workdir_path
 from bigkd.sharding import describe
 
 
@@ -104,9 +108,85 @@ def make_writer(stage_dir: str, plan: StagePlan, resume_step: int):
       ConsoleWriter(plan.name, plan.steps)])
 
 
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGINT with a checkpoint; re-run
+NONFINITE_EXIT_CODE = 3   # the loss, gradients or parameters went NaN/Inf; nothing bad saved
+
+
+class Preempted(Exception):
+  """SIGTERM or SIGINT (or, multi-process, jax's preemption notice) stopped a stage after it
+  wrote a checkpoint at `step`: re-running the same command resumes there."""
+
+  def __init__(self, stage: str, step: int, cause: str):
+    super().__init__(f'stage {stage}: {cause}: stopped at step {step} with a checkpoint there; '
+                     'run the same command again to resume')
+    self.stage, self.step = stage, step
+
+
+class NonFinite(Exception):
+  """A stage's loss, gradients or parameters became NaN/Inf at `step`; the run stops without
+  saving that state (the checkpoints before it are kept) and without a summary."""
+
+  def __init__(self, stage: str, step: int, last_good):
+    super().__init__(f'stage {stage}: non-finite loss/gradients at step {step} '
+                     f'(last good checkpoint: step {last_good if last_good else "none"})')
+    self.stage, self.step, self.last_good = stage, step, last_good
+
+
+class PreemptionWatch:
+  """Notes SIGTERM/SIGINT so the loop can stop at a step boundary with a checkpoint.
+
+  One process: Python handlers set a flag, checked once per step (no sync). Several processes:
+  each may be signalled at a different step, so the handlers are left to jax.distributed's
+  preemption notifier (SIGTERM) and orbax's `reached_preemption(step)` says, on every process
+  at the same step, when to save and stop. A second signal stops at once (KeyboardInterrupt)."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.received, self._previous = None, {}
+
+  def __enter__(self):
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = {s: signal.signal(s, self._note) for s in self.SIGNALS}
+    return self
+
+  def __exit__(self, *exc_info):
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+    self._previous = {}
+
+  def _note(self, signum, frame):
+    if self.received is not None:
+      self.__exit__()
+      raise KeyboardInterrupt
+    self.received = signal.Signals(signum).name
+
+  def reached(self, mngr, step: int) -> str | None:
+    """The cause ('SIGTERM', ...) when the loop must save at `step` and stop; else None."""
+    if jax.process_count() > 1:
+      return 'preemption notice' if mngr.reached_preemption(step) else None
+    return self.received
+
+
+def first_nonfinite_step(state) -> int:
+  """The step whose update first went NaN/Inf (0: none). A host sync: only at log steps and
+  before checkpoints, which sync anyway."""
+  return 0 if state.first_nonfinite_step is None else int(state.first_nonfinite_step)
+
+
+def stop_if_nonfinite(state, mngr, stage: str) -> None:
+  """Raises NonFinite when a step so far went non-finite, after the saves in flight end (they
+  hold earlier, good steps)."""
+  bad = first_nonfinite_step(state)
+  if bad:
+    mngr.wait_until_finished()
+    raise NonFinite(stage, bad, mngr.latest_step())
+
+
 def run_stage(plan: StagePlan, data: RunData, mesh, workdir: str) -> dict:
-  """Trains one stage to `plan.steps` (resuming from its latest checkpoint); returns and writes
-  its summary (final val/test evaluation)."""
+  """Trains one stage to `plan.steps` (resuming from its newest readable checkpoint); returns
+  and writes its summary (final val/test evaluation). Raises Preempted (a checkpoint was written
+  where it stopped) or NonFinite (nothing bad was written)."""
   stage_dir = os.path.join(workdir, plan.name)
   summary_path = os.path.join(stage_dir, 'summary.json')
   if os.path.exists(summary_path):
@@ -119,10 +199,12 @@ def run_stage(plan: StagePlan, data: RunData, mesh, workdir: str) -> dict:
                                 plan.num_classes)
   stage = build_stage(plan, data, mesh)
   mngr = checkpoint.manager(stage_dir, plan.keep_checkpoints)
-  start_step = mngr.latest_step() or 0
-  state = stage.state
+  try:
+    state, start_step = checkpoint.restore_newest_good(mngr, stage.state, plan.name)
+  except BaseException:
+    mngr.close()
+    raise
   if start_step:
-    state = checkpoint.restore_state(mngr, start_step, state)
     print(f'[{plan.name}] resuming from step {start_step}', flush=True)
   if is_main:
     print(f'[{plan.name}] mesh data={mesh.shape["data"]} fsdp={mesh.shape["fsdp"]} over '
@@ -131,26 +213,35 @@ def run_stage(plan: StagePlan, data: RunData, mesh, workdir: str) -> dict:
                     for t, p in zip(plan.teachers, stage.teacher_params)), flush=True)
 
   writer = make_writer(stage_dir, plan, start_step)
-  # Logging steps are the only host syncs: metrics are fetched there and nowhere else.
+  # Logging steps (and checkpoints) are the only host syncs: metrics and the non-finite flag
+  # are fetched there and nowhere else.
   progress = periodic_actions.ReportProgress(num_train_steps=plan.steps, writer=writer,
                                              every_steps=plan.log_every, every_secs=None)
   decoded_before = getattr(data.train, 'decoded', None)
   inputs = stage.inputs(start_step, plan.steps)
   try:
-    for step in range(start_step + 1, plan.steps + 1):
-      state, metrics = stage.train_step(state, stage.teacher_params, *next(inputs))
-      logged = step % plan.log_every == 0 or step == plan.steps
-      evaluated = plan.eval_every and step % plan.eval_every == 0 and step != plan.steps
-      if logged:
-        writer.write_scalars(step, jax.device_get(metrics))
-      progress(step)
-      if evaluated:
-        writer.write_scalars(step, stage.evaluate(state.params))
-      if (logged or evaluated) and step != plan.steps:  # the last record takes the final eval
-        writer.flush()
-      if step % plan.checkpoint_every == 0 or step == plan.steps:
-        checkpoint.save(mngr, step, state.params, state.opt_state)
-    mngr.wait_until_finished()
+    with PreemptionWatch() as watch:
+      for step in range(start_step + 1, plan.steps + 1):
+        state, metrics = stage.train_step(state, stage.teacher_params, *next(inputs))
+        logged = step % plan.log_every == 0 or step == plan.steps
+        evaluated = plan.eval_every and step % plan.eval_every == 0 and step != plan.steps
+        preempted = watch.reached(mngr, step)
+        saved = step % plan.checkpoint_every == 0 or step == plan.steps or preempted
+        if logged or saved:
+          stop_if_nonfinite(state, mngr, plan.name)
+        if logged:
+          writer.write_scalars(step, jax.device_get(metrics))
+        progress(step)
+        if evaluated:
+          writer.write_scalars(step, stage.evaluate(state.params))
+        if (logged or evaluated) and step != plan.steps:  # the last record takes the final eval
+          writer.flush()
+        if saved:
+          checkpoint.save(mngr, step, state.params, state.opt_state)
+        if preempted:
+          mngr.wait_until_finished()
+          raise Preempted(plan.name, step, preempted)
+      mngr.wait_until_finished()
     final_eval = stage.evaluate(state.params)
     writer.write_scalars(plan.steps, final_eval)
   finally:
@@ -175,13 +266,38 @@ def print_table(summaries: dict) -> None:
           f'{fmt("test_agreement"):>10}')
 
 
-def run(config, workdir: str) -> dict:
-  """Runs every stage of `config` in `workdir`; returns and writes the top-level summary."""
-  mesh, data, plans = prepare(config, workdir)
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+def make_workdir(workdir: str) -> None:
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f'workdir {workdir!r} cannot be made: {e.strerror}') from None
+
+
+def record_config(config, workdir: str, changes: dict) -> None:
+  """config.json is written once, by the run that starts the workdir, and never rewritten; a
+  re-run that differs in allowed fields appends them to config_changes.jsonl, so the records
+  say what every run used."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    with open(path, 'w') as f:
       f.write(config.to_json_best_effort(indent=1))
+  if changes:
+    with open(os.path.join(workdir, 'config_changes.jsonl'), 'a') as f:
+      f.write(json.dumps({'time': time.strftime('%Y-%m-%dT%H:%M:%S'),
+                          'changes': {k: list(v) for k, v in changes.items()}}) + '\n')
+
+
+def run(config, workdir: str) -> dict:
+  """Runs every stage of `config` in `workdir`; returns and writes the top-level summary.
+  Every check (the workdir, the config against the one it was started with, the config itself,
+  the data) comes before the workdir is touched: a refused run leaves it as it was."""
+  check_workdir_path(workdir)
+  changes = check_workdir_config(config, workdir)
+  mesh, data, plans = prepare(config, workdir)
+  check_started_stages(plans, workdir)
+  make_workdir(workdir)
+  if jax.process_index() == 0:
+    record_config(config, workdir, changes)
   summaries = {plan.name: run_stage(plan, data, mesh, workdir) for plan in plans}
   summary = {'stages': summaries}
   if jax.process_index() == 0:

@@ -21,6 +21,35 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
+  # The first step whose loss, gradients or parameters were not finite (0: none yet). Carried on
+  # device so that the check costs no host sync per step: the loop reads it only where it syncs
+  # anyway (log steps, checkpoints). None: not tracked (states built by hand, e.g. in tests).
+  first_nonfinite_step: Any = None
+
+
+def all_finite(tree) -> jax.Array:
+  """True when every element of every leaf is finite (no NaN, no ±Inf). Unlike a global norm,
+  it does not overflow to Inf on huge but finite values."""
+  leaves = jax.tree.leaves(tree)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else \
+      jnp.array(True)
+
+
+def skipped_update(opt_state) -> jax.Array:
+  """True when `optax.apply_if_finite` (skip_nonfinite_updates) saw non-finite gradients this
+  step: it rejects the update (parameters and optimiser state stay as they were) unless too many
+  came in a row, and then the parameters it applied are non-finite, which `all_finite` catches.
+  False for any other optimiser."""
+  if not isinstance(opt_state, optax.ApplyIfFiniteState):
+    return jnp.array(False)
+  return ~opt_state.last_finite
+
+
+def note_nonfinite(first_nonfinite_step, bad, step):
+  """`first_nonfinite_step` updated with this step's flag: `step` if this is the first bad one."""
+  if first_nonfinite_step is None:
+    return None
+  return jnp.where((first_nonfinite_step == 0) & bad, step, first_nonfinite_step)
 
 
 class Teacher(NamedTuple):
@@ -141,7 +170,14 @@ def make_train_step(spec: StepSpec, tx: optax.GradientTransformation, lr_schedul
     params = optax.apply_updates(state.params, updates)
     metrics['grad_norm'] = optax.global_norm(grads)
     metrics['lr'] = lr_schedule(state.step)
-    return TrainState(state.step + 1, params, opt_state), metrics
+    skipped = skipped_update(opt_state)
+    if isinstance(opt_state, optax.ApplyIfFiniteState):
+      metrics['skipped_updates'] = opt_state.total_notfinite
+    # Non-finite: a bad loss or gradient that was applied, or parameters that went bad anyway.
+    bad = (~(jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])) & ~skipped
+           | ~all_finite(params))
+    return TrainState(state.step + 1, params, opt_state,
+                      note_nonfinite(state.first_nonfinite_step, bad, state.step + 1)), metrics
 
   return train_step
 

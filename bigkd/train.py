@@ -8,7 +8,12 @@ Example (the bundled digits demo, a few minutes on a laptop CPU; `:fast` for a f
   python -m bigkd.train --config configs/digits.py --workdir runs/digits --config.seed=1
 
 Exit codes: 0 success; 2 bad config or input (one line on stderr naming the problem, before
-anything is written); 1 anything else.
+anything is written), a teacher with NaN/Inf weights or logits, or a stage whose checkpoints are
+all unreadable (a damaged newest one is named in a warning and the previous one used); 3 the
+loss, gradients or parameters went NaN/Inf (one line naming stage and step; no checkpoint of the
+bad state, no summary; optimizer.skip_nonfinite_updates skips such steps instead); 75 stopped by
+SIGTERM/SIGINT after writing a checkpoint at the current step: run the same command again to
+resume exactly there; 1 anything else.
 """
 import os
 import sys
@@ -59,6 +64,11 @@ def main(argv=None):
     stages.run(fv.config, fv.workdir)
   except (ConfigError, CheckpointError, DataError) as e:
     cli.fail(str(e).splitlines()[0])
+  except stages.NonFinite as e:
+    cli.fail(str(e), stages.NONFINITE_EXIT_CODE)
+  except stages.Preempted as e:
+    print(f'bigkd: preempted: {e}', file=sys.stderr, flush=True)
+    sys.exit(stages.PREEMPTED_EXIT_CODE)
 
 
 if __name__ == '__main__':

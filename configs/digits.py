@@ -14,7 +14,12 @@ Variant `:fast` runs a few dozen steps per stage (for tests of the command line)
 from bigkd.config import base_config, stage_config
 
 
+VARIANTS = ('', 'fast')
+
+
 def get_config(variant=None):
+  if (variant or '') not in VARIANTS:  # a typo must not silently run the full demo
+    raise ValueError(f'configs/digits.py: unknown variant {variant!r} (known: none, fast)')
   fast = variant == 'fast'
   c = base_config()
   c.batch_size = 64

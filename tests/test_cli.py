@@ -88,3 +88,120 @@ def test_npz_teacher_that_does_not_fit(tmp_path):
                     '--config.stages.student.teachers.teacher.resolution=16'])
   assert_bad_config(result, 'teacher.npz', 'does not fit the model', 'has shape (1, 1, 1024, 5)')
   assert not os.path.exists(tmp_path / 'w')
+
+
+def snapshot(root):
+  """{relative path: bytes (files) or None (folders)} of everything under `root`."""
+  tree = {}
+  for folder, dirs, files in os.walk(root):
+    for name in dirs:
+      tree[os.path.relpath(os.path.join(folder, name), root)] = None
+    for name in files:
+      path = os.path.join(folder, name)
+      with open(path, 'rb') as f:
+        tree[os.path.relpath(path, root)] = f.read()
+  return tree
+
+
+def empty_class_folder(tmp_path, monkeypatch):
+  """A JPEG folder whose train/cross holds no image (only a stray note)."""
+  from conftest import write_jpeg_folder
+  root = write_jpeg_folder(str(tmp_path / 'jpegs'), per_class={'train': 2, 'val': 1, 'test': 1})
+  for name in os.listdir(tmp_path / 'jpegs' / 'train' / 'cross'):
+    os.remove(tmp_path / 'jpegs' / 'train' / 'cross' / name)
+  (tmp_path / 'jpegs' / 'train' / 'cross' / 'notes.txt').write_text('no images here')
+  return ['--config.stage_order=baseline', '--config.data.source=folder',
+          f'--config.data.data_dir={root}', '--config.data.base_size=24',
+          '--config.batch_size=4', '--config.eval_batch_size=4']
+
+
+def file_as_workdir(tmp_path, monkeypatch):
+  (tmp_path / 'w').write_text('a file, not a folder')
+  return []
+
+
+def file_above_workdir(tmp_path, monkeypatch):
+  (tmp_path / 'f').write_text('a file')
+  return ['--workdir', str(tmp_path / 'f' / 'w')]
+
+
+def unwritable_parent(tmp_path, monkeypatch):
+  """A read-only parent folder; as root (who writes anywhere) os.access is told so."""
+  os.makedirs(tmp_path / 'ro')
+  os.chmod(tmp_path / 'ro', 0o555)
+  access, ro = os.access, str(tmp_path / 'ro')
+  monkeypatch.setattr(os, 'access', lambda path, mode, **kw: (
+      not str(path).startswith(ro) and access(path, mode, **kw)))
+  return ['--workdir', str(tmp_path / 'ro' / 'w')]
+
+
+NPZ = '--config.stages.student.teachers.teacher'
+MALFORMED = [  # (id, overrides or a function (tmp_path, monkeypatch) -> them, error fragments)
+    ('unknown_variant', ['--config', 'configs/digits.py:nosuch'], ('nosuch', 'fast')),
+    ('eval_batch_size_0', ['--config.eval_batch_size=0'], ('eval_batch_size=0',)),
+    ('eval_batch_size_neg', ['--config.eval_batch_size=-64'], ('eval_batch_size=-64',)),
+    ('log_every_0', ['--config.log_every=0'], ('log_every=0',)),
+    ('log_every_neg', ['--config.log_every=-1'], ('log_every=-1',)),
+    ('eval_every_neg', ['--config.eval_every=-5'], ('eval_every=-5',)),
+    ('checkpoint_every_0', ['--config.checkpoint_every=0'], ('checkpoint_every=0',)),
+    ('checkpoint_every_neg', ['--config.checkpoint_every=-10'], ('checkpoint_every=-10',)),
+    ('keep_checkpoints_0', ['--config.keep_checkpoints=0'], ('keep_checkpoints=0',)),
+    ('keep_checkpoints_neg', ['--config.keep_checkpoints=-2'], ('keep_checkpoints=-2',)),
+    ('mixup_alpha_neg', ['--config.augment.mixup_alpha=-1.0'],
+     ('stages.student', 'mixup_alpha=-1.0')),
+    ('stage_mixup_alpha_neg', ['--config.stages.teacher.augment.mixup_alpha=-0.5'],
+     ('stages.teacher', 'mixup_alpha=-0.5')),
+    ('temperature_0', ['--config.stages.student.temperature=0'], ('temperature',)),
+    ('temperature_neg', ['--config.stages.student.temperature=-2'], ('temperature',)),
+    ('label_weight_high', ['--config.stages.student.label_weight=1.5'], ('label_weight',)),
+    ('label_weight_neg', ['--config.stages.student.label_weight=-0.1'], ('label_weight',)),
+    ('num_classes_below_labels', ['--config.data.num_classes=5'],
+     ('data.num_classes=5', '10 classes')),
+    ('num_classes_neg', ['--config.data.num_classes=-1'], ('data.num_classes=-1',)),
+    ('empty_class_folder', empty_class_folder, ('cross', 'has no images')),
+    ('workdir_is_a_file', file_as_workdir, ('is a file',)),
+    ('workdir_under_a_file', file_above_workdir, ('is a file', 'f')),
+    ('workdir_unwritable', unwritable_parent, ('not writable',)),
+    ('batch_above_train_split', ['--config.batch_size=2048'], ('exceeds the 1197',)),
+    ('steps_neg', ['--config.stages.teacher.steps=-1'], ('stages.teacher.steps=-1',)),
+    ('epochs_neg', ['--config.stages.teacher.epochs=-1.0'], ('stages.teacher.epochs=-1.0',)),
+    ('warmup_steps_neg', ['--config.optimizer.warmup_steps=-1'], ('warmup_steps=-1',)),
+    ('warmup_epochs_neg', ['--config.optimizer.warmup_epochs=-1.0'], ('warmup_epochs=-1.0',)),
+    ('grad_accum_neg', ['--config.grad_accum_steps=-1'], ('grad_accum_steps=-1',)),
+    ('stage_grad_accum_neg', ['--config.stages.teacher.grad_accum_steps=-2'],
+     ('stages.teacher.grad_accum_steps=-2',)),
+    ('crop_area_one_number', ['--config.augment.crop_area=(0.5,)'], ('crop_area', 'pair')),
+    ('crop_area_not_numbers', ["--config.augment.crop_area=(0.5,'a')"], ('crop_area', 'pair')),
+    ('crop_aspect_three', ['--config.augment.crop_aspect=(0.5,1.0,2.0)'],
+     ('crop_aspect', 'pair')),
+    ('crop_area_reversed', ['--config.augment.crop_area=(0.9,0.5)'], ('crop_area',)),
+    ('npz_teacher_without_resolution', [f'{NPZ}.source=/nowhere/t.npz', f'{NPZ}.model=bit_tiny'],
+     ('.npz', 'resolution')),
+    ('stage_named_twice', ['--config.stage_order=teacher,student,teacher'], ('teacher', 'twice')),
+    ('base_size_0', ['--config.data.base_size=0'], ('data.base_size=0',)),
+    ('clip_norm_neg', ['--config.optimizer.clip_norm=-1.0'], ('clip_norm=-1.0',)),
+    ('weight_decay_neg', ['--config.optimizer.weight_decay=-0.1'], ('weight_decay=-0.1',)),
+    ('reader_threads_0', ['--config.data.reader_threads=0'], ('reader_threads=0',)),
+    ('mesh_data_0', ['--config.mesh.data=0'], ('mesh.data=0',)),
+    ('lr_0', ['--config.optimizer.lr=0'], ('optimizer.lr',)),
+    ('b1_above_1', ['--config.optimizer.b1=1.5'], ('optimizer.b1=1.5',)),
+    ('b2_neg', ['--config.optimizer.b2=-1.0'], ('optimizer.b2=-1.0',)),
+    ('momentum_neg', ['--config.optimizer.momentum=-1.0'], ('optimizer.momentum=-1.0',)),
+    ('eps_neg', ['--config.optimizer.eps=-1.0'], ('optimizer.eps=-1.0',)),
+    ('teacher_resolution_neg', [f'{NPZ}.resolution=-4'], ('teachers.teacher.resolution=-4',)),
+    ('min_fsdp_size_neg', ['--config.mesh.min_fsdp_size=-1'], ('min_fsdp_size=-1',)),
+]
+
+
+@pytest.mark.parametrize('name, args, fragments', MALFORMED, ids=[c[0] for c in MALFORMED])
+def test_malformed_input_is_one_line_before_any_work(tmp_path, monkeypatch, name, args,
+                                                     fragments):
+  """Every malformed input: exit 2, exactly one `bigkd: error:` line, and nothing under
+  tmp_path (the workdir included) created or changed."""
+  args = args(tmp_path, monkeypatch) if callable(args) else args
+  args = args if args[:1] == ['--config'] else [*DIGITS, *args]
+  args = args if '--workdir' in args else [*args, '--workdir', str(tmp_path / 'w')]
+  before = snapshot(tmp_path)
+  result = run_cli(args)
+  assert_bad_config(result, *fragments)
+  assert snapshot(tmp_path) == before

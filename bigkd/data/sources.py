@@ -17,6 +17,7 @@ Bundled digits: scikit-learn's 1,797 8x8 grey digits, shuffled once with a fixed
 split 1,197 train / 300 val / 300 test. The split is part of the data's definition; it never
 depends on the run's seed.
 """
+import functools
 import os
 import threading
 from typing import NamedTuple
@@ -44,43 +45,65 @@ class Split(NamedTuple):
     return self.images[indices], self.sizes[indices], self.labels[indices]
 
 
-def fit_to_canvas(image, size: int):
-  """(canvas uint8 [size, size, 3], (h, w)): `image` resized (bilinear, antialiased) so its long
-  side is `size`, aspect kept, at the top-left; the padding repeats the edge pixels so that
-  resampling at the image's border never blends in a foreign colour."""
+@functools.lru_cache(maxsize=None)
+def _canvas_functions(size: int):
+  """(fit, decode_and_fit) for canvases of side `size`, compiled once as TF graphs: a streamed
+  batch calls them once per image, without eager op-by-op dispatch."""
   import tensorflow as tf  # lazy: TF import costs seconds and only data loading needs it
+
+  def fit(image):
+    h, w = tf.shape(image)[0], tf.shape(image)[1]
+    scale = size / tf.cast(tf.maximum(h, w), tf.float32)
+    new_h = tf.clip_by_value(tf.cast(tf.round(tf.cast(h, tf.float32) * scale), tf.int32), 1, size)
+    new_w = tf.clip_by_value(tf.cast(tf.round(tf.cast(w, tf.float32) * scale), tf.int32), 1, size)
+    def resize(antialias):
+      return lambda: tf.cast(tf.clip_by_value(tf.round(tf.image.resize(
+          image, (new_h, new_w), method='bilinear', antialias=antialias)), 0, 255), tf.uint8)
+
+    # Bilinear sampling already averages 2 x 2 input pixels per output pixel, which is all the
+    # filtering a downscale by up to 2 needs; beyond that the (3x slower) antialiased kernel.
+    resized = tf.case([(tf.logical_and(tf.equal(new_h, h), tf.equal(new_w, w)), lambda: image),
+                       (scale < 0.5, resize(True))], default=resize(False))
+    # Edge padding: rows and columns past the image repeat its last row and column.
+    rows, cols = tf.minimum(tf.range(size), new_h - 1), tf.minimum(tf.range(size), new_w - 1)
+    return tf.gather(tf.gather(resized, rows, axis=0), cols, axis=1), tf.stack([new_h, new_w])
+
+  fit_array = tf.function(fit, input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)])
+  decode_and_fit = tf.function(
+      lambda data: fit(tf.io.decode_image(data, channels=3, expand_animations=False)),
+      input_signature=[tf.TensorSpec([], tf.string)])
+  return fit_array, decode_and_fit
+
+
+def fit_to_canvas(image, size: int):
+  """(canvas uint8 [size, size, 3], (h, w)): `image` resized (bilinear; antialiased when it
+  shrinks by more than 2) so its long side is `size`, aspect kept, at the top-left; the padding
+  repeats the edge pixels so that resampling at the image's border never blends in a foreign
+  colour."""
   image = np.asarray(image)
   if image.ndim == 2:
     image = image[..., None]
   if image.shape[-1] == 1:
     image = np.repeat(image, 3, axis=-1)
-  image = image[..., :3]
-  h, w = image.shape[:2]
-  scale = size / max(h, w)
-  new_h, new_w = max(1, min(size, round(h * scale))), max(1, min(size, round(w * scale)))
-  if (new_h, new_w) != (h, w):
-    resized = tf.image.resize(image, (new_h, new_w), method='bilinear', antialias=True)
-    image = np.asarray(tf.clip_by_value(tf.round(resized), 0, 255), np.uint8)
-  canvas = np.pad(image, [(0, size - new_h), (0, size - new_w), (0, 0)], mode='edge')
-  return canvas, (new_h, new_w)
+  canvas, hw = _canvas_functions(size)[0](np.ascontiguousarray(image[..., :3], np.uint8))
+  return canvas.numpy(), tuple(int(x) for x in hw.numpy())
 
 
-def stack_canvases(images, size: int):
-  """(canvases [N, S, S, 3], sizes [N, 2]) of decoded images."""
-  fitted = [fit_to_canvas(image, size) for image in images]
+def decode_to_canvas(data, size: int, what=''):
+  """`fit_to_canvas` of encoded bytes (JPEG, PNG, BMP, GIF) or of an already decoded array."""
+  if not isinstance(data, (bytes, np.bytes_)):
+    return fit_to_canvas(data, size)
+  try:
+    canvas, hw = _canvas_functions(size)[1](data)
+  except Exception as e:  # noqa: BLE001  (any decoding failure is a corrupt image)
+    raise DataError(f'corrupt or unreadable image {what!r}') from None
+  return canvas.numpy(), tuple(int(x) for x in hw.numpy())
+
+
+def stack_canvases(fitted):
+  """(canvases [N, S, S, 3], sizes [N, 2]) of (canvas, (h, w)) pairs."""
   return (np.stack([c for c, _ in fitted]).astype(np.uint8),
           np.asarray([s for _, s in fitted], np.int32).reshape(-1, 2))
-
-
-def decode_image(data, what=''):
-  """uint8 [H, W, 3] from encoded bytes (JPEG, PNG, BMP, GIF) or an already decoded array."""
-  if not isinstance(data, (bytes, np.bytes_)):
-    return np.asarray(data)
-  import tensorflow as tf
-  try:
-    return tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
-  except Exception as e:  # noqa: BLE001  (any decoding failure is a corrupt image)
-    raise DataError(f'corrupt or unreadable image {what!r}') from e
 
 
 DIGITS_SPLIT_SIZES = {'train': 1197, 'val': 300, 'test': 300}
@@ -124,12 +147,17 @@ class FolderSource:
     self.paths, labels, self.skipped = [], [], 0
     for label, cls in enumerate(self.class_names):
       cls_dir = os.path.join(split_dir, cls)
+      found = 0
       for name in sorted(os.listdir(cls_dir)) if os.path.isdir(cls_dir) else []:
         if name.lower().endswith(IMAGE_EXTENSIONS):
           self.paths.append(os.path.join(cls_dir, name))
           labels.append(label)
+          found += 1
         else:
           self.skipped += 1
+      # A train class without images would still get a label and a head unit, never trained.
+      if not found and split_dir == train_dir:
+        raise DataError(f'class folder {cls_dir!r} has no images ({", ".join(IMAGE_EXTENSIONS)})')
     if not self.paths:
       raise DataError(f'no images under {split_dir!r}')
     self.labels = np.asarray(labels, np.int32)
@@ -197,8 +225,8 @@ class StreamedSplit:
 
   def rows(self, indices):
     examples = [self.source[int(i)] for i in indices]
-    images, sizes = stack_canvases([decode_image(data, what) for data, _, what in examples],
-                                   self.canvas_size)
+    images, sizes = stack_canvases([decode_to_canvas(data, self.canvas_size, what)
+                                    for data, _, what in examples])
     with self._lock:
       self.decoded += len(examples)
     return images, sizes, np.asarray([label for _, label, _ in examples], np.int32)
@@ -220,7 +248,7 @@ def load_tfds(name: str, split: str, data_dir: str, base_size: int) -> Split:
     labels.append(example['label'])
   if not images:
     raise DataError(f'tfds dataset {name!r} split {split!r} is empty')
-  canvases, sizes = stack_canvases(images, base_size)
+  canvases, sizes = stack_canvases([fit_to_canvas(image, base_size) for image in images])
   return Split(canvases, sizes, np.asarray(labels, np.int32))
 
 
@@ -254,12 +282,24 @@ def load_split(data_cfg, split_key: str):
   return StreamedSplit(source, data_cfg.base_size)
 
 
+def known_classes(train) -> int:
+  """The class count the train split shows: its largest label + 1 when the labels are at hand
+  (in memory, an image folder), else the streamed source's class names (0: unknown)."""
+  labels = train.labels if isinstance(train, Split) else getattr(train.source, 'labels', None)
+  if labels is not None and len(labels):
+    return int(np.max(labels)) + 1
+  return len(getattr(train.source, 'class_names', None) or [])
+
+
 def num_classes(data_cfg, train) -> int:
-  """`data.num_classes`, else the source's class count, else the largest label + 1."""
+  """`data.num_classes`, else the source's class count, else the largest label + 1. A
+  `data.num_classes` below the labels is an error: those labels would index past the head."""
+  known = known_classes(train)
   if data_cfg.num_classes:
+    if data_cfg.num_classes < known:
+      raise DataError(f'data.num_classes={data_cfg.num_classes} but the train split has '
+                      f'{known} classes (labels up to {known - 1})')
     return data_cfg.num_classes
-  if isinstance(train, Split):
-    return int(train.labels.max()) + 1
-  if not train.source.class_names:
+  if not known:
     raise DataError('the streamed source does not name its classes: set data.num_classes')
-  return len(train.source.class_names)
+  return known
