@@ -88,17 +88,20 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0], epilog='example: '
                                    'python benchmarks/bench_long_run.py --steps 20000')
   parser.add_argument('--workdir', default='/tmp/bigkd_long_run')
-  parser.add_argument('--steps', type=int, default=20000, help='memory run length')
+  parser.add_argument('--steps', type=int, default=20000, help='memory run length (0: skip)')
   parser.add_argument('--sync_steps', type=int, default=3000, help='length of each sync run')
   parser.add_argument('--json', default='')
   args = parser.parse_args()
   os.makedirs(args.workdir, exist_ok=True)
   teacher = random_teacher(args.workdir)
 
-  log, samples = train(os.path.join(args.workdir, 'memory'), teacher, args.steps, 1000, True)
-  at = lambda step: max((rss for s, rss in samples if s <= step), default=float('nan'))
-  first, last = at(1000), at(args.steps)
-  growth = last / first - 1
+  first = last = growth = float('nan')
+  samples = []
+  if args.steps:
+    _, samples = train(os.path.join(args.workdir, 'memory'), teacher, args.steps, 1000, True)
+    at = lambda step: max((rss for s, rss in samples if s <= step), default=float('nan'))
+    first, last = at(1000), at(args.steps)
+    growth = last / first - 1
 
   rates = {}
   for log_every in (100, 1000):
