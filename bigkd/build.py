@@ -96,10 +96,15 @@ def load_teachers(plan: StagePlan, mesh, random_init=False):
   return tuple(teachers), params
 
 
+@jax.jit
+def _nonfinite_count(tree):
+  return sum(jnp.sum(~jnp.isfinite(x)) for x in jax.tree.leaves(tree))
+
+
 def nonfinite_count(tree) -> int:
-  """How many values of `tree` are NaN or ±Inf (computed on device; one small fetch)."""
-  count = jax.jit(lambda t: sum(jnp.sum(~jnp.isfinite(x)) for x in jax.tree.leaves(t)))
-  return int(count(tree)) if jax.tree.leaves(tree) else 0
+  """How many values of `tree` are NaN or ±Inf (computed on device; one small fetch; compiled
+  once per tree structure, not per call)."""
+  return int(_nonfinite_count(tree)) if jax.tree.leaves(tree) else 0
 
 
 def checked_finite(params, what: str):

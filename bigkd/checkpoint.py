@@ -92,7 +92,7 @@ def warn(message: str) -> None:
     print(f'bigkd: warning: {message}', file=sys.stderr, flush=True)
 
 
-def one_line(error: Exception, limit: int = 160) -> str:
+def short_reason(error: Exception, limit: int = 160) -> str:
   """The first sentence of an error's first line, with its type, at most `limit` characters:
   what a one-line warning about a damaged checkpoint can say (TensorStore's run on for pages)."""
   message = error.args[0] if isinstance(error, KeyError) and error.args else error
@@ -122,7 +122,7 @@ def restore_newest_good(mngr: ocp.CheckpointManager, state, stage: str):
         move_aside(mngr, bad)
       return restored, step
     fallback = f'falling back to step {steps[i + 1]}' if i + 1 < len(steps) else 'none left'
-    reason = one_line(error) if error else 'unreadable on another process'
+    reason = short_reason(error) if error else 'unreadable on another process'
     warn(f'checkpoint {step} of stage {stage} is unreadable ({reason}); {fallback}')
     damaged.append(step)
   if damaged:
