@@ -22,7 +22,6 @@ KL(teacher ‖ student) on whole images (bigkd.evaluate, 300 val images) is meas
 """
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
 import statistics
@@ -54,11 +53,8 @@ SHAMPOO_OPTIONS = dict(block_size=288, precondition_every=10, start_precondition
 
 
 def load_digits_config():
-  spec = importlib.util.spec_from_file_location('digits_config',
-                                                os.path.join(ROOT, 'configs', 'digits.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  from bigkd.configs import digits
+  return digits.get_config()
 
 
 def ensure_teacher(teacher_dir, workdir):

@@ -157,7 +157,7 @@ def report(r) -> str:
 
 
 def main(argv=None):
-  argv = argv or sys.argv
+  argv = cli.with_bundled_configs(argv or sys.argv)
   fv = define_flags(argv)
   cli.parse(fv, argv, __doc__)
   from bigkd.checkpoint import CheckpointError

@@ -28,7 +28,7 @@ from bigkd.plan import StagePlan, check_config, mesh_shape, plan_stages
 from bigkd.sharding import batch_sharding, fsdp_compute_sharding, gather_rows, init_opt_state, \
     make_mesh, put_global, put_rows_sharded, replicated, tree_shardings
 from bigkd.step import StepSpec, Teacher, TrainState, make_eval_step, make_train_step, \
-    with_device_batches
+    with_device_batches, zero_metric_sums
 
 # optimizer.skip_nonfinite_updates: this many non-finite updates in a row are skipped; the next
 # is applied, its non-finite parameters stop the run (a run that only makes NaNs should end).
@@ -143,7 +143,9 @@ def initial_state(plan: StagePlan, student, tx, mesh) -> TrainState:
     init_key = jax.random.fold_in(jax.random.key(plan.seed), plan.index)
     params = random_params(student, plan.resolution, init_key, targets)
   zero = lambda: jax.device_put(jnp.zeros((), jnp.int32), replicated(mesh))
-  return TrainState(zero(), params, init_opt_state(tx, params, mesh, plan.min_fsdp_size), zero())
+  return TrainState(zero(), params, init_opt_state(tx, params, mesh, plan.min_fsdp_size), zero(),
+                    jax.device_put(zero_metric_sums(bool(plan.teachers)),
+                                   replicated(mesh)))
 
 
 def prefetch_to_device(iterator, size=2):
@@ -216,7 +218,7 @@ def build_stage(plan: StagePlan, data: RunData, mesh, random_params=False) -> St
                   tuple(sorted(plan.augment.items())), plan.teaching_mode, plan.loss,
                   plan.temperature, plan.label_weight, plan.ensemble, plan.step_seed)
   raw_step = make_train_step(spec, tx, lr_schedule, plan.grad_accum_steps,
-                             fsdp_compute_sharding(mesh))
+                             fsdp_compute_sharding(mesh), plan.log_every)
   batches = batch_sharding(mesh)
   if plan.device_resident:
     rows_sharded = plan.shard_resident  # each device (process) holds only its rows of images

@@ -27,6 +27,7 @@ def manager(stage_dir: str, keep: int = 2) -> ocp.CheckpointManager:
                                            cleanup_tmp_directories=True),
       item_handlers={'params': ocp.StandardCheckpointHandler(),
                      'opt_state': ocp.StandardCheckpointHandler(),
+                     'metric_sums': ocp.StandardCheckpointHandler(),
                      'integrity': ocp.JsonCheckpointHandler()})
 
 
@@ -53,13 +54,18 @@ def checksum(tree) -> jax.Array:
   return total
 
 
-def save(mngr: ocp.CheckpointManager, step: int, params, opt_state) -> None:
+def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, metric_sums=None) -> None:
   """Asynchronous: call `mngr.wait_until_finished()` before reading it or exiting. With the
-  arrays goes their checksum (`integrity`), which `restore_state` verifies."""
-  integrity = {'params': int(checksum(params)), 'opt_state': int(checksum(opt_state))}
-  mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                          opt_state=ocp.args.StandardSave(opt_state),
-                                          integrity=ocp.args.JsonSave(integrity)))
+  arrays goes their checksum (`integrity`), which `restore_state` verifies. `metric_sums`: the
+  state's sums of the metrics since the last log (`step.TrainState`), so a resumed run's next
+  log averages the same steps as an uninterrupted run's."""
+  items = dict(params=params, opt_state=opt_state)
+  if metric_sums is not None:
+    items['metric_sums'] = metric_sums
+  integrity = {name: int(checksum(value)) for name, value in items.items()}
+  mngr.save(step, args=ocp.args.Composite(
+      integrity=ocp.args.JsonSave(integrity),
+      **{name: ocp.args.StandardSave(value) for name, value in items.items()}))
 
 
 def verify(mngr: ocp.CheckpointManager, step: int, restored: dict) -> None:
@@ -77,13 +83,17 @@ def verify(mngr: ocp.CheckpointManager, step: int, restored: dict) -> None:
 def restore_state(mngr: ocp.CheckpointManager, step: int, state):
   """The TrainState saved at `step`, restored into the shapes, dtypes and shardings of `state`
   (a TrainState of the same stage, e.g. the freshly built step 0)."""
+  items = dict(params=state.params, opt_state=state.opt_state)
+  # Checkpoints written before metric sums were kept restore with empty sums.
+  if state.metric_sums is not None and os.path.isdir(
+      os.path.join(str(mngr.directory), str(step), 'metric_sums')):
+    items['metric_sums'] = state.metric_sums
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                        (state.params, state.opt_state))
+                        items)
   out = mngr.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(target[0]), opt_state=ocp.args.StandardRestore(target[1])))
+      **{name: ocp.args.StandardRestore(value) for name, value in target.items()}))
   verify(mngr, step, out)
-  return state.replace(step=jax.device_put(np.int32(step), state.step.sharding),
-                       params=out['params'], opt_state=out['opt_state'])
+  return state.replace(step=jax.device_put(np.int32(step), state.step.sharding), **out)
 
 
 def warn(message: str) -> None:

@@ -4,9 +4,12 @@ Exit codes: 0 success; 2 bad command line, config or input (one `bigkd: error:` 
 before any work); 3 the loss or gradients went NaN/Inf (nothing bad saved); 75 preempted by
 SIGTERM/SIGINT after a checkpoint at the current step (re-run to resume); 1 anything else.
 """
+import os
 import sys
 
 from absl import flags
+
+BUNDLED_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs')
 
 
 def fail(message: str, code: int = 2):
@@ -21,12 +24,43 @@ def flags_help(flag_values: flags.FlagValues) -> str:
                    or l.startswith('  '))
 
 
+def bundled_config_path(value: str) -> str:
+  """`--config` value with `configs/NAME.py` (or `NAME.py`) pointing at the config bundled with
+  bigkd when no such file exists here: the documented commands work from any directory and from
+  an installed package. A file of that name in the current directory wins."""
+  path, colon, variant = value.partition(':')
+  bundled = os.path.join(BUNDLED_CONFIGS, os.path.basename(path))
+  if (not os.path.exists(path) and os.path.dirname(path) in ('', 'configs')
+      and os.path.isfile(bundled)):
+    return bundled + colon + variant
+  return value
+
+
+def with_bundled_configs(argv: list) -> list:
+  """argv with each `--config` value passed through `bundled_config_path`."""
+  out = list(argv)
+  for i, arg in enumerate(out):
+    if arg.startswith('--config=') or arg.startswith('-config='):
+      flag, _, value = arg.partition('=')
+      out[i] = f'{flag}={bundled_config_path(value)}'
+    elif arg in ('--config', '-config') and i + 1 < len(out):
+      out[i + 1] = bundled_config_path(out[i + 1])
+  return out
+
+
+FIELDS_FLAG = '--fields'
+
+
 def parse(flag_values: flags.FlagValues, argv, usage: str):
-  """Parses `argv` into `flag_values`; `--help`/`-h` prints `usage` and the flags (exit 0).
+  """Parses `argv` into `flag_values`; `--help`/`-h` prints `usage` and the flags (exit 0);
+  `--fields` prints every field of the resolved config with its default and meaning (exit 0).
   A bad flag or config file (missing file, bad variant, bad override) is a `fail` naming it."""
   if any(a in ('--help', '-h', '--helpfull', '-help') for a in argv[1:]):
-    print(f'{usage.strip()}\n\nflags:\n{flags_help(flag_values)}')
+    print(f'{usage.strip()}\n\nflags:\n{flags_help(flag_values)}\n  {FIELDS_FLAG}: print '
+          'every field of the --config (after overrides): value, default, meaning; then exit')
     sys.exit(0)
+  fields = FIELDS_FLAG in argv[1:]
+  argv = [a for a in argv if a != FIELDS_FLAG]
   try:
     flag_values(argv)
     if 'config' in flag_values and flag_values.config is not None:
@@ -35,6 +69,10 @@ def parse(flag_values: flags.FlagValues, argv, usage: str):
     fail(one_line(e))
   if 'config' in flag_values and flag_values.config is None:
     fail('--config is required')
+  if fields:
+    from bigkd.config import describe_fields
+    print(describe_fields(flag_values.config))
+    sys.exit(0)
 
 
 def one_line(error: Exception) -> str:

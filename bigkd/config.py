@@ -5,6 +5,10 @@ every field has a default and a comment here, and command-line overrides of unkn
 The checks of a config's values live in `bigkd.plan`; a failed check raises `ConfigError` with
 one line naming the problem, which the entry points turn into exit code 2 before any work.
 """
+import inspect
+import re
+import sys
+
 import ml_collections
 
 ConfigDict = ml_collections.ConfigDict
@@ -30,9 +34,11 @@ def base_config() -> ConfigDict:
       name='',                    # tfds dataset name (source='tfds')
       data_dir='',                # tfds data_dir, image folder root, or bigkd.prepare's --out
       base_size=32,               # canvas side: each image is resized so its long side is this
-                                  # (aspect kept); crops are taken over the whole image
+                                  # (aspect kept); crops are taken over the whole image. 0
+                                  # (folder, records): from the images, see plan.auto_base_size
       num_classes=0,              # 0: the source's class count (digits: max train label + 1)
-      train_split='train', val_split='val', test_split='test',
+      train_split='train', val_split='val', test_split='test',  # split names of the source
+                                  # (tfds split strings such as 'train[:90%]' work too)
       device_resident=True,       # True: decoded once, held on the devices; False: streamed,
                                   # each process reading and decoding only its rows per step
       shard_resident=False,       # resident images: False replicated on every device (fastest
@@ -122,7 +128,7 @@ def stage_config(model: str, resolution: int, teachers=None, **overrides) -> Con
     s.teachers[name] = ConfigDict(dict(
         source=spec['source'],    # an earlier stage, a bigkd stage folder, or a .npz file
         model=spec.get('model', ''),  # '' : from the stage / stage.json
-        model_kwargs=ConfigDict(spec.get('model_kwargs', {})),
+        model_kwargs=ConfigDict(spec.get('model_kwargs', {})),  # its model's extra arguments
         resolution=spec.get('resolution', 0)))  # 0 : from the stage / stage.json
   for key, value in overrides.items():
     if key not in s:
@@ -144,3 +150,96 @@ def merged(defaults: ConfigDict, overrides: ConfigDict, where: str) -> dict:
       raise ConfigError(f'{where}.{key}: unknown key (known: {", ".join(sorted(out))})')
     out[key] = value.to_dict() if isinstance(value, ConfigDict) else value
   return out
+
+
+def field_docs() -> dict[str, str]:
+  """{field: the comment next to its default in this file}. The comments are the fields'
+  documentation (`--fields` prints them), so they are read from here rather than written twice.
+  Stage fields are keyed 'stages.*.x', a teacher's 'stages.*.teachers.*.x'."""
+  docs, section, last = {}, '', None
+  for line in inspect.getsource(sys.modules[__name__]).splitlines():
+    code, _, comment = line.partition('# ')
+    if not code.strip() and last and comment:  # a comment line continues the one above
+      for key in last:
+        docs[key] += ' ' + comment.strip()
+      continue
+    last = []
+    opened = re.match(r'\s*(c\.(\w+)|s|s\.teachers\[name\]) = ConfigDict\(dict\(', code)
+    if opened:
+      section = {'s': 'stages.*.', 's.teachers[name]': 'stages.*.teachers.*.'}.get(
+          opened[1], f'{opened[2]}.')
+      continue
+    top = re.match(r'\s*c\.(\w+) =', code)
+    if top:
+      section = ''
+    names = [top[1]] if top else re.findall(r'(?<![=!<>\w])(\w+)=(?!=)', code)
+    if comment and names and (top or section):
+      last = [section + name for name in names]
+      docs.update((key, comment.strip()) for key in last)
+  return docs
+
+
+def field_key(path: str) -> str:
+  """The key of a resolved config field in `field_docs` ('stages.student.teachers.t.model' ->
+  'stages.*.teachers.*.model'; a stage's optimizer/augment override -> the global field's)."""
+  parts = path.split('.')
+  if parts[0] == 'stages' and len(parts) > 2:
+    parts[1] = '*'
+    if parts[2] == 'teachers' and len(parts) > 4:
+      parts[3] = '*'
+    if parts[2] in ('optimizer', 'augment') and len(parts) > 3:
+      parts = parts[2:]
+  return '.'.join(parts)
+
+
+def field_doc(path: str, docs: dict) -> str:
+  key = field_key(path)
+  if key.startswith('optimizer.shampoo.'):
+    return 'Shampoo option (see bigkd.optim.shampoo.shampoo)'
+  return docs.get(key, '')
+
+
+def _leaves(tree: dict, prefix: str = '') -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict) and value:
+      out.update(_leaves(value, f'{prefix}{key}.'))
+    else:
+      out[prefix + key] = value
+  return out
+
+
+MISSING = object()
+
+
+def describe_fields(config: ConfigDict) -> str:
+  """Every field of a resolved config: its value, the default where it differs, and what it
+  means (the comments of this file): what `--fields` prints."""
+  docs = field_docs()
+  defaults = _leaves(base_config().to_dict())
+  stage_defaults = _leaves(stage_config('', 0).to_dict())
+  order = {key: i for i, key in enumerate(docs)}
+  stages = stage_names(config)
+
+  def position(path):  # the global fields, then each stage's, in the order of this file
+    parts = path.split('.')
+    stage = stages.index(parts[1]) if parts[0] == 'stages' and parts[1] in stages else -1
+    key = '.'.join(parts[2:] if parts[2:3] in (['optimizer'], ['augment']) else parts)
+    return stage, order.get(field_key(key), len(order)), path
+
+  def default_of(path):  # a stage's optimizer/augment overrides default to the global field
+    parts = path.split('.')
+    if parts[0] != 'stages' or len(parts) < 3:
+      return defaults.get(path, MISSING)
+    if parts[2] in ('optimizer', 'augment') and len(parts) > 3:
+      return defaults.get('.'.join(parts[2:]), MISSING)
+    return stage_defaults.get('.'.join(parts[2:]), MISSING)
+
+  lines = []
+  for path, value in sorted(_leaves(config.to_dict()).items(), key=lambda kv: position(kv[0])):
+    default = default_of(path)
+    shown = f'{path} = {value!r}' + ('' if default in (value, MISSING) else
+                                     f'  (default {default!r})')
+    doc = field_doc(path, docs)
+    lines.append(f'{shown:<58} {("# " + doc) if doc else ""}'.rstrip())
+  return '\n'.join(lines)

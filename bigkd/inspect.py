@@ -1,61 +1,372 @@
-"""Notebook helpers: open a finished (or running) run and use its models.
+"""The notebook API: open a run, finished or still training, and look inside it.
 
-    run = inspect.load_run('runs/digits')
-    run.summary['stages']['student'], run.metrics['student'][-1]
-    model, params = inspect.load_stage_model('runs/digits/student')
-    logits = inspect.predict('runs/digits/student', images_uint8)
+    run = inspect.load_run('runs/digits')       # config, summary, metrics, checkpoints
+    run.metrics['student'].plot(x='step', y=['loss', 'kl_T1'])   # pandas DataFrames
+    student = run.stage('student')             # its newest complete checkpoint (or step=N)
+    logits = student.predict(images)           # uint8 [N, H, W, 3], the run's evaluation view
+    student.evaluate('test')                   # what the loop logs as test_* for that step
+    v = inspect.views(run, 'student', 40)      # the augmented batch of logged step 40
+
+Reading never writes and never waits for the writer, so a running training is safe to open:
+checkpoints are listed and restored without an orbax CheckpointManager (opening one cleans the
+writer's temporary folders away), only finalised steps are listed (orbax writes a step into a
+temporary folder and renames it once complete), and a half-written last line of
+`metrics.jsonl` is left for the next look. `load_run` again to see what was written since.
+
+Evaluation and views rebuild the stage with `bigkd.build.build_stage`, the code that trains it,
+so they use the run's own data, evaluation protocol and augmentation, on whatever devices exist.
 """
+import dataclasses
+import functools
 import json
 import os
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pandas as pd
 
-from bigkd import checkpoint
-from bigkd.build import param_targets
+from bigkd import build, checkpoint
 from bigkd.data import augment
+from bigkd.data.sampling import device_batch_indices, host_batch_indices
+from bigkd.config import ConfigError, stage_names
+from bigkd.data.sources import Split
+from bigkd.evaluate import eval_batches
 from bigkd.models import get_model
-from bigkd.sharding import make_mesh
+from bigkd.plan import mesh_shape
+from bigkd.sharding import batch_sharding, make_mesh
+from bigkd.step import Teacher, augmented_batch
 
 
-class Run(NamedTuple):
-  config: dict
-  summary: dict | None
-  metrics: dict  # stage name -> list of logged records
+def read_json(path: str):
+  """A JSON file's content; None while it does not exist or is being written (the loop writes
+  config.json, stage.json and summary.json in place, so a reader can catch one half-written)."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (FileNotFoundError, json.JSONDecodeError):
+    return None
+
+
+def read_metrics(path: str) -> pd.DataFrame:
+  """`metrics.jsonl` as a DataFrame, one row per logged step. Only lines that end in a newline
+  count: the last one may be half-written by a running training. `kl` (the name before
+  `kl_T1`) is renamed, so code reads `kl_T1` from old and new runs alike."""
+  try:
+    with open(path) as f:
+      text = f.read()
+  except FileNotFoundError:
+    text = ''
+  lines = [line for line in text.split('\n')[:-1] if line.strip()]
+  frame = pd.DataFrame([json.loads(line) for line in lines])
+  if 'kl' in frame and 'kl_T1' not in frame:
+    frame = frame.rename(columns={'kl': 'kl_T1'})
+  return frame
+
+
+def complete_steps(stage_dir: str) -> list[int]:
+  """The stage's finalised checkpoint steps, ascending (temporary folders are not listed)."""
+  return sorted(ocp.step.checkpoint_steps(os.path.join(os.path.abspath(stage_dir),
+                                                       'checkpoints')))
+
+
+def read_item(path: str, handler, args):
+  """One item of a checkpoint (e.g. `<step>/params`), read by a plain orbax Checkpointer."""
+  checkpointer = ocp.Checkpointer(handler)
+  try:
+    return checkpointer.restore(path, args=args)
+  finally:
+    checkpointer.close()
+
+
+def restore_params(stage_dir: str, step: int, targets):
+  """The parameters saved at `step`, placed like `targets`, read without a CheckpointManager
+  and checked against the checksum saved with them (when the checkpoint has one)."""
+  path = os.path.join(os.path.abspath(stage_dir), 'checkpoints', str(step))
+  params = read_item(os.path.join(path, 'params'), ocp.StandardCheckpointHandler(),
+                     ocp.args.StandardRestore(targets))
+  if os.path.isdir(os.path.join(path, 'integrity')):
+    saved = read_item(os.path.join(path, 'integrity'), ocp.JsonCheckpointHandler(),
+                      ocp.args.JsonRestore())
+    if int(checkpoint.checksum(params)) != saved['params']:
+      raise checkpoint.CheckpointError(f'{path}: params do not match their checksum')
+  return params
+
+
+def config_for_here(config: dict) -> ml_collections.ConfigDict:
+  """The run's config as the ConfigDict it was, with its mesh replaced by plain data
+  parallelism over this machine's devices when the recorded one does not fit them (the mesh
+  changes where a result is computed, never the result)."""
+  c = ml_collections.ConfigDict(config)
+  try:
+    mesh_shape(c.mesh.data, c.mesh.fsdp, jax.device_count())
+  except ConfigError:
+    c.mesh.data, c.mesh.fsdp = -1, 1
+  return c
+
+
+@dataclasses.dataclass
+class Run:
+  """A workdir as it was when `load_run` read it. `summary`: the final evaluation of each
+  finished stage ({'stages': {name: {...}}}; while the run trains, the stages finished so far).
+  `metrics`: stage -> DataFrame of metrics.jsonl. `checkpoints`: stage -> complete steps."""
+  workdir: str
+  config: dict | None
+  summary: dict
+  metrics: dict
+  checkpoints: dict
+
+  @property
+  def stages(self) -> list[str]:
+    """The stages started so far, in the run's order."""
+    return list(self.checkpoints)
+
+  @property
+  def planned(self) -> list[str]:
+    """Every stage of the config, started or not, in order."""
+    return stage_names(self.config_here)
+
+  @property
+  def finished(self) -> bool:
+    """Whether every stage of the config has its final evaluation."""
+    return all(name in self.summary['stages'] for name in self.planned)
+
+  def teachers_of(self, name: str) -> list[str]:
+    """The stages of this run that teach stage `name` (teachers from elsewhere are left out)."""
+    teachers = self.config['stages'][name].get('teachers', {})
+    return [t['source'] for t in teachers.values() if t['source'] in self.config['stages']]
+
+  @functools.cached_property
+  def config_here(self) -> ml_collections.ConfigDict:
+    """The config to rebuild the run with on this machine (see `config_for_here`)."""
+    if self.config is None:
+      raise ValueError(f'{self.workdir}: no config.json (yet)')
+    return config_for_here(self.config)
+
+  @functools.cached_property
+  def _prepared(self):
+    """(mesh, data, {name: plan}), through the trainer's own `build.prepare`."""
+    mesh, data, plans = build.prepare(self.config_here, self.workdir)
+    return mesh, data, {p.name: p for p in plans}
+
+  @property
+  def mesh(self):
+    return self._prepared[0]
+
+  @property
+  def data(self) -> build.RunData:
+    return self._prepared[1]
+
+  @property
+  def plans(self) -> dict:
+    return self._prepared[2]
+
+  @functools.cached_property
+  def _built(self) -> dict:
+    return {}
+
+  def built_stage(self, name: str) -> build.Stage:
+    """The stage as the trainer builds it (jitted step, inputs, evaluation), made once."""
+    if name not in self._built:
+      self._built[name] = build.build_stage(self.plans[name], self.data, self.mesh)
+    return self._built[name]
+
+  def stage(self, name: str, step: int | None = None) -> 'TrainedStage':
+    """Stage `name` at checkpoint `step` (default: its newest complete one)."""
+    if name not in self.checkpoints:
+      raise ValueError(f'{self.workdir}: no stage {name!r} (started: {self.stages})')
+    steps = self.checkpoints[name]
+    if not steps:
+      raise ValueError(f'stage {name}: no complete checkpoint yet')
+    step = steps[-1] if step is None else step
+    if step not in steps:
+      raise ValueError(f'stage {name}: no complete checkpoint at step {step} (have {steps})')
+    return TrainedStage(self, name, step)
+
+
+def started_stages(workdir: str, config: dict | None) -> list[str]:
+  """The run's stages that have started (their stage.json is written), in the run's order."""
+  if config is not None:
+    order = stage_names(ml_collections.ConfigDict(config))
+  else:
+    order = sorted(n for n in os.listdir(workdir) if os.path.isdir(os.path.join(workdir, n)))
+  return [n for n in order if read_json(os.path.join(workdir, n, 'stage.json')) is not None]
 
 
 def load_run(workdir: str) -> Run:
-  def read_json(path):
-    if not os.path.exists(path):
-      return None
-    with open(path) as f:
-      return json.load(f)
-
-  metrics = {}
-  for name in sorted(os.listdir(workdir)):
-    path = os.path.join(workdir, name, 'metrics.jsonl')
-    if os.path.exists(path):
-      with open(path) as f:
-        metrics[name] = [json.loads(line) for line in f if line.strip()]
-  return Run(read_json(os.path.join(workdir, 'config.json')),
-             read_json(os.path.join(workdir, 'summary.json')), metrics)
+  """The run in `workdir` as it is now: safe while it trains (see the module docstring)."""
+  if not os.path.isdir(workdir):
+    raise ValueError(f'{workdir!r} is not a folder')
+  config = read_json(os.path.join(workdir, 'config.json'))
+  names = started_stages(workdir, config)
+  summary = read_json(os.path.join(workdir, 'summary.json'))
+  if summary is None:
+    finished = {n: read_json(os.path.join(workdir, n, 'summary.json')) for n in names}
+    summary = {'stages': {n: s for n, s in finished.items() if s is not None}}
+  return Run(workdir, config, summary,
+             {n: read_metrics(os.path.join(workdir, n, 'metrics.jsonl')) for n in names},
+             {n: complete_steps(os.path.join(workdir, n)) for n in names})
 
 
-def load_stage_model(stage_dir: str):
-  """(linen module, params of the latest checkpoint) of a stage folder, on one device."""
-  info = checkpoint.read_stage_info(stage_dir)
-  kwargs = info.get('model_kwargs', {})
-  model = get_model(info['model'], info['num_classes'], **kwargs)
-  mesh = make_mesh(1, 1, jax.devices()[:1])
-  target = param_targets(info['model'], kwargs, info['num_classes'], info['resolution'],
-                           jnp.float32, mesh)
-  return model, checkpoint.load_params(stage_dir, target, stage_dir)
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def eval_logits(model, resolution: int, crop_fraction: float, params, images, sizes):
+  """Logits on the evaluation view of `make_eval_step`: the central crop `crop_fraction` of
+  each image (0: the whole image) rendered at `resolution`. Compiled once per model and shape,
+  however often a run is opened."""
+  view = augment.render_boxes(images, augment.central_boxes(sizes, crop_fraction), resolution,
+                              sizes)
+  return model.apply({'params': params}, view)
 
 
-def predict(stage_dir: str, images):
-  """Logits of a stage's model for uint8 images [N, H, W, 3] (whole images, resized)."""
-  model, params = load_stage_model(stage_dir)
-  resolution = checkpoint.read_stage_info(stage_dir)['resolution']
-  views = augment.render_boxes(jnp.asarray(images), augment.full_boxes(len(images)), resolution)
-  return jax.jit(model.apply)({'params': params}, views)
+class TrainedStage:
+  """One stage of a run at one checkpoint: its model, parameters and predictions."""
+
+  def __init__(self, run: Run, name: str, step: int):
+    self.run, self.name, self.step = run, name, step
+    self.dir = os.path.join(run.workdir, name)
+    self.info = checkpoint.read_stage_info(self.dir)
+    kwargs = self.info.get('model_kwargs', {})
+    self.model = get_model(self.info['model'], self.info['num_classes'], **kwargs)
+    self._config = run.config_here
+    self.mesh = make_mesh(self._config.mesh.data, self._config.mesh.fsdp)
+    targets = build.param_targets(self.info['model'], kwargs, self.info['num_classes'],
+                                  self.resolution, np.float32, self.mesh,
+                                  self._config.mesh.min_fsdp_size)
+    self.params = restore_params(self.dir, step, targets)
+
+  @property
+  def resolution(self) -> int:
+    return self.info['resolution']
+
+  @property
+  def class_names(self) -> list[str] | None:
+    """The class names stage.json records, if it does."""
+    return self.info.get('class_names')
+
+  def _predict(self, split) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 logits [N, classes], labels [N]) of a split (anything with `rows` and `len`),
+    in evaluation batches split over the devices, the last one padded and its padding dropped."""
+    logits, labels = [], []
+    for images, sizes, batch_labels, mask in eval_batches(split, self._config.eval_batch_size,
+                                                          batch_sharding(self.mesh)):
+      keep = np.asarray(mask) > 0
+      batch_logits = eval_logits(self.model, self.resolution,
+                                 self._config.data.eval_crop_fraction, self.params, images, sizes)
+      logits.append(jax.device_get(batch_logits)[keep])
+      labels.append(np.asarray(batch_labels)[keep])
+    return np.concatenate(logits).astype(np.float32), np.concatenate(labels)
+
+  def predict(self, images, sizes=None) -> np.ndarray:
+    """Logits for uint8 canvases [N, H, W, 3]; `sizes` [N, 2]: each image's (height, width) on
+    its canvas (default: the whole canvas)."""
+    images = np.asarray(images)
+    if sizes is None:
+      sizes = np.tile(np.array(images.shape[1:3], np.int32), (len(images), 1))
+    return self._predict(Split(images, np.asarray(sizes, np.int32),
+                               np.zeros(len(images), np.int32)))[0]
+
+  def predict_split(self, split: str = 'test') -> tuple[np.ndarray, np.ndarray]:
+    """(logits, labels) of the run's `split` ('train', 'val' or 'test')."""
+    return self._predict(getattr(self.run.data, split))
+
+  def evaluate(self, split: str = 'val') -> dict:
+    """The loop's evaluation of this step on `split`: {f'{split}_accuracy': ..., and for a
+    distilled stage f'{split}_teacher_accuracy', f'{split}_agreement', f'{split}_kl'}."""
+    return self.run.built_stage(self.name).evaluate(self.params, (split,))
+
+
+def predict(stage_dir: str, images) -> np.ndarray:
+  """Logits of a run's stage folder, at its newest checkpoint, for uint8 images [N, H, W, 3]."""
+  workdir, name = os.path.split(os.path.abspath(stage_dir))
+  return load_run(workdir).stage(name).predict(images)
+
+
+class Batch(NamedTuple):
+  """The examples of one training step, before augmentation."""
+  indices: np.ndarray  # the training examples, in order
+  images: np.ndarray   # their canvases, uint8 [B, S, S, 3]
+  sizes: np.ndarray    # int [B, 2]: each image's (height, width) on its canvas
+  labels: np.ndarray   # int [B]
+
+
+class Views(NamedTuple):
+  """The augmented batch of one training step (`Batch`'s fields, then the views). Views are
+  float32 in [-1, 1]."""
+  step: int            # the logged (1-based) step
+  indices: np.ndarray  # the training examples of the batch, in order
+  images: np.ndarray   # their canvases, uint8 [B, S, S, 3]
+  sizes: np.ndarray    # int [B, 2]: each image's (height, width) on its canvas
+  labels: np.ndarray   # int [B]
+  student: np.ndarray  # [B, r, r, 3] at the stage's resolution
+  teachers: dict       # {resolution: [B, R, R, 3]}, one per teacher resolution; {}: supervised
+  targets: np.ndarray  # [B, classes]: one-hot labels, mixed like the student view
+
+
+def step_key(seed: int, step: int) -> jax.Array:
+  """The augmentation key of logged step `step`: the train step folds in its `state.step`,
+  which is `step - 1` (the loop logs step s after the update that made `state.step` = s)."""
+  return jax.random.fold_in(jax.random.key(seed), step - 1)
+
+
+def batch_indices(plan, step: int, num_examples: int) -> np.ndarray:
+  """The examples of logged step `step`, drawn as the trainer draws them (on device for
+  resident data, on the host for streamed data)."""
+  draw = device_batch_indices if plan.device_resident else host_batch_indices
+  return np.asarray(draw(plan.step_seed, step - 1, plan.batch_size, num_examples))
+
+
+# The train step's augmentation alone, compiled once per stage spec (StepSpec is hashable).
+augmented_batch_jit = jax.jit(augmented_batch, static_argnums=0)
+
+
+def step_batch(run: Run, stage_name: str, step: int) -> Batch:
+  """The examples logged step `step` (1 .. steps) of a stage trained on, as drawn from
+  (seed, step) by the trainer."""
+  plan = run.plans[stage_name]
+  if not 1 <= step <= plan.steps:
+    raise ValueError(f'stage {stage_name}: step {step} is outside 1..{plan.steps} '
+                     '(steps are numbered as logged, from 1)')
+  indices = batch_indices(plan, step, len(run.data.train))
+  return Batch(indices, *(np.asarray(x) for x in run.data.train.rows(indices)))
+
+
+def views(run: Run, stage_name: str, step: int) -> Views:
+  """The exact augmented batch logged step `step` (1 .. steps) of a stage trained on: a pure
+  function of (seed, step), made by the train step's own `augmented_batch`."""
+  batch = step_batch(run, stage_name, step)
+  spec = run.built_stage(stage_name).spec
+  student, teachers, targets = jax.device_get(augmented_batch_jit(
+      spec, batch.images, batch.sizes, batch.labels, step_key(spec.seed, step)))
+  return Views(step, *batch, student, teachers, targets)
+
+
+def teaching_modes(spec) -> list[str]:
+  """The paper's teaching modes a stage's augmentation allows (`function_matching` needs
+  mixup)."""
+  return [m for m in augment.TEACHING_MODES
+          if m != 'function_matching' or dict(spec.augment)['mixup_alpha'] > 0]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _mode_views(spec, modes, images, sizes, labels, key):
+  """(student view, first teacher's view) per mode, compiled together."""
+  resolution = spec.teachers[0].resolution
+  out = []
+  for mode in modes:  # augmented_batch needs of the teachers only their resolutions
+    one = spec._replace(teaching_mode=mode, teachers=(Teacher(None, resolution),))
+    student, teachers, _ = augmented_batch(one, images, sizes, labels, key)
+    out.append((student, teachers[resolution]))
+  return tuple(out)
+
+
+def teaching_mode_views(spec, images, sizes, labels, step: int) -> dict:
+  """{mode: (student view, teacher view)} of one batch under each of `teaching_modes(spec)`,
+  with the draws logged step `step` of a distilled stage (`spec`) makes; the teacher view is
+  that of its first teacher."""
+  if not spec.teachers:
+    raise ValueError('teaching modes need a distilled stage (one with teachers)')
+  modes = tuple(teaching_modes(spec))
+  out = jax.device_get(_mode_views(spec, modes, images, sizes, labels, step_key(spec.seed, step)))
+  return dict(zip(modes, out))

@@ -63,3 +63,257 @@ def ensemble_logits(logits_list, mode, temperature=1.0):
     log_probs = jax.nn.log_softmax(stacked / temperature, axis=-1)
     return temperature * (jax.nn.logsumexp(log_probs, axis=0) - jnp.log(len(logits_list)))
   raise ValueError(f'unknown ensemble mode {mode!r}; one of {ENSEMBLE_MODES}')
+
+
+# --- Feature- and relation-based distillation, DKD, DIST, and CKA. ------------------------------
+# Same convention as above: teacher first, then student; every loss is a scalar averaged over
+# the batch. Features are [B, H, W, C] or [B, D]; a teacher is frozen by the caller (no
+# stop_gradient here). The relation losses (SP, PKT, RKD, DIST's intra term, CKA) compare
+# examples with each other, so their value depends on the batch as a whole.
+
+
+def _flatten(x):
+  """[B, ...] -> [B, D]."""
+  return x.reshape(x.shape[0], -1)
+
+
+def _l2_normalize(x, axis=-1, eps=1e-12):
+  """x / max(‖x‖₂, eps): finite, with a zero gradient, where x = 0 (a dead feature map, a
+  duplicated example), where x / ‖x‖ would give NaN."""
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), eps ** 2))
+
+
+def _huber(x):
+  """Smooth L1 (Huber, δ = 1): ½x² for |x| ≤ 1, |x| − ½ beyond."""
+  abs_x = jnp.abs(x)
+  return jnp.where(abs_x <= 1, 0.5 * x * x, abs_x - 0.5)
+
+
+def fitnet_loss(teacher_feature, adapted_student_feature):
+  """FitNets hints (Romero et al. 2015, sec. 2.2): ½‖u_h(x) − r(v_g(x))‖² between the teacher's
+  hint u_h and the student's guided layer v_g mapped by the regressor r (here a
+  `bigkd.models.adapters.FeatureAdapter`, so that the shapes match).
+
+  Computed as the mean over every element, not the paper's per-example ½·sum: the two differ
+  by the constant factor ½·H·W·C (left to the loss weight), and the mean does not grow with
+  the feature's size.
+  """
+  return jnp.mean((adapted_student_feature - teacher_feature) ** 2)
+
+
+def attention_map(feature, p=2):
+  """Activation-based spatial attention (Zagoruyko & Komodakis 2017, sec. 3.1): F(A) = mean over
+  channels of |A_c|^p, flattened and L2-normalised per example: [B, H, W, C] -> [B, H·W].
+  (The paper sums over channels; after the normalisation the mean is the same map.)"""
+  return _l2_normalize(_flatten(jnp.mean(jnp.abs(feature) ** p, axis=-1)))
+
+
+def attention_transfer(teacher_feature, student_feature, p=2, squared=False):
+  """Attention transfer (Zagoruyko & Komodakis 2017, sec. 3.1), with Q = `attention_map`:
+
+    squared=False (the paper): mean over the batch of ‖Q_s − Q_t‖₂;
+    squared=True (the authors' code): mean over the batch and the H·W positions of
+        (Q_s − Q_t)², i.e. mean_b ‖Q_s − Q_t‖₂² / (H·W); the code weights it by β/2, β = 1000.
+
+  The paper's β/2 (and the code's) is left to the loss weight. The maps must have the same
+  spatial size (the channel counts may differ: they are averaged away).
+  """
+  if teacher_feature.shape[1:-1] != student_feature.shape[1:-1]:
+    raise ValueError(f'attention transfer needs equal spatial sizes, got teacher '
+                     f'{teacher_feature.shape[1:-1]} and student {student_feature.shape[1:-1]}')
+  diff = attention_map(student_feature, p) - attention_map(teacher_feature, p)
+  if squared:
+    return jnp.mean(diff ** 2)
+  # max(·, tiny) before the root: its gradient at student == teacher is then 0, not NaN.
+  return jnp.mean(jnp.sqrt(jnp.maximum(jnp.sum(diff ** 2, axis=-1), 1e-24)))
+
+
+def _similarity_matrix(feature):
+  """Tung & Mori 2019, sec. 3: G = Q Qᵀ over the batch, Q the flattened features [b, C·H·W],
+  each row L2-normalised."""
+  flat = _flatten(feature)
+  return _l2_normalize(flat @ flat.T)
+
+
+def similarity_preserving(teacher_feature, student_feature):
+  """Similarity-preserving KD (Tung & Mori 2019, sec. 3): ‖G_t − G_s‖_F² / b², G the
+  row-normalised batch similarity matrix of each network (its width may differ)."""
+  batch = teacher_feature.shape[0]
+  diff = _similarity_matrix(student_feature) - _similarity_matrix(teacher_feature)
+  return jnp.sum(diff ** 2) / batch ** 2
+
+
+def _pkt_conditionals(feature):
+  """Passalis & Tefas 2018, sec. 3: the cosine kernel K(a, b) = ½(cos(a, b) + 1) ∈ [0, 1]
+  between the examples of the batch, normalised into conditional probabilities over the other
+  examples, p_{j|i} = K(x_i, x_j) / Σ_{k≠i} K(x_i, x_k); p_{i|i} = 0."""
+  unit = _l2_normalize(_flatten(feature))
+  kernel = (unit @ unit.T + 1) / 2
+  kernel = kernel * (1 - jnp.eye(kernel.shape[0], dtype=kernel.dtype))
+  return kernel / jnp.sum(kernel, axis=-1, keepdims=True)
+
+
+def pkt(teacher_feature, student_feature, eps=1e-7):
+  """Probabilistic knowledge transfer (Passalis & Tefas 2018, sec. 3): the KL divergence of the
+  student's conditional probabilities q_{j|i} from the teacher's p_{j|i}, averaged over anchors i:
+      mean_i Σ_{j≠i} p_{j|i} log((p_{j|i} + eps) / (q_{j|i} + eps)).
+  The paper sums over anchors (here: the mean, a factor of b); the authors' code also keeps the
+  diagonal j = i in the normalisation and averages over all b² entries. `eps` keeps log finite
+  where a kernel entry is 0 (opposite feature vectors)."""
+  p, q = _pkt_conditionals(teacher_feature), _pkt_conditionals(student_feature)
+  return jnp.mean(jnp.sum(p * jnp.log((p + eps) / (q + eps)), axis=-1))
+
+
+def _off_diagonal(n, dtype):
+  return 1 - jnp.eye(n, dtype=dtype)
+
+
+def _distances(x):
+  """‖x_i − x_j‖₂ for the rows of x [b, D]; max(·, eps) under the root keeps the gradient
+  finite on the diagonal and for duplicated examples."""
+  diff = x[:, None] - x[None]
+  return jnp.sqrt(jnp.maximum(jnp.sum(diff ** 2, axis=-1), 1e-12))
+
+
+def rkd_distance(teacher_feature, student_feature):
+  """RKD distance-wise loss (Park et al. 2019, sec. 3.2): ψ_D(x_i, x_j) = ‖x_i − x_j‖₂ / μ, μ the
+  mean distance over the pairs i ≠ j of the batch; loss = mean over the pairs i ≠ j of
+  Huber(ψ_D(s) − ψ_D(t)) (the paper sums over pairs)."""
+  def normalized(feature):
+    flat = _flatten(feature)
+    mask = _off_diagonal(flat.shape[0], flat.dtype)
+    dist = _distances(flat) * mask
+    return dist / (jnp.sum(dist) / jnp.sum(mask)), mask
+  psi_t, mask = normalized(teacher_feature)
+  psi_s, _ = normalized(student_feature)
+  return jnp.sum(_huber(psi_s - psi_t) * mask) / jnp.sum(mask)
+
+
+def _angles(feature):
+  """cos ∠x_i x_j x_k = ⟨e_ij, e_kj⟩, e_ij = (x_i − x_j) / ‖x_i − x_j‖ (Park et al. 2019, sec. 3.2),
+  as a [b, b, b] array indexed [i, j, k] (j the vertex)."""
+  flat = _flatten(feature)
+  e = _l2_normalize(flat[None, :] - flat[:, None])  # e[j, i] = e_ij
+  return jnp.einsum('jid,jkd->ijk', e, e)
+
+
+def rkd_angle(teacher_feature, student_feature):
+  """RKD angle-wise loss (Park et al. 2019, sec. 3.2): mean over the triplets of distinct
+  examples of Huber(ψ_A(s) − ψ_A(t)), ψ_A the cosine of the angle at the middle example (the
+  paper sums over triplets). Memory: b²·D for the differences, b³ for the angles."""
+  b = teacher_feature.shape[0]
+  i, j, k = jnp.ogrid[:b, :b, :b]
+  distinct = ((i != j) & (j != k) & (i != k)).astype(teacher_feature.dtype)
+  diff = _angles(student_feature) - _angles(teacher_feature)
+  return jnp.sum(_huber(diff) * distinct) / jnp.sum(distinct)
+
+
+def rkd_loss(teacher_feature, student_feature, distance_weight=25.0, angle_weight=50.0):
+  """RKD-DA (Park et al. 2019): λ_D·distance + λ_A·angle, with the paper's weights for
+  image-classification distillation (λ_D = 25, λ_A = 50) as defaults."""
+  return (distance_weight * rkd_distance(teacher_feature, student_feature)
+          + angle_weight * rkd_angle(teacher_feature, student_feature))
+
+
+def _dkd_log_probs(logits, is_target, temperature):
+  """log b = log [p_t, 1 − p_t] (target vs the rest) and the log-probabilities among the
+  non-target classes (0 in the target's column, so that its KL term is exactly 0), at T."""
+  z = logits / temperature
+  log_all = jax.nn.logsumexp(z, axis=-1)
+  log_rest = jax.nn.logsumexp(z, axis=-1, where=~is_target)  # log Σ_{i≠t} e^{z_i}
+  log_target = jnp.sum(jnp.where(is_target, z, 0), axis=-1) - log_all
+  log_binary = jnp.stack([log_target, log_rest - log_all], axis=-1)
+  return log_binary, jnp.where(is_target, 0, z - log_rest[:, None])
+
+
+def _kl(log_p, log_q):
+  """KL(p ‖ q) along the last axis from log-probabilities."""
+  return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+
+
+def dkd(teacher_logits, student_logits, labels, alpha=1.0, beta=8.0, temperature=4.0,
+        warmup_factor=1.0):
+  """Decoupled KD (Zhao et al. 2022, sec. 3): KD = TCKD + (1 − p_t^T)·NCKD split into
+      TCKD = KL(b^T ‖ b^S), b = [p_t, 1 − p_t] the target-vs-rest probabilities at temperature T,
+      NCKD = KL(p̂^T ‖ p̂^S), p̂ the softmax at T over the non-target classes alone,
+  and reweighted: warmup_factor · T² · mean over the batch of (α·TCKD + β·NCKD). Defaults: the
+  authors' CIFAR-100 settings (α = 1, β = 8, T = 4). `labels`: class indices [B] or one-hot
+  [B, K]; for mixed (soft) labels the largest entry is the target. `warmup_factor`: the authors
+  ramp the loss in linearly, `linear_warmup(step, warmup_steps)`.
+  """
+  target = labels if labels.ndim == 1 else jnp.argmax(labels, axis=-1)
+  is_target = target[:, None] == jnp.arange(teacher_logits.shape[-1])
+  t_binary, t_rest = _dkd_log_probs(teacher_logits, is_target, temperature)
+  s_binary, s_rest = _dkd_log_probs(student_logits, is_target, temperature)
+  per_example = alpha * _kl(t_binary, s_binary) + beta * _kl(t_rest, s_rest)
+  return warmup_factor * temperature ** 2 * jnp.mean(per_example)
+
+
+def linear_warmup(step, warmup_steps):
+  """min(step / warmup_steps, 1); 1 when warmup_steps is 0."""
+  if not warmup_steps:
+    return 1.0
+  return jnp.minimum(step / warmup_steps, 1.0)
+
+
+def _pearson_distance(x, y, axis):
+  """1 − Pearson correlation of x and y along `axis`: 1 − cos of the centred vectors."""
+  centred = lambda v: _l2_normalize(v - jnp.mean(v, axis=axis, keepdims=True), axis=axis)
+  return 1 - jnp.sum(centred(x) * centred(y), axis=axis)
+
+
+def dist_loss(teacher_logits, student_logits, beta=1.0, gamma=1.0, temperature=1.0):
+  """DIST (Huang et al. 2022, sec. 3): with Y = softmax(Z / τ) [B, C] and d(u, v) = 1 − ρ(u, v),
+  ρ the Pearson correlation,
+      inter-class relation = mean over examples i of d(Y^s_i,:, Y^t_i,:),
+      intra-class relation = mean over classes j of d(Y^s_:,j, Y^t_:,j),
+  loss = τ²·(β·inter + γ·intra). Defaults: the paper's ImageNet setting (β = γ = τ = 1)."""
+  y_t = jax.nn.softmax(teacher_logits / temperature, axis=-1)
+  y_s = jax.nn.softmax(student_logits / temperature, axis=-1)
+  inter = jnp.mean(_pearson_distance(y_s, y_t, axis=1))
+  intra = jnp.mean(_pearson_distance(y_s, y_t, axis=0))
+  return temperature ** 2 * (beta * inter + gamma * intra)
+
+
+# --- Linear CKA (Kornblith et al. 2019) with the minibatch-unbiased HSIC. ------------------------
+
+
+def unbiased_hsic(k, l):
+  """HSIC_1 (Song et al. 2012, used by Nguyen et al. 2021), unbiased for HSIC, of two n×n kernel
+  matrices with their diagonals zeroed (K̃, L̃), n ≥ 4:
+      [tr(K̃L̃) + (1ᵀK̃1)(1ᵀL̃1) / ((n−1)(n−2)) − 2/(n−2)·1ᵀK̃L̃1] / (n(n−3)).
+  Unbiased, so it can be averaged over minibatches (a biased estimate could not)."""
+  n = k.shape[0]
+  if n < 4:
+    raise ValueError(f'the unbiased HSIC needs at least 4 examples, got {n}')
+  mask = _off_diagonal(n, k.dtype)
+  k, l = k * mask, l * mask
+  rows_k, rows_l = jnp.sum(k, axis=1), jnp.sum(l, axis=1)
+  return (jnp.sum(k * l.T) + jnp.sum(rows_k) * jnp.sum(rows_l) / ((n - 1) * (n - 2))
+          - 2 / (n - 2) * jnp.dot(rows_k, rows_l)) / (n * (n - 3))
+
+
+def linear_hsic_terms(x, y):
+  """(HSIC_1(K, L), HSIC_1(K, K), HSIC_1(L, L)) of one minibatch, K = XXᵀ and L = YYᵀ the linear
+  kernels of the flattened features x [B, ...] and y [B, ...]. Average each over minibatches and
+  pass the means to `cka_from_hsic`. The features are centred first: the estimator does not
+  change (it is translation-invariant), but the Gram entries lose their large common part,
+  which would otherwise cancel in float32."""
+  centred = lambda v: _flatten(v) - jnp.mean(_flatten(v), axis=0)
+  x, y = centred(x), centred(y)
+  k, l = x @ x.T, y @ y.T
+  return unbiased_hsic(k, l), unbiased_hsic(k, k), unbiased_hsic(l, l)
+
+
+def cka_from_hsic(hsic_xy, hsic_xx, hsic_yy):
+  """Minibatch CKA (Nguyen et al. 2021, sec. 3.1): mean HSIC_xy / sqrt(mean HSIC_xx · mean HSIC_yy),
+  the means over the minibatches' terms (scalars or [num_batches] arrays). Being unbiased, the
+  estimates can be negative over very few examples (CKA then is NaN or outside [-1, 1])."""
+  return jnp.mean(hsic_xy) / jnp.sqrt(jnp.mean(hsic_xx) * jnp.mean(hsic_yy))
+
+
+def linear_cka(x, y):
+  """Linear CKA (Kornblith et al. 2019) of features x [B, ...] and y [B, ...] from one batch with
+  the unbiased HSIC: 1 for identical representations, invariant to orthogonal transforms and
+  isotropic scaling of either."""
+  return cka_from_hsic(*linear_hsic_terms(x, y))

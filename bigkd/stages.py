@@ -19,6 +19,7 @@ from bigkd.build import RunData, build_stage, prepare
 from bigkd.config import ConfigError
 from bigkd.plan import StagePlan, check_started_stages, check_workdir_config, check_workdir_path
 from bigkd.sharding import describe
+from bigkd.step import MEAN_METRICS, logged_means
 
 
 class StepRecordWriter(metric_writers.MetricWriter):
@@ -78,6 +79,20 @@ class JsonlWriter(StepRecordWriter):
     self._file.close()
 
 
+class ScalarSummaryWriter(metric_writers.SummaryWriter):
+  """clu's TensorBoard writer with scalars written as classic `simple_value` summaries:
+  TensorBoard lists them under Scalars and its `EventAccumulator(...).Scalars(tag)` reads them
+  (tf.summary.scalar writes tensor summaries, which the accumulator files under Tensors)."""
+
+  def write_scalars(self, step, scalars):
+    import tensorflow as tf
+    from tensorboard.compat.proto import summary_pb2
+    summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=k, simple_value=float(v))
+                                         for k, v in scalars.items()])
+    with self._summary_writer.as_default():
+      tf.summary.experimental.write_raw_pb(summary.SerializeToString(), step=step)
+
+
 class ConsoleWriter(StepRecordWriter):
   """The terminal line of a logged step: loss, KL, agreement, steps/s and the ETA."""
 
@@ -88,7 +103,8 @@ class ConsoleWriter(StepRecordWriter):
   def emit(self, step, record):
     if 'loss' not in record:
       return
-    extra = ''.join(f' {k} {record[k]:.4f}' for k in ('kl', 'agreement') if k in record)
+    extra = ''.join(f' {k} {record[k]:.4f}' for k in ('kl_T1', 'agreement', 'val_accuracy')
+                    if k in record)
     rate = record.get('steps_per_sec')
     timing = ''
     if rate:
@@ -103,7 +119,7 @@ def make_writer(stage_dir: str, plan: StagePlan, resume_step: int):
   if jax.process_index() != 0:
     return metric_writers.MultiWriter([])
   return metric_writers.MultiWriter([
-      metric_writers.SummaryWriter(stage_dir),
+      ScalarSummaryWriter(stage_dir),
       JsonlWriter(os.path.join(stage_dir, 'metrics.jsonl'), resume_step),
       ConsoleWriter(plan.name, plan.steps)])
 
@@ -168,6 +184,17 @@ class PreemptionWatch:
     return self.received
 
 
+def logged_metrics(state, metrics) -> dict:
+  """What a log step writes: loss, kl_T1, agreement and grad_norm averaged over the steps since
+  the previous log (`step.MEAN_METRICS`), the learning rate at this step and, when updates are
+  skipped, their running count."""
+  sums, now = jax.device_get((state.metric_sums, metrics))
+  record = {k: v for k, v in now.items() if k in ('lr', 'skipped_updates')}
+  record.update(logged_means(sums) if sums is not None else
+                {k: v for k, v in now.items() if k in MEAN_METRICS})
+  return record
+
+
 def first_nonfinite_step(state) -> int:
   """The step whose update first went NaN/Inf (0: none). A host sync: only at log steps and
   before checkpoints, which sync anyway."""
@@ -230,14 +257,14 @@ def run_stage(plan: StagePlan, data: RunData, mesh, workdir: str) -> dict:
         if logged or saved:
           stop_if_nonfinite(state, mngr, plan.name)
         if logged:
-          writer.write_scalars(step, jax.device_get(metrics))
+          writer.write_scalars(step, logged_metrics(state, metrics))
         progress(step)
         if evaluated:
           writer.write_scalars(step, stage.evaluate(state.params))
         if (logged or evaluated) and step != plan.steps:  # the last record takes the final eval
           writer.flush()
         if saved:
-          checkpoint.save(mngr, step, state.params, state.opt_state)
+          checkpoint.save(mngr, step, state.params, state.opt_state, state.metric_sums)
         if preempted:
           mngr.wait_until_finished()
           raise Preempted(plan.name, step, preempted)

@@ -25,6 +25,10 @@ class TrainState:
   # device so that the check costs no host sync per step: the loop reads it only where it syncs
   # anyway (log steps, checkpoints). None: not tracked (states built by hand, e.g. in tests).
   first_nonfinite_step: Any = None
+  # Sums of the MEAN_METRICS over the steps since the last log step, and their count: a logged
+  # value is the mean over its whole log interval, not one batch's. Checkpointed with the state,
+  # so a resumed run logs what an uninterrupted one does. None: not tracked.
+  metric_sums: Any = None
 
 
 def all_finite(tree) -> jax.Array:
@@ -43,6 +47,33 @@ def skipped_update(opt_state) -> jax.Array:
   if not isinstance(opt_state, optax.ApplyIfFiniteState):
     return jnp.array(False)
   return ~opt_state.last_finite
+
+
+# Logged as means over the steps since the last log (`TrainState.metric_sums`); `lr` is logged
+# as the value at the step and `skipped_updates` as the running total.
+MEAN_METRICS = ('loss', 'kl_T1', 'agreement', 'grad_norm')
+
+
+def zero_metric_sums(distilled: bool) -> dict:
+  """Empty sums of the metrics a stage's step produces (KL and agreement only when distilled)."""
+  names = MEAN_METRICS if distilled else ('loss', 'grad_norm')
+  return {name: jnp.zeros((), jnp.float32) for name in ('count',) + names}
+
+
+def add_metric_sums(sums, metrics, step, log_every):
+  """`sums` with this step's metrics added, first emptied when `step` (0-based, the step being
+  taken) opens a log interval: the loop logs after steps that are multiples of `log_every`."""
+  if sums is None:
+    return None
+  fresh = step % log_every == 0
+  return {name: jnp.where(fresh, 0.0, total) + (1.0 if name == 'count' else metrics[name])
+          for name, total in sums.items()}
+
+
+def logged_means(sums) -> dict:
+  """The logged values of an interval: each of MEAN_METRICS averaged over its steps (host)."""
+  count = float(sums['count'])
+  return {name: float(sums[name]) / count for name in MEAN_METRICS if name in sums}
 
 
 def note_nonfinite(first_nonfinite_step, bad, step):
@@ -99,8 +130,25 @@ def microbatches(x, k):
   return jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
 
 
+def augmented_batch(spec: StepSpec, images, sizes, labels, key):
+  """(student view, teacher views {resolution: view}, targets) of a whole batch: the only random
+  part of a train step. A module-level pure function of (spec, batch, key), so that
+  `bigkd.inspect.views` can show exactly the batch a step trained on."""
+  aug = dict(spec.augment)
+  batch = images.shape[0]
+  onehot = jax.nn.one_hot(labels, spec.num_classes)
+  if spec.teachers:
+    student_draws, teacher_draws = augment.distillation_draws(key, batch, aug,
+                                                              spec.teaching_mode, sizes)
+  else:
+    student_draws = augment.sample_draws(key, batch, aug, aug['mixup_alpha'] > 0, sizes)
+  student_view = augment.render_view(images, student_draws, spec.resolution, sizes)
+  views = teacher_views(spec.teachers, images, teacher_draws, sizes) if spec.teachers else {}
+  return student_view, views, augment.mix_labels(onehot, student_draws)
+
+
 def make_train_step(spec: StepSpec, tx: optax.GradientTransformation, lr_schedule,
-                    grad_accum_steps: int = 1, gather_params=None):
+                    grad_accum_steps: int = 1, gather_params=None, log_every: int = 1):
   """Returns `train_step(state, teacher_params, images, sizes, labels) -> (state, metrics)`
   (a batch of canvases, each image's size on its canvas, and labels: see `data/sources.py`).
 
@@ -109,22 +157,8 @@ def make_train_step(spec: StepSpec, tx: optax.GradientTransformation, lr_schedul
   their gradients and metrics are averaged: the full batch's update with 1/k of the activation
   memory (every loss is a mean over examples). `gather_params`: the sharding that student and
   teacher parameters take for compute (see `sharding.fsdp_compute_sharding`); None: as stored.
+  `log_every`: the interval over which `state.metric_sums` accumulates (see MEAN_METRICS).
   """
-  aug = dict(spec.augment)
-
-  def inputs(images, sizes, labels, key):
-    """(student view, teacher views, targets) of the whole batch: the only random part."""
-    batch = images.shape[0]
-    onehot = jax.nn.one_hot(labels, spec.num_classes)
-    if spec.teachers:
-      student_draws, teacher_draws = augment.distillation_draws(key, batch, aug,
-                                                                spec.teaching_mode, sizes)
-    else:
-      student_draws = augment.sample_draws(key, batch, aug, aug['mixup_alpha'] > 0, sizes)
-    student_view = augment.render_view(images, student_draws, spec.resolution, sizes)
-    views = teacher_views(spec.teachers, images, teacher_draws, sizes) if spec.teachers else {}
-    return student_view, views, augment.mix_labels(onehot, student_draws)
-
   def loss_fn(params, teacher_params, student_view, views, targets):
     if gather_params is not None:  # FSDP: whole weights for compute, the batch stays split
       params, teacher_params = jax.lax.with_sharding_constraint(
@@ -139,7 +173,9 @@ def make_train_step(spec: StepSpec, tx: optax.GradientTransformation, lr_schedul
       t_logits = losses.ensemble_logits(all_logits, spec.ensemble, spec.temperature)
       loss = losses.hinton_loss(t_logits, student_logits, targets, spec.label_weight,
                                 spec.temperature, spec.loss)
-      metrics['kl'] = losses.kl_divergence(t_logits, student_logits)
+      # At T = 1 whatever the stage's temperature (`loss` is T²·KL at T): comparable across
+      # stages and with the evaluation's `val_kl` / `test_kl`, which are also at T = 1.
+      metrics['kl_T1'] = losses.kl_divergence(t_logits, student_logits)
       metrics['agreement'] = jnp.mean(jnp.argmax(t_logits, -1) == jnp.argmax(student_logits, -1))
     metrics['loss'] = loss
     return loss, metrics
@@ -165,7 +201,7 @@ def make_train_step(spec: StepSpec, tx: optax.GradientTransformation, lr_schedul
   def train_step(state: TrainState, teacher_params, images, sizes, labels):
     key = jax.random.fold_in(jax.random.key(spec.seed), state.step)
     grads, metrics = accumulated_grads(state.params, teacher_params,
-                                       inputs(images, sizes, labels, key))
+                                       augmented_batch(spec, images, sizes, labels, key))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics['grad_norm'] = optax.global_norm(grads)
@@ -177,7 +213,8 @@ def make_train_step(spec: StepSpec, tx: optax.GradientTransformation, lr_schedul
     bad = (~(jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])) & ~skipped
            | ~all_finite(params))
     return TrainState(state.step + 1, params, opt_state,
-                      note_nonfinite(state.first_nonfinite_step, bad, state.step + 1)), metrics
+                      note_nonfinite(state.first_nonfinite_step, bad, state.step + 1),
+                      add_metric_sums(state.metric_sums, metrics, state.step, log_every)), metrics
 
   return train_step
 

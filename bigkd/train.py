@@ -50,7 +50,7 @@ def maybe_initialize_distributed(fv):
 
 
 def main(argv=None):
-  argv = argv or sys.argv
+  argv = cli.with_bundled_configs(argv or sys.argv)
   fv = define_flags(argv)
   cli.parse(fv, argv, __doc__)
   if not fv.workdir:

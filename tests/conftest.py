@@ -176,7 +176,7 @@ def assert_same_run(reference_dir, stage_dir, what):
   ref, got = read_metrics(reference_dir), read_metrics(stage_dir)
   assert [m['step'] for m in ref] == [m['step'] for m in got], what
   for a, b in zip(ref, got):
-    for key in ('loss', 'kl', 'grad_norm', 'lr'):
+    for key in ('loss', 'kl_T1', 'grad_norm', 'lr'):
       np.testing.assert_allclose(a[key], b[key], rtol=2e-3, atol=1e-5, err_msg=f'{what} {key}')
   with open(os.path.join(reference_dir, 'summary.json')) as f1, \
        open(os.path.join(stage_dir, 'summary.json')) as f2:
@@ -230,3 +230,79 @@ def folder_config(root, steps=6, streamed=True, **top):
   c.stages.teacher = stage_config('cnn_tiny', 16, steps=steps, label_weight=1.0,
                                   augment=dict(mixup_alpha=0.0))
   return c
+
+
+# --- One digits demo run that the inspect, report and notebook tests share. ------------------
+
+DEMO_ARGS = ['--config', 'configs/digits.py:fast', '--config.checkpoint_every=20',
+             '--config.keep_checkpoints=10', '--config.eval_every=20']
+
+
+class DemoRun:
+  """The digits `:fast` demo (teacher -> student -> baseline, 40 steps each), trained in a
+  subprocess started when first requested, so a test can read the run while it is written.
+  Checkpoints at steps 20 and 40, none deleted (each listed one stays loadable), and an
+  evaluation at step 20 (curves with evaluation points). `workdir()` waits for the end."""
+
+  def __init__(self, root):
+    self.path = os.path.join(root, 'digits_fast')
+    self._proc = subprocess.Popen(
+        [sys.executable, '-m', 'bigkd.train', *DEMO_ARGS, '--workdir', self.path], cwd=REPO,
+        env=subprocess_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+  def running(self) -> bool:
+    return self._proc is not None and self._proc.poll() is None
+
+  def workdir(self) -> str:
+    if self._proc is not None:
+      self.stdout = finish(self._proc)
+      self._proc = None
+    return self.path
+
+
+@pytest.fixture(scope='session')
+def demo_run(tmp_path_factory):
+  return DemoRun(str(tmp_path_factory.mktemp('demo')))
+
+
+NOTEBOOK_RUNNER = """
+import os, sys
+import nbformat
+from nbclient import NotebookClient
+source, out = sys.argv[1], sys.argv[2]
+notebook = nbformat.read(source, as_version=4)
+NotebookClient(notebook, timeout=300, kernel_name='python3',
+               resources={'metadata': {'path': os.path.dirname(source)}}).execute()
+nbformat.write(notebook, out)
+"""
+
+
+class DemoNotebook:
+  """notebooks/inspect_run.ipynb run top to bottom by nbclient (a fresh kernel) on the finished
+  demo run (BIGKD_WORKDIR: it does not train again), in a subprocess started when first
+  requested, so it overlaps the tests that run in this process. `result()` waits for it and
+  returns the executed notebook."""
+
+  SOURCE = os.path.join(REPO, 'notebooks', 'inspect_run.ipynb')
+
+  def __init__(self, workdir, out):
+    self.workdir, self.out = workdir, out
+    env = dict(subprocess_env(1), BIGKD_WORKDIR=workdir)
+    self._proc = subprocess.Popen([sys.executable, '-c', NOTEBOOK_RUNNER, self.SOURCE, out],
+                                  cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+
+  def result(self):
+    import nbformat
+    if self._proc is not None:
+      finish(self._proc)
+      self._proc = None
+    return nbformat.read(self.out, as_version=4)
+
+
+@pytest.fixture(scope='session')
+def demo_notebook(demo_run, tmp_path_factory):
+  notebook = DemoNotebook(demo_run.workdir(),
+                          str(tmp_path_factory.mktemp('notebook') / 'executed.ipynb'))
+  yield notebook
+  notebook.result()  # not left running past the session (its kernel is a process too)

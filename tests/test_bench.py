@@ -16,7 +16,7 @@ from bigkd import bench
 from bigkd.plan import plan_stages
 from conftest import REPO, subprocess_env
 
-CONFIG = os.path.join(REPO, 'configs', 'digits.py')
+CONFIG = os.path.join(REPO, 'bigkd', 'configs', 'digits.py')
 # The digits demo's supervised `baseline` stage (12 px, batch 64, no mixup) as a cnn_tiny.
 TINY_BASELINE = ['--config', f'{CONFIG}:fast', '--stage=baseline',
                  '--config.stages.baseline.model=cnn_tiny', '--steps=2', '--warmup=1',
@@ -115,7 +115,7 @@ def test_unknown_stage_exits_2(capsys):
 
 def test_default_stage_is_the_last_with_teachers():
   import importlib
-  config = importlib.import_module('configs.digits').get_config('fast')
+  config = importlib.import_module('bigkd.configs.digits').get_config('fast')
   plans = plan_stages(config, '/nonexistent', 1197, 10)
   assert bench.pick_plan(plans, '').name == 'student'  # teacher, student, baseline
   assert bench.pick_plan(plans, 'teacher').name == 'teacher'

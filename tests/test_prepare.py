@@ -285,7 +285,7 @@ def test_tfds_prepared_dataset_splits_and_slices(tmp_path):
     (['--tfds', 'no_such_dataset'], 'no_such_dataset'),
     ([], 'give one source'),
     (['--folder', '.', '--on_corrupt=maybe'], 'on_corrupt'),
-    (['--folder', 'configs', '--splits', 'train[:9]'], 'output name'),
+    (['--folder', 'bigkd', '--splits', 'train[:9]'], 'output name'),
 ])
 def test_bad_input_is_one_error_line(tmp_path, args, fragment):
   errors = error_lines(run(*args, '--out', tmp_path / 'out'))

@@ -5,6 +5,14 @@ Every model takes NHWC float images in [-1, 1] and returns float32 logits:
     logits = model.apply({'params': params}, images)
 Parameters are a plain pytree (no batch statistics): models use GroupNorm, not BatchNorm, so
 that they shard, checkpoint and load from .npz simply, and teacher forward needs no mutable state.
+
+Every model also sows named intermediate features into Flax's 'intermediates' collection, for
+feature- and relation-based distillation: `stage1`, `stage2`, ... (the output of each stage, i.e.
+block group, [B, H, W, C]) and `prelogits` (the embedding the classifier head reads, [B, D]).
+Each model's module docstring lists its names and shapes. A plain `apply` is unchanged (the
+collection is not mutable there, so sowing is a no-op) and `init` returns only 'params'.
+To read them:
+    logits, feats = features(model, params, images, ['stage2', 'prelogits'])
 """
 from typing import Callable
 
@@ -36,11 +44,39 @@ def get_model(name: str, num_classes: int, dtype=jnp.float32, **kwargs) -> nn.Mo
   return _REGISTRY[name](num_classes=num_classes, dtype=dtype, **kwargs)
 
 
+def _abstract_init(model: nn.Module, resolution: int, collections):
+  """`model.init` on one image, shapes only (jax.eval_shape): nothing is computed."""
+  images = jax.ShapeDtypeStruct((1, resolution, resolution, 3), jnp.float32)
+  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, mutable=collections), images)
+
+
 def param_shapes(name: str, num_classes: int, resolution: int, **kwargs):
   """ShapeDtypeStructs of model `name`'s parameters (float32); nothing is computed."""
-  model = get_model(name, num_classes, **kwargs)
-  images = jax.ShapeDtypeStruct((1, resolution, resolution, 3), jnp.float32)
-  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)['params']
+  return _abstract_init(get_model(name, num_classes, **kwargs), resolution, ['params'])['params']
+
+
+def feature_shapes(name: str, num_classes: int, resolution: int,
+                   model_kwargs: dict | None = None) -> dict[str, tuple[int, ...]]:
+  """{feature name: per-example shape (no batch axis)} of model `name` at `resolution`, e.g.
+  {'stage1': (16, 16, 16), ..., 'prelogits': (64,)}: for checking a student/teacher feature pair
+  before any work. Shapes only (jax.eval_shape): nothing is computed."""
+  model = get_model(name, num_classes, **(model_kwargs or {}))
+  sown = _abstract_init(model, resolution, ['params', 'intermediates'])['intermediates']
+  return {key: tuple(values[0].shape[1:]) for key, values in sown.items()}
+
+
+def features(model: nn.Module, params, images, names=None):
+  """(logits, {name: feature}) from one forward pass of `model`: the features it sows (see the
+  module docstring), all of them when `names` is None. Features come in at least float32, like
+  the logits, whatever the model's compute dtype. Raises KeyError naming an unknown feature."""
+  logits, state = model.apply({'params': params}, images, mutable=['intermediates'])
+  sown = state['intermediates']
+  unknown = sorted(set(names or ()) - set(sown))
+  if unknown:
+    raise KeyError(f'{type(model).__name__} has no feature {", ".join(unknown)}; '
+                   f'it has {", ".join(sorted(sown))}')
+  as_float = lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  return logits, {key: as_float(sown[key][0]) for key in (sown if names is None else names)}
 
 
 from bigkd.models import bit, cifar  # noqa: E402,F401  (register bit_*, cnn_*, resnet*)

@@ -11,6 +11,14 @@ gamma/beta spelled scale/bias; loading and saving are a key mapping:
   resnet/group_norm/{gamma,beta}, resnet/head/conv2d/{kernel,bias}  (head kernel (1, 1, C, classes))
 
 In a unit, `x/group_norm` is the norm applied before conv `x` (pre-activation), as in the files.
+
+Feature taps (sown into 'intermediates', see `bigkd.models.features`), for R x R images and
+c = base * width root channels (64 * width for the released models):
+  stage1 [B, R/4, R/4, 4c], stage2 [B, R/8, R/8, 8c], stage3 [B, R/16, R/16, 16c],
+  stage4 [B, R/32, R/32, 32c]: each block's output, the residual stream before any norm (the
+  network is pre-activation, so no block ends with one); every halving rounds up.
+  prelogits [B, 32c]: after the final GroupNorm + ReLU and the global average pool, what the
+  head reads.
 """
 import re
 import zipfile
@@ -162,8 +170,10 @@ class ResNetV2(nn.Module):
     for b, units in enumerate(self.block_units):
       stride = 1 if b == 0 else 2
       x = Block(c * 2**b, units, stride, self.dtype, self.remat, name=f'block{b + 1}')(x)
+      self.sow('intermediates', f'stage{b + 1}', x)
     x = nn.relu(_group_norm(self.dtype)(x))
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(self.dtype)
+    self.sow('intermediates', 'prelogits', x[:, 0, 0])
     return Head(self.num_classes, self.dtype, name='head')(x)[:, 0, 0].astype(jnp.float32)
 
 

@@ -2,6 +2,13 @@
 
 resnet{6n+2} has three stages of n basic blocks with 16k, 32k, 64k channels (k the width
 multiplier, `resnet8x4` has k=4). GroupNorm replaces BatchNorm (see the registry docstring).
+
+Feature taps (sown into 'intermediates', see `bigkd.models.features`), for R x R images:
+  CifarResNet: stage1 [B, R, R, 16k], stage2 [B, R/2, R/2, 32k], stage3 [B, R/4, R/4, 64k]
+               (each stage's last block output, after its ReLU; halvings round up),
+               prelogits [B, 64k] (the global average pool the dense head reads).
+  SmallCNN (width w): stage1 [B, R/2, R/2, w], stage2 [B, R/4, R/4, 2w] (after each max pool;
+               halvings round down), prelogits [B, (R/4)^2 * 2w] (the flattened map).
 """
 import functools
 
@@ -49,7 +56,9 @@ class CifarResNet(nn.Module):
       for i in range(self.blocks_per_stage):
         stride = 2 if (stage > 0 and i == 0) else 1
         x = BasicBlock(channels * self.width, stride, self.dtype)(x)
+      self.sow('intermediates', f'stage{stage + 1}', x)
     x = jnp.mean(x, axis=(1, 2))
+    self.sow('intermediates', 'prelogits', x)
     return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
 
 
@@ -63,10 +72,12 @@ class SmallCNN(nn.Module):
   @nn.compact
   def __call__(self, images):
     x = images.astype(self.dtype)
-    for mult in (1, 2):
+    for stage, mult in enumerate((1, 2)):
       x = nn.Conv(self.width * mult, (3, 3), dtype=self.dtype)(x)
       x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+      self.sow('intermediates', f'stage{stage + 1}', x)
     x = x.reshape(x.shape[0], -1)
+    self.sow('intermediates', 'prelogits', x)
     return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
 
 

@@ -1,0 +1,44 @@
+"""Adapters: small trainable maps from a student feature to the shape of a teacher feature, so
+that a feature loss (FitNet hints, `bigkd.losses.fitnet_loss`) can compare features of different
+widths and resolutions.
+
+  [B, H, W, C_s] -> [B, H', W', C_t]: 1x1 convolution + GroupNorm, with a bilinear resize when
+      (H, W) != (H', W'). FitNets' regressor (Romero et al. 2015) as a 1x1 conv + norm, the form
+      later feature-distillation work settled on; GroupNorm rather than BatchNorm, like the
+      models (no batch statistics in the train state).
+  [B, C_s] -> [B, C_t]: a dense layer.
+
+`target_shape` is the teacher feature's per-example shape, as `bigkd.models.feature_shapes`
+returns it.
+"""
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+class FeatureAdapter(nn.Module):
+  target_shape: tuple[int, ...]  # (H', W', C_t) or (C_t,)
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    if x.ndim - 1 != len(self.target_shape) or len(self.target_shape) not in (1, 3):
+      raise ValueError(f'cannot adapt a feature of shape {x.shape[1:]} to {self.target_shape}: '
+                       'both must be spatial (H, W, C) or both vectors (C,)')
+    if len(self.target_shape) == 1:
+      return nn.Dense(self.target_shape[0], dtype=self.dtype)(x)
+    height, width, channels = self.target_shape
+    conv = nn.Conv(channels, (1, 1), use_bias=False, dtype=self.dtype)
+
+    def resize(y):
+      if y.shape[1:3] == (height, width):
+        return y
+      return jax.image.resize(y, (y.shape[0], height, width, y.shape[-1]), 'bilinear')
+
+    # The 1x1 conv mixes channels pixel by pixel and the resize mixes pixels channel by channel;
+    # both are linear, so they commute: resize on the side with fewer channels.
+    y = conv(resize(x)) if x.shape[-1] <= channels else resize(conv(x))
+    # gcd: the most groups up to 32 (BiT's count) that divide any channel count.
+    return nn.GroupNorm(num_groups=math.gcd(32, channels), dtype=self.dtype)(y)
