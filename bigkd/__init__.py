@@ -1,7 +1,7 @@
 """bigkd: knowledge distillation of image classifiers in JAX/Flax.
 
 Modules follow the data flow, config -> plan -> build -> loop:
-  train.py        command line: python -m bigkd.train --config configs/x.py --workdir DIR
+  train.py        command line: bigkd-train (python -m bigkd.train) --config configs/x.py --workdir DIR
   config.py       every config field with its default and meaning
   plan.py         config -> stage plans; every check that needs no device (exit code 2)
   build.py        stage plan -> data, params, optimiser state, teachers, jitted step, inputs, eval
@@ -10,12 +10,16 @@ Modules follow the data flow, config -> plan -> build -> loop:
   data/           sources (digits, folder, records, tfds), prepare.py (-> ArrayRecord), batch
                   sampling, augment.py and inception_crop.py (crop boxes, views)
   models/         registry name -> linen module (CNN, CIFAR ResNets, BiT and its .npz format)
-  losses.py       KL at temperature, Hinton, pseudo-labels, logit L2, ensembles
+  losses.py       KL at temperature, Hinton, pseudo-labels, logit L2, ensembles; feature and
+                  relation losses (FitNet, AT, SP, PKT, RKD), DKD, DIST, CKA
   optim/          optax chain from config (clip, adam/sgd/shampoo/muon, weight decay, schedule)
   sharding.py     mesh, parameter sharding rule, multi-host placement
   checkpoint.py   orbax checkpoints of a stage; teachers and initialisations from folders / .npz
   evaluate.py     accuracy, agreement, KL on val/test
-  inspect.py      notebook helpers;  bench.py: step throughput and MFU;  cli.py: --help, errors
+  inspect.py      the notebook API: load_run, a stage's model at any step, views of a step
+  plots.py        matplotlib figures of a run;  report.py: WORKDIR/report.html
+  configs/        the bundled configs (digits demo, your own image folder, the paper's BiT runs)
+  bench.py        step throughput and MFU;  cli.py: --help, --fields, one-line errors
 """
 import os
 

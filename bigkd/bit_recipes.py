@@ -33,6 +33,11 @@ name or option is a ValueError naming the allowed ones (the trainer exits with c
 Teacher and init paths default to placeholders under `/path/to/bit_models/`, which fail with the
 trainer's "checkpoint file ... does not exist" error; set the real ones with overrides, e.g.
   --config.stages.student.teachers.teacher.source=/data/bit/R152x2_T_384.npz
+
+These configs start from teachers already fine-tuned on their dataset (the paper's released
+files). For your own images there is no such file: `configs/folder.py:bit` fine-tunes the public
+BiT-M-R152x2.npz on them first (a supervised stage whose `init` is the .npz, re-headed for your
+classes) and then distils it into BiT-R50x1 with this recipe (README: "Your own images").
 """
 import math
 

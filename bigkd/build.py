@@ -6,6 +6,7 @@ benchmark (`bigkd.bench`), the notebook helpers (`bigkd.inspect`) and `benchmark
 `build_stage`, so what they time or inspect is what trains.
 """
 import collections
+import copy
 import dataclasses
 import functools
 import itertools
@@ -24,7 +25,7 @@ from bigkd.data.sampling import host_batch_indices
 from bigkd.evaluate import evaluate
 from bigkd.models import get_model, param_shapes
 from bigkd.optim import build_optimizer
-from bigkd.plan import StagePlan, check_config, mesh_shape, plan_stages
+from bigkd.plan import StagePlan, auto_base_size, check_config, mesh_shape, plan_stages
 from bigkd.sharding import batch_sharding, fsdp_compute_sharding, gather_rows, init_opt_state, \
     make_mesh, put_global, put_rows_sharded, replicated, tree_shardings
 from bigkd.step import StepSpec, Teacher, TrainState, make_eval_step, make_train_step, \
@@ -42,23 +43,40 @@ class RunData:
   val: Any
   test: Any
   num_classes: int
+  class_names: list   # by label; [] when the source names none
 
 
 def load_data(data_cfg) -> RunData:
   train = sources.load_split(data_cfg, 'train_split')
   val = sources.load_split(data_cfg, 'val_split')
   test = sources.load_split(data_cfg, 'test_split')
-  return RunData(train, val, test, sources.num_classes(data_cfg, train))
+  return RunData(train, val, test, sources.num_classes(data_cfg, train),
+                 sources.class_names(data_cfg, train))
 
 
 def prepare(config, workdir: str):
   """(mesh, data, stage plans) of a config, every check done: raises ConfigError / DataError
   (one line) before anything is written. The trainer, the benchmark and notebooks start here."""
   num_devices = jax.device_count()
+  config = with_base_size(config)
   check_config(config, num_devices)
   mesh = make_mesh(*mesh_shape(config.mesh.data, config.mesh.fsdp, num_devices))
   data = load_data(config.data)
-  return mesh, data, plan_stages(config, workdir, len(data.train), data.num_classes)
+  return mesh, data, plan_stages(config, workdir, len(data.train), data.num_classes,
+                                 num_devices)
+
+
+def with_base_size(config):
+  """`config`, or for data.base_size=0 and an image folder a copy with the canvas side chosen
+  from its images (`plan.auto_base_size`); the workdir's config.json keeps the 0."""
+  if config.data.base_size != 0 or config.data.source != 'folder' or not config.data.data_dir:
+    return config  # check_config names what is wrong with the others
+  long_side = sources.median_long_side(config.data.data_dir)
+  resolved = copy.deepcopy(config)
+  resolved.data.base_size = auto_base_size(config, long_side)
+  print(f'bigkd: data.base_size=0: the images\' median long side is {long_side} px; canvas '
+        f'{resolved.data.base_size} px', flush=True)
+  return resolved
 
 
 def param_targets(model, model_kwargs, num_classes, resolution, dtype, mesh,

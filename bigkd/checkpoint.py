@@ -185,11 +185,14 @@ def check_fit(params, abstract_params, what: str) -> None:
     raise CheckpointError(f'{what} does not fit the model: {"; ".join(problems[:3])}{more}')
 
 
-def write_stage_info(stage_dir, model, model_kwargs, resolution, num_classes) -> None:
+def write_stage_info(stage_dir, model, model_kwargs, resolution, num_classes,
+                     class_names=()) -> None:
+  """stage.json: what a stage's parameters are (enough to load them without the config) and the
+  names of its classes by label (so predictions read as names)."""
   os.makedirs(stage_dir, exist_ok=True)
   with open(os.path.join(stage_dir, 'stage.json'), 'w') as f:
     json.dump(dict(model=model, model_kwargs=model_kwargs, resolution=resolution,
-                   num_classes=num_classes), f)
+                   num_classes=num_classes, class_names=list(class_names)), f)
 
 
 def read_stage_info(stage_dir: str) -> dict:

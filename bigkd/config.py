@@ -35,7 +35,8 @@ def base_config() -> ConfigDict:
       data_dir='',                # tfds data_dir, image folder root, or bigkd.prepare's --out
       base_size=32,               # canvas side: each image is resized so its long side is this
                                   # (aspect kept); crops are taken over the whole image. 0
-                                  # (folder, records): from the images, see plan.auto_base_size
+                                  # (source=folder): from the images' median long side, between
+                                  # the largest model resolution and 4/3 of it
       num_classes=0,              # 0: the source's class count (digits: max train label + 1)
       train_split='train', val_split='val', test_split='test',  # split names of the source
                                   # (tfds split strings such as 'train[:90%]' work too)

@@ -30,7 +30,7 @@ import pandas as pd
 
 from bigkd import build, checkpoint
 from bigkd.data import augment
-from bigkd.data.sampling import device_batch_indices, host_batch_indices
+from bigkd.data.sampling import step_batch_indices
 from bigkd.config import ConfigError, stage_names
 from bigkd.data.sources import Split
 from bigkd.evaluate import eval_batches
@@ -243,7 +243,7 @@ class TrainedStage:
   @property
   def class_names(self) -> list[str] | None:
     """The class names stage.json records, if it does."""
-    return self.info.get('class_names')
+    return self.info.get('class_names') or None
 
   def _predict(self, split) -> tuple[np.ndarray, np.ndarray]:
     """(float32 logits [N, classes], labels [N]) of a split (anything with `rows` and `len`),
@@ -310,13 +310,6 @@ def step_key(seed: int, step: int) -> jax.Array:
   return jax.random.fold_in(jax.random.key(seed), step - 1)
 
 
-def batch_indices(plan, step: int, num_examples: int) -> np.ndarray:
-  """The examples of logged step `step`, drawn as the trainer draws them (on device for
-  resident data, on the host for streamed data)."""
-  draw = device_batch_indices if plan.device_resident else host_batch_indices
-  return np.asarray(draw(plan.step_seed, step - 1, plan.batch_size, num_examples))
-
-
 # The train step's augmentation alone, compiled once per stage spec (StepSpec is hashable).
 augmented_batch_jit = jax.jit(augmented_batch, static_argnums=0)
 
@@ -328,7 +321,7 @@ def step_batch(run: Run, stage_name: str, step: int) -> Batch:
   if not 1 <= step <= plan.steps:
     raise ValueError(f'stage {stage_name}: step {step} is outside 1..{plan.steps} '
                      '(steps are numbered as logged, from 1)')
-  indices = batch_indices(plan, step, len(run.data.train))
+  indices = step_batch_indices(plan, step, len(run.data.train))
   return Batch(indices, *(np.asarray(x) for x in run.data.train.rows(indices)))
 
 

@@ -111,7 +111,8 @@ def check_config(config, num_devices: int) -> None:
   _need(data.source != 'tfds' or data.name, 'data.source=tfds needs data.name')
   _need(data.source != 'folder' or data.data_dir,
         'data.source=folder needs data.data_dir (the folder root)')
-  _need(data.base_size > 0, f'data.base_size={data.base_size} must be positive')
+  _need(data.base_size > 0, f'data.base_size={data.base_size} must be positive' + (
+      ' (0, from the images, needs data.source=folder)' if data.base_size == 0 else ''))
   _need(data.num_classes >= 0, f'data.num_classes={data.num_classes} must be >= 0 (0: the '
         "source's class count)")
   _need(config.eval_batch_size % num_devices == 0,
@@ -232,17 +233,43 @@ def _teacher_plans(name, stage, workdir, earlier, base_size):
   return tuple(teachers)
 
 
-def plan_stages(config, workdir: str, num_train_examples: int,
-                num_classes: int) -> list[StagePlan]:
-  """The stages of a checked config (see `check_config`), in order. Checks what depends on the
-  data (batch vs split size) and that every checkpoint from outside this run (teachers, `init`)
+def fitted_batch_size(name: str, batch: int, num_examples: int, multiple: int) -> int:
+  """`batch`, or for a train split smaller than it the largest multiple of `multiple` (gradient
+  accumulation steps x devices) that fits: a small dataset trains with the batch it allows."""
+  if batch <= num_examples:
+    return batch
+  fitted = num_examples // multiple * multiple
+  _need(fitted > 0, f'stages.{name}: the {num_examples} training examples are fewer than '
+        f'grad_accum_steps x devices = {multiple}')
+  print(f'bigkd: stages.{name}: batch size {batch} > the {num_examples} training examples; '
+        f'using {fitted}', flush=True)
+  return fitted
+
+
+def auto_base_size(config, median_long_side: int) -> int:
+  """data.base_size=0: the canvas side for a folder of images whose median long side is
+  `median_long_side`: at least the largest model resolution (stages and explicit teacher
+  resolutions) and at most 4/3 of it (`bit_recipes.canvas_size`, enough for any crop not to be
+  an upsample): small images are stored at their own size, large ones are not kept larger than
+  the models can use."""
+  from bigkd.bit_recipes import canvas_size
+  stages = [config.stages[n] for n in stage_names(config) if n in config.stages]
+  largest = max([s.resolution for s in stages] +
+                [t.resolution for s in stages for t in s.teachers.values()], default=1)
+  return max(largest, min(canvas_size(largest), median_long_side))
+
+
+def plan_stages(config, workdir: str, num_train_examples: int, num_classes: int,
+                num_devices: int = 1) -> list[StagePlan]:
+  """The stages of a checked config (see `check_config`), in order. Fits the batch to the
+  train split and checks that every checkpoint from outside this run (teachers, `init`)
   exists and fits its model; shapes only, so nothing is loaded twice."""
   plans = {}
   for index, name in enumerate(stage_names(config)):
     stage = config.stages[name]
-    batch = stage.batch_size or config.batch_size
-    _need(batch <= num_train_examples, f'stages.{name}: batch size {batch} exceeds the '
-          f'{num_train_examples} training examples')
+    accum = stage.grad_accum_steps or config.grad_accum_steps
+    batch = fitted_batch_size(name, stage.batch_size or config.batch_size, num_train_examples,
+                              accum * num_devices)
     _need(not config.data.device_resident or batch * num_train_examples < 2 ** 31,
           f'stages.{name}: batch size x examples >= 2^31; use data.device_resident=False')
     steps_per_epoch = num_train_examples / batch
@@ -256,7 +283,7 @@ def plan_stages(config, workdir: str, num_train_examples: int,
         name=name, index=index, seed=config.seed, model=stage.model,
         model_kwargs=stage.model_kwargs.to_dict(), resolution=stage.resolution, init=stage.init,
         steps=max(1, steps), warmup_steps=warmup, batch_size=batch,
-        grad_accum_steps=stage.grad_accum_steps or config.grad_accum_steps, optimizer=opt,
+        grad_accum_steps=accum, optimizer=opt,
         augment=aug,
         teachers=_teacher_plans(name, stage, workdir, plans, config.data.base_size),
         teaching_mode=stage.teaching_mode, loss=stage.loss, temperature=stage.temperature,

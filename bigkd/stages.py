@@ -195,6 +195,16 @@ def logged_metrics(state, metrics) -> dict:
   return record
 
 
+def write_views(writer, stage, data: RunData) -> None:
+  """TensorBoard image `views`: what the teacher and the student of a distilled stage are shown
+  at step 1 under each teaching mode (`plots.views_grid_image`), for a user watching the run."""
+  from bigkd import plots
+  from bigkd.data.sampling import step_batch_indices
+  indices = step_batch_indices(stage.plan, 1, len(data.train))[:4]
+  grid = plots.views_grid_image(stage.spec, *data.train.rows(indices), step=1)
+  writer.write_images(1, {'views': grid[None]})
+
+
 def first_nonfinite_step(state) -> int:
   """The step whose update first went NaN/Inf (0: none). A host sync: only at log steps and
   before checkpoints, which sync anyway."""
@@ -223,7 +233,7 @@ def run_stage(plan: StagePlan, data: RunData, mesh, workdir: str) -> dict:
   is_main = jax.process_index() == 0
   if is_main:
     checkpoint.write_stage_info(stage_dir, plan.model, plan.model_kwargs, plan.resolution,
-                                plan.num_classes)
+                                plan.num_classes, data.class_names)
   stage = build_stage(plan, data, mesh)
   mngr = checkpoint.manager(stage_dir, plan.keep_checkpoints)
   try:
@@ -236,10 +246,12 @@ def run_stage(plan: StagePlan, data: RunData, mesh, workdir: str) -> dict:
   if is_main:
     print(f'[{plan.name}] mesh data={mesh.shape["data"]} fsdp={mesh.shape["fsdp"]} over '
           f'{jax.process_count()} process(es): {describe(state.params)}'
-          + ''.join(f'; teacher {t.name}: {describe(p)}'
+          + ''.join(f'; teachers.{t.name}: {describe(p)}'
                     for t, p in zip(plan.teachers, stage.teacher_params)), flush=True)
 
   writer = make_writer(stage_dir, plan, start_step)
+  if plan.teachers and not start_step and is_main:
+    write_views(writer, stage, data)
   # Logging steps (and checkpoints) are the only host syncs: metrics and the non-finite flag
   # are fetched there and nowhere else.
   progress = periodic_actions.ReportProgress(num_train_steps=plan.steps, writer=writer,
@@ -331,4 +343,6 @@ def run(config, workdir: str) -> dict:
     with open(os.path.join(workdir, 'summary.json'), 'w') as f:
       json.dump(summary, f, indent=1)
     print_table(summaries)
+    print(f'\nreport: bigkd-report {workdir} writes {os.path.join(workdir, "report.html")} '
+          '(or python -m bigkd.report)', flush=True)
   return summary

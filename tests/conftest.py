@@ -238,17 +238,51 @@ DEMO_ARGS = ['--config', 'configs/digits.py:fast', '--config.checkpoint_every=20
              '--config.keep_checkpoints=10', '--config.eval_every=20']
 
 
+def install_package(root) -> str:
+  """bigkd installed as a user installs it (`pip install .`, not editable) into a fresh venv at
+  `root/venv` whose dependencies are this venv's (a .pth line: nothing is downloaded); returns
+  the venv's bin folder, with the console scripts."""
+  import shutil
+  import site
+  venv, src = os.path.join(root, 'venv'), os.path.join(root, 'src')
+  subprocess.run([sys.executable, '-m', 'venv', '--without-pip', venv], check=True)
+  python = os.path.join(venv, 'bin', 'python')
+  purelib = subprocess.check_output(
+      [python, '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])'], text=True)
+  with open(os.path.join(purelib.strip(), 'dependencies.pth'), 'w') as f:
+    f.write('\n'.join(site.getsitepackages()) + '\n')
+  shutil.copytree(os.path.join(REPO, 'bigkd'), os.path.join(src, 'bigkd'),
+                  ignore=shutil.ignore_patterns('__pycache__'))
+  for name in ('pyproject.toml', 'README.md', 'requirements.txt'):
+    shutil.copy(os.path.join(REPO, name), src)
+  subprocess.run([python, '-m', 'pip', 'install', '-q', '--no-deps', '--no-build-isolation',
+                  '--disable-pip-version-check', src], check=True, cwd=root)
+  return os.path.join(venv, 'bin')
+
+
+def installed_env():
+  """The environment of a command of the installed package: no PYTHONPATH (the checkout must
+  not be what is imported)."""
+  env = dict(subprocess_env(1))
+  env.pop('PYTHONPATH')
+  return env
+
+
 class DemoRun:
-  """The digits `:fast` demo (teacher -> student -> baseline, 40 steps each), trained in a
-  subprocess started when first requested, so a test can read the run while it is written.
-  Checkpoints at steps 20 and 40, none deleted (each listed one stays loadable), and an
-  evaluation at step 20 (curves with evaluation points). `workdir()` waits for the end."""
+  """The digits `:fast` demo (teacher -> student -> baseline, 40 steps each) as a new user runs
+  it: `bigkd-train` of the package installed into a fresh venv (`install_package`), started in
+  another directory than the checkout, in a subprocess started when first requested, so a test
+  can read the run while it is written. Checkpoints at steps 20 and 40, none deleted (each
+  listed one stays loadable), and an evaluation at step 20 (curves with evaluation points).
+  `workdir()` waits for the end."""
 
   def __init__(self, root):
-    self.path = os.path.join(root, 'digits_fast')
+    self.root, self.path = root, os.path.join(root, 'digits_fast')
+    self.bin = install_package(root)
     self._proc = subprocess.Popen(
-        [sys.executable, '-m', 'bigkd.train', *DEMO_ARGS, '--workdir', self.path], cwd=REPO,
-        env=subprocess_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [os.path.join(self.bin, 'bigkd-train'), *DEMO_ARGS, '--workdir', self.path],
+        cwd=root, env=installed_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
 
   def running(self) -> bool:
     return self._proc is not None and self._proc.poll() is None

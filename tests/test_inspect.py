@@ -13,6 +13,7 @@ import pytest
 from bigkd import inspect, plots
 from bigkd import step as step_module
 from bigkd.data import augment
+from bigkd.data.sampling import step_batch_indices
 
 
 def test_load_run_while_training(demo_run):
@@ -88,7 +89,7 @@ def test_a_stage_predicts_and_evaluates_like_the_run(run):
   evaluation view, batched and padded) its accuracy; an earlier step has other parameters."""
   summary = run.summary['stages']['student']
   student = run.stage('student')
-  assert student.step == 40 and student.class_names is None
+  assert student.step == 40 and student.class_names == [str(d) for d in range(10)]
   assert student.evaluate('test') == {k: v for k, v in summary.items() if k.startswith('test_')}
   logits, labels = student.predict_split('test')
   assert logits.shape == (300, 10)
@@ -157,7 +158,7 @@ def test_streamed_batches_are_the_ones_the_loader_reads(run):
   train = run.data.train
   images, sizes, labels = jax.device_get(next(build.streamed_inputs(
       train, plan.step_seed, plan.batch_size, batch_sharding(run.mesh), 4, 5)))
-  indices = inspect.batch_indices(plan, 5, len(train))
+  indices = step_batch_indices(plan, 5, len(train))
   np.testing.assert_array_equal(train.images[indices], images)
   np.testing.assert_array_equal(train.labels[indices], labels)
   assert not np.array_equal(indices, inspect.step_batch(run, 'baseline', 5).indices)

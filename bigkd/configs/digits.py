@@ -26,6 +26,7 @@ def get_config(variant=None):
   c.teacher_dtype = 'float32'        # bf16 convolutions are emulated (slow) on CPU
   c.log_every = 20 if fast else 100
   c.checkpoint_every = 500
+  c.eval_every = 20 if fast else 500  # a validation curve (evaluation does not change training)
   c.data.base_size = 16              # digits are 8x8: 16 px keeps them sharp and the CPU fast
   c.augment.crop_area = (0.5, 1.0)   # small glyphs: keep most of them
   c.augment.flip = False             # digits are not mirror-symmetric

@@ -43,6 +43,13 @@ def host_batch_indices(seed, step, batch_size, num_examples):
   return np.array([orders[e][o] for e, o in zip(epochs, offsets)], np.int32)
 
 
+def step_batch_indices(plan, step: int, num_examples: int) -> np.ndarray:
+  """The examples of logged step `step` (1 .. steps) of a stage plan, drawn as its train step
+  draws them (on device for resident data, on the host for streamed data)."""
+  draw = device_batch_indices if plan.device_resident else host_batch_indices
+  return np.asarray(draw(plan.step_seed, step - 1, plan.batch_size, num_examples))
+
+
 def prefetch(iterator, size=2):
   """Runs `iterator` in a background thread, `size` items ahead (double-buffered by default).
 

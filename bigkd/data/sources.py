@@ -170,6 +170,21 @@ class FolderSource:
       return f.read(), int(self.labels[i]), self.paths[i]
 
 
+def median_long_side(root: str, sample: int = 200) -> int:
+  """The median long side, in pixels, of up to `sample` evenly spaced images of the train split
+  of an image folder (from the file headers: nothing is decoded)."""
+  from PIL import Image
+  paths = FolderSource(root, 'train').paths
+  sides = []
+  for path in paths[::max(1, len(paths) // sample)]:
+    try:
+      with Image.open(path) as image:
+        sides.append(max(image.size))
+    except OSError as e:
+      raise DataError(f'corrupt or unreadable image {path!r}') from None
+  return int(np.median(sides))
+
+
 class RecordSource:
   """ArrayRecord files written by `python -m bigkd.prepare` (`root/{split}/*.array_record`)."""
 
@@ -277,9 +292,29 @@ def load_split(data_cfg, split_key: str):
   if data_cfg.device_resident and data_cfg.source == 'tfds':
     return load_tfds(data_cfg.name, split, data_cfg.data_dir, data_cfg.base_size)
   source = open_source(data_cfg, split)
+  if getattr(source, 'skipped', 0):
+    print(f'bigkd: {split_key} {split!r}: skipped {source.skipped} files that are not images '
+          f'({", ".join(IMAGE_EXTENSIONS)})', flush=True)
   if data_cfg.device_resident:
     return in_memory(source, data_cfg.base_size)
   return StreamedSplit(source, data_cfg.base_size)
+
+
+def class_names(data_cfg, train) -> list[str]:
+  """The names of the classes, by label ('0'..'9' for the digits, the folder names of an image
+  folder, the names a prepared or tfds dataset records); [] when the source names none."""
+  if data_cfg.source == 'digits':
+    return [str(d) for d in range(10)]
+  if data_cfg.source == 'tfds' and isinstance(train, Split):
+    import tensorflow_datasets as tfds
+    try:
+      info = tfds.builder(data_cfg.name, data_dir=data_cfg.data_dir or None).info
+      return list(getattr(info.features['label'], 'names', []))
+    except Exception:  # noqa: BLE001  (names are a convenience; the data loaded already)
+      return []
+  source = train.source if isinstance(train, StreamedSplit) else open_source(
+      data_cfg, data_cfg.train_split)
+  return list(source.class_names)
 
 
 def known_classes(train) -> int:
