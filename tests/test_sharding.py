@@ -113,5 +113,5 @@ def test_meshes_give_the_run_of_one_device(tmp_path, reference_run):
     for key, spec in params.items():  # Adam's moments are split exactly like their params
       moments = [v for k, v in opt.items() if k.endswith(key) and ("['mu']" in k or "['nu']" in k)]
       assert moments and all(m == spec for m in moments), (name, key, spec, moments)
-    line = re.search(rf'mesh data={8 // fsdp} fsdp={fsdp} .*teacher teacher: (\d+)/', log)
+    line = re.search(rf'mesh data={8 // fsdp} fsdp={fsdp} .*teachers.teacher: (\d+)/', log)
     assert line and (int(line.group(1)) > 0) == (fsdp > 1), log
