@@ -100,10 +100,11 @@ def test_own_folder_with_junk_files_small_split_and_class_names(tmp_path):
 
   with open(os.path.join(root, 'val', 'cross', 'broken.jpg'), 'wb') as f:
     f.write(b'\xff\xd8\xff\xe0 truncated')
-  # Streamed images are decoded when first read (here: the teacher's evaluation on val).
+  # Held in memory (the config's default), every image is decoded before any work.
   result = run_cli(tiny_folder_args(root, str(tmp_path / 'w2')))
   assert result.returncode == 2 and 'broken.jpg' in result.stderr, result.stderr
   assert len(result.stderr.strip().splitlines()) == 1
+  assert not os.path.exists(tmp_path / 'w2')
 
 
 def test_bit_recipe_fine_tunes_a_21k_head_npz_then_distils(tmp_path):
