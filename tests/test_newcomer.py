@@ -1,4 +1,5 @@
-"""The first hour of a new user: the package installed and run from elsewhere, `--help` and
+"""The first hour of a new user (after test_inspect.py, whose first test must see the shared demo
+run while it trains): the package installed and run from elsewhere, `--help` and
 `--fields`, unknown variants, an own image folder (junk files, a corrupt image, class names,
 a small split), the BiT-M fine-tune-then-distil recipe on it, and curves that read right
 (means over the log interval, TensorBoard scalars and the views image)."""
