@@ -256,6 +256,7 @@ class Study:
 
   def __init__(self, study, root: str, out=print):
     self.study, self.root, self.out = study, root, out
+    self.trained = []  # the runs (and teachers) this call trained, by folder
 
   def teacher(self, seed: int, resolution: int) -> str:
     workdir = teacher_workdir(self.root, seed, resolution)
@@ -263,6 +264,7 @@ class Study:
     if 'diverged' in record:
       raise RuntimeError(f'teacher {workdir}: {record["diverged"]}')
     if trained:
+      self.trained.append(workdir)
       self.out(f'[seed {seed}] teacher {resolution}px: test accuracy '
                f'{100 * record["test_accuracy"]:.2f}%  ({record["wall_s"]:.0f} s)')
     return os.path.join(workdir, 'teacher')
@@ -273,6 +275,7 @@ class Study:
     record, trained = train(student_config(self.study, seed, run, teacher_dir), workdir,
                             'student')
     if trained:
+      self.trained.append(workdir)
       what = ('diverged' if 'diverged' in record else
               f'val KL {record["val_kl"]:.4f}  test KL {record["test_kl"]:.4f}  test agreement '
               f'{100 * record["test_agreement"]:.1f}%')
@@ -280,10 +283,19 @@ class Study:
     return record
 
   def run(self, parts) -> None:
+    """Seed by seed, part by part. A part's runs can depend on its earlier runs (the lr chosen
+    on a grid), so each part is asked again until it names no run not yet done."""
     for seed in range(self.study.seeds):
       for part in parts:
-        for run in part_runs(self.study, part, seed, chosen_lrs(self.study, self.root)):
-          self.student(seed, run)
+        done = set()
+        while True:
+          todo = [r for r in part_runs(self.study, part, seed, chosen_lrs(self.study, self.root))
+                  if r.name not in done]
+          if not todo:
+            break
+          for run in todo:
+            self.student(seed, run)
+            done.add(run.name)
 
 
 # ----------------------------------------------------------------------------- collecting
@@ -316,6 +328,15 @@ def machine() -> dict:
   return dict(platform=platform.platform(), cpus=os.cpu_count(), python=platform.python_version(),
               jax=jax.__version__, device=jax.devices()[0].device_kind,
               load_average=[round(x, 2) for x in load] if load else None)
+
+
+def calls(root: str) -> list[dict]:
+  """Every call of the command on this workdir (study_calls.jsonl): when, how long, what."""
+  path = os.path.join(root, 'study_calls.jsonl')
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
 
 
 # ----------------------------------------------------------------------------- command line
@@ -385,11 +406,17 @@ def main(argv=None) -> int:
   from bigkd import study_report
   start = time.time()
   print(f'bigkd.study: {study.seeds} seed(s), parts {",".join(parts)} in {root}', flush=True)
-  Study(study, root, out=lambda line: print(line, flush=True)).run(parts)
+  runner = Study(study, root, out=lambda line: print(line, flush=True))
+  runner.run(parts)
   elapsed = time.time() - start
+  call = dict(started=time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(start)),
+              wall_s=round(elapsed, 1), parts=parts, seeds=study.seeds,
+              trained=len(runner.trained), load_average_at_end=machine()['load_average'])
+  with open(os.path.join(root, 'study_calls.jsonl'), 'a') as f:
+    f.write(json.dumps(call) + '\n')
   results = collect(study, root)
   results.update(config=study.to_dict(), machine=machine(),
-                 timing=study_report.timing(results, elapsed, parts))
+                 timing=study_report.timing(results, elapsed, parts, calls(root)))
   report = study_report.write_report(results, root)
   print(f'bigkd.study: {elapsed / 60:.1f} min; wrote {", ".join(report)}', flush=True)
   return 0

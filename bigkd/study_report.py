@@ -256,16 +256,25 @@ def analyse(results) -> dict:
   return dict(parts, claims=claims(parts))
 
 
-def timing(results, elapsed_s: float, parts) -> dict:
-  """This call's wall time, and the compute time of everything on disk (each run's wall time
-  when it was trained: a sum over calls, for a study made in several)."""
+def timing(results, elapsed_s: float, parts, calls=()) -> dict:
+  """This call's wall time, every call's (study_calls.jsonl), and the compute time of
+  everything on disk (each run's wall time when it was trained: a sum over calls, for a study
+  made in several)."""
   walls = [r.get('wall_s') or 0 for s in results['seeds'].values()
            for r in list(s['runs'].values()) + list(s['teachers'].values())]
   return dict(this_call_s=round(elapsed_s, 1), this_call_parts=list(parts),
-              runs_on_disk=len(walls), sum_of_run_walls_s=round(sum(walls), 1))
+              runs_on_disk=len(walls), sum_of_run_walls_s=round(sum(walls), 1),
+              calls=list(calls))
 
 
 # ----------------------------------------------------------------------------- figures
+def budget_ticks(ax, budgets):
+  """The budgets themselves as the ticks of a log axis (not powers of ten)."""
+  from matplotlib.ticker import NullLocator
+  ax.set_xticks(budgets, [str(b) for b in budgets])
+  ax.xaxis.set_minor_locator(NullLocator())
+
+
 def _band(ax, x, entries, color, label, marker='o'):
   """Mean line with the min-max band over seeds, and every seed as a dot."""
   keep = [(b, e) for b, e in zip(x, entries) if e]
@@ -297,6 +306,7 @@ def patience_figure(part) -> Figure:
     ax.set_xlabel('training steps (each with its own schedule)')
     ax.set_title(title)
     ax.grid(alpha=0.3)
+    budget_ticks(ax, part['budgets'])
   axes[0].set_yscale('log')
   axes[0].legend(fontsize='small')
   return fig
@@ -361,6 +371,7 @@ def optimizer_figure(part) -> Figure:
     ax.set_yscale('log')
     ax.set_xlabel('training steps (each with its own schedule)')
     ax.grid(alpha=0.3)
+    budget_ticks(ax, sorted(set(part['adam_budgets']) | set(part['shampoo_budgets'])))
   return fig
 
 
@@ -437,7 +448,7 @@ def markdown(results, parts) -> str:
                    f'| {cell(e["test_kl"])} |')
     lines.append('')
   o = parts['optimizer']
-  if o['grid']:
+  if any(g['optimizer'] == 'shampoo' for g in o['grid'].values()):
     lines += ['## Optimizer: Adam vs Shampoo, each budget its own warmup + cosine schedule', '',
               f'Learning-rate grid, final val KL (mean over seed(s) {", ".join(o["grid_seeds"])}'
               '); **bold**: chosen, used for every seed.', '',
