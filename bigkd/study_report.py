@@ -45,7 +45,7 @@ def matched_budget(budgets, values, target):
     return float(points[0][0]), '<'
   for (b0, v0), (b1, v1) in zip(points, points[1:]):
     if ok(v1) and v1 <= target:
-      if not ok(v0):
+      if not ok(v0) or v1 == target:
         return float(b1), ''
       t = (v0 - target) / (v0 - v1)
       return float(math.exp(math.log(b0) + t * (math.log(b1) - math.log(b0)))), ''
@@ -376,22 +376,29 @@ def optimizer_figure(part) -> Figure:
 
 
 def resolution_figure(part) -> Figure:
-  fig = Figure(figsize=(8.5, 3.0), layout='constrained')
-  axes = fig.subplots(1, 2)
+  """Student accuracy and agreement for each teacher resolution, and the teachers' accuracy:
+  KL is not comparable across teachers, accuracy is (the paper compares student accuracy)."""
+  fig = Figure(figsize=(9.5, 3.0), layout='constrained')
+  axes = fig.subplots(1, 3)
   res = list(part['teachers'])
-  for ax, key, title in ((axes[0], 'test_accuracy', 'student test accuracy (%)'),
-                         (axes[1], 'test_teacher_accuracy', 'teacher test accuracy (%)')):
+  for ax, key, title in ((axes[0], 'test_accuracy', 'student test accuracy'),
+                         (axes[1], 'test_agreement', 'student-teacher test agreement'),
+                         (axes[2], 'test_teacher_accuracy', 'teacher test accuracy')):
+    low = 100.0
     for i, r in enumerate(res):
       e = part['teachers'][r][key]
       if e:
+        low = min(low, 100 * e['min'])
         ax.bar(i, 100 * e['mean'], color='tab:blue', alpha=0.6,
                yerr=[[100 * (e['mean'] - e['min'])], [100 * (e['max'] - e['mean'])]],
                capsize=4)
         ax.plot([i] * len(e['values']), [100 * v for v in e['values']], 'k.', ms=4)
     ax.set_xticks(range(len(res)), [f'{r} px teacher' for r in res])
-    ax.set_ylim(95, 100)
-    ax.set_title(f'{title}; student {part["student_resolution"]} px')
+    ax.set_ylim(max(0.0, low - 1.5), 100)
+    ax.set_title(f'{title} (%)', fontsize='medium')
     ax.grid(alpha=0.3, axis='y')
+  fig.suptitle(f'student at {part["student_resolution"]} px, function matching, '
+               f'{part["budget"]} steps', fontsize='medium')
   return fig
 
 
