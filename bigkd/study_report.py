@@ -349,10 +349,11 @@ def optimizer_figure(part) -> Figure:
     _band(ax, budgets, part['mean_curves'][name], COLORS[name], name.capitalize())
   for b, m in part['mean_matched'].items():
     if m['bound'] == '':
-      ax.annotate(fmt_ratio(m['ratio'], m['bound']), (float(b), 0), xycoords=('data',
-                  'axes fraction'), xytext=(0, 4), textcoords='offset points', ha='center',
+      ax.annotate(fmt_ratio(m['ratio'], m['bound']), (float(b), 1), xycoords=('data',
+                  'axes fraction'), xytext=(0, -12), textcoords='offset points', ha='center',
                   fontsize='small', color=COLORS['shampoo'])
-  ax.set_title('final val KL at the best lr of each budget')
+  ax.set_title('final val KL at the best lr of each budget\n(Shampoo steps × ratio = '
+               'Adam steps of equal KL)', fontsize='medium')
   ax.legend(fontsize='small')
   ax = axes[1]
   for name, style in (('adam', '-'), ('shampoo', '--')):
@@ -506,11 +507,17 @@ def markdown(results, parts) -> str:
   if t:
     mach = results.get('machine', {})
     lines += ['## Time and machine', '',
-              f'This call: {t["this_call_s"] / 60:.1f} min (parts {", ".join(t["this_call_parts"])}'
-              f'); all {t["runs_on_disk"]} runs on disk took {t["sum_of_run_walls_s"] / 60:.1f} '
-              f'min of training when they ran. Machine: {mach.get("cpus")} CPUs '
-              f'({mach.get("device")}), jax {mach.get("jax")}, load average at the end '
-              f'{mach.get("load_average")}.', '']
+              f'Machine: {mach.get("cpus")} CPUs ({mach.get("device")}), jax {mach.get("jax")}, '
+              f'{mach.get("platform")}. The {t["runs_on_disk"]} runs on disk (teachers '
+              f'included) took {t["sum_of_run_walls_s"] / 60:.1f} min of training when they '
+              'ran. The calls of the command on this workdir:', '',
+              '| started | parts | seeds | runs trained | wall time | load average at the end |',
+              '|---|---|---|---|---|---|']
+    for call in t.get('calls') or []:
+      lines.append(f'| {call["started"]} | {", ".join(call["parts"])} | {call["seeds"]} | '
+                   f'{call["trained"]} | {call["wall_s"] / 60:.1f} min | '
+                   f'{call.get("load_average_at_end")} |')
+    lines.append('')
   return '\n'.join(lines)
 
 

@@ -73,19 +73,21 @@ def test_cli_refuses_unknown_parts_and_variants(capsys):
   assert "unknown variant 'quick'" in capsys.readouterr().err
 
 
-# The regression guard. Measured on the fast variant over seeds 0-3 (docs/study.md): the ratio
-# test KL(function matching) / test KL(fixed teacher) at 400 steps was 0.XX-0.XX, and function
-# matching's test KL fell XX-XXx from 100 to 400 steps. The bounds sit past the worst seed and
-# short of what a broken function matching gives (teacher and student on independent crops:
-# ratio X.XX-X.XX, on both seeds tried).
-MAX_FM_OVER_FT = 0.85
+# The regression guard, with bounds from the fast variant run on seeds 0-3 (docs/study.md):
+# - function matching's test KL fell 4.7-8.5x from 100 to 400 steps (every seed; the full study
+#   saw it fall at every budget step on every seed). A function matching broken on purpose
+#   (teacher and student on independent crops, seeds 0-1) fell only 3.0-3.5x.
+# - test KL(function matching) / test KL(fixed teacher) at 400 steps was 0.53-1.04: below 1 on
+#   three seeds of four, so the guard asserts the bound, not the direction (the full study has
+#   function matching ahead on every seed only at 3000 steps, 0.49-0.90). Broken: 2.1-2.3.
 MIN_FM_IMPROVEMENT = 4.0
+MAX_FM_OVER_FT = 1.5
 
 
 def test_fast_study_guards_function_matching(tmp_path):
-  """`python -m bigkd.study W --config fast`: function matching beats the fixed teacher at the
-  longer budget and improves with budget, the directions the full study measured on every seed;
-  a re-run trains nothing again. A subprocess, as a user runs it: its compilation cache (in W)
+  """`python -m bigkd.study W --config fast`: function matching improves with budget and is not
+  behind the fixed teacher at the longer budget, within bounds measured over seeds; a re-run
+  trains nothing again. A subprocess, as a user runs it: its compilation cache (in W)
   compiles the initialisation and evaluation once for the teacher and the three runs."""
   from conftest import REPO, subprocess_env
   root = str(tmp_path / 'study')

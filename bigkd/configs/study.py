@@ -55,6 +55,7 @@ SHAMPOO_VARIANTS = {
     'graft_rmsprop': dict(graft='rmsprop'),
     'graft_sgd': dict(graft='sgd'),
     'stats_b2_0.99': dict(graft_b2=0.999, b2=0.99),
+    'start_50_every_2': dict(start_preconditioning_step=50, precondition_every=2),
 }
 
 
