@@ -348,7 +348,8 @@ def parse_args(argv):
   parser = argparse.ArgumentParser(
       prog='python -m bigkd.study', description=__doc__.split('\n')[0],
       formatter_class=argparse.RawDescriptionHelpFormatter,
-      epilog='example: python -m bigkd.study runs/study   (about 30 min on 2 CPU cores)')
+      epilog='example: python -m bigkd.study runs/study   (46 min measured on 2 CPU cores shared '
+      'with other jobs; docs/study.md)')
   parser.add_argument('workdir', help='where the runs, study.json, study.md and the PNGs go')
   parser.add_argument('--seeds', type=int, default=0, help='seeds 0..N-1 (default: the config)')
   parser.add_argument('--only', default='',
@@ -407,7 +408,18 @@ def main(argv=None) -> int:
   start = time.time()
   print(f'bigkd.study: {study.seeds} seed(s), parts {",".join(parts)} in {root}', flush=True)
   runner = Study(study, root, out=lambda line: print(line, flush=True))
-  runner.run(parts)
+  from bigkd import stages
+  from bigkd.checkpoint import CheckpointError
+  from bigkd.config import ConfigError
+  from bigkd.data.sources import DataError
+  try:
+    runner.run(parts)
+  except (ConfigError, CheckpointError, DataError) as e:  # e.g. a run made by another study
+    print(f'bigkd.study: error: {str(e).splitlines()[0]}', file=sys.stderr)
+    return 2
+  except stages.Preempted as e:
+    print(f'bigkd.study: preempted: {e}', file=sys.stderr)
+    return stages.PREEMPTED_EXIT_CODE
   elapsed = time.time() - start
   call = dict(started=time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(start)),
               wall_s=round(elapsed, 1), parts=parts, seeds=study.seeds,
