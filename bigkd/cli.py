@@ -69,6 +69,9 @@ def parse(flag_values: flags.FlagValues, argv, usage: str):
     fail(one_line(e))
   if 'config' in flag_values and flag_values.config is None:
     fail('--config is required')
+  if 'config' in flag_values and 'stage_order' not in flag_values.config:
+    fail(f'{flag_values["config"].config_filename} is not a training config (no stages); '
+         'configs/study.py is run by python -m bigkd.study')
   if fields:
     from bigkd.config import describe_fields
     print(describe_fields(flag_values.config))

@@ -177,3 +177,9 @@ def test_tensorboard_reads_scalars_and_the_views_image(demo_run):
   assert views.step == 1 and image.shape == (int(height), int(width), 3)
   assert image.shape[1] > 4 * 2 * 64 and image.shape[0] > 2 * 64  # 4 pairs, >= 2 teaching modes
   assert image.std() > 10  # not a blank image
+
+
+def test_the_study_config_is_not_mistaken_for_a_training_config(tmp_path):
+  result = run_cli(['--config', 'configs/study.py', '--workdir', str(tmp_path / 'w')])
+  assert result.returncode == 2 and 'python -m bigkd.study' in result.stderr, result.stderr
+  assert not os.path.exists(tmp_path / 'w')
