@@ -156,7 +156,7 @@ def step_pairs(plan: StagePlan) -> tuple:
   return tuple(FeaturePair(
       p.student_tap, teacher_index[p.teacher], p.teacher_tap,
       FeatureAdapter(p.teacher_shape) if p.adapter else None,
-      f'{i}_{p.student_tap}_to_{p.teacher}_{p.teacher_tap}' if p.adapter else '')
+      f'{i}_{p.student_tap}_to_{p.teacher}_{p.teacher_tap}' if p.adapter else '', p.terms)
                for i, p in enumerate(plan.feature_pairs))
 
 

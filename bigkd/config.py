@@ -123,11 +123,13 @@ def stage_config(model: str, resolution: int, teachers=None, **overrides) -> Con
       optimizer=ConfigDict(),     # overrides of config.optimizer for this stage
       augment=ConfigDict(),       # overrides of config.augment for this stage
       feature_pairs=(),           # (student tap, teacher tap) pairs that the feature losses
-                                  # (fitnet, at, sp, pkt, rkd_*) compare, each a string
-                                  # 'student.TAP' / 'TEACHER.TAP', TEACHER a name in teachers
-                                  # and TAP one of the model's features (stage1.., prelogits):
-                                  # (('student.stage2', 'teacher.stage3'),); each loss sums
-                                  # over the pairs, taken on the views the logits see
+                                  # (fitnet, at, sp, pkt, rkd_*) compare: 'student.TAP' and
+                                  # 'TEACHER.TAP', TEACHER a name in teachers, TAP a feature
+                                  # of the model (stage1, stage2, ..., prelogits), e.g.
+                                  # (('student.stage2', 'teacher.stage3'),); a third string
+                                  # 'LOSS,LOSS' limits a pair to those losses (default: every
+                                  # weighted one). Each loss sums over its pairs; features are
+                                  # taken on the views the logits see (function matching)
       cka_pairs=(),               # pairs (as feature_pairs) whose linear CKA the evaluation
                                   # reports (val_cka, test_cka: mean over the pairs, and one
                                   # value per pair when several); (): the feature_pairs

@@ -38,6 +38,7 @@ class FeaturePair:
   student_shape: tuple  # per example, no batch axis
   teacher_shape: tuple
   adapter: bool         # FitNet: a trained adapter maps the student feature to teacher_shape
+  terms: tuple = ()     # the feature losses that compare this pair (none: a CKA pair)
 
   @property
   def label(self) -> str:
@@ -267,15 +268,17 @@ def _check_objective(stage, where) -> None:
     return
   _need(any(weights.values()), f'{where}.loss_weights: every weight is 0; nothing to train')
   feature_terms = [t for t in FEATURE_LOSSES if weights.get(t)]
-  _need(not feature_terms or stage.feature_pairs,
-        f'{where}.loss_weights.{feature_terms[0] if feature_terms else ""}: a feature loss '
-        'needs feature_pairs, e.g. (("student.stage2", "teacher.stage3"),)')
   _need(not stage.feature_pairs or feature_terms,
         f'{where}.feature_pairs is set but no feature loss ({", ".join(FEATURE_LOSSES)}) has a '
         'weight in loss_weights (for the CKA alone, use cka_pairs)')
-  for key in ('feature_pairs', 'cka_pairs'):
-    for pair in stage[key]:
-      _parse_pair(pair, stage, f'{where}.{key}')
+  used = set()
+  for pair in stage.feature_pairs:
+    used.update(_parse_pair(pair, stage, f'{where}.feature_pairs', feature_terms)[3])
+  for term in feature_terms:
+    _need(term in used, f'{where}.loss_weights.{term}: a feature loss needs feature_pairs that '
+          'it compares, e.g. (("student.stage2", "teacher.stage3"),)')
+  for pair in stage.cka_pairs:
+    _parse_pair(pair, stage, f'{where}.cka_pairs', ())
   options = stage.loss_options
   for key in ('at_p', 'dkd_temperature', 'dist_temperature'):
     _need(options[key] > 0, f'{where}.loss_options.{key}={options[key]} must be positive')
@@ -283,23 +286,33 @@ def _check_objective(stage, where) -> None:
     _need(options[key] >= 0, f'{where}.loss_options.{key}={options[key]} must be >= 0')
 
 
-def _parse_pair(pair, stage, where) -> tuple[str, str, str]:
-  """('student.TAP', 'TEACHER.TAP') -> (student tap, teacher name, teacher tap)."""
-  ok = (isinstance(pair, (tuple, list)) and len(pair) == 2
-        and all(isinstance(p, str) and '.' in p for p in pair))
-  _need(ok, f'{where}: {pair!r} is not a pair (\'student.TAP\', \'TEACHER.TAP\')')
-  (side, student_tap), (teacher, teacher_tap) = (p.split('.', 1) for p in pair)
+def _parse_pair(pair, stage, where, feature_terms) -> tuple[str, str, str, tuple]:
+  """('student.TAP', 'TEACHER.TAP'[, 'LOSS,LOSS']) -> (student tap, teacher name, teacher tap,
+  the feature losses that compare the pair). Without the third element: every weighted one of
+  `feature_terms`; with it (feature_pairs only), those it names, each weighted."""
+  ok = (isinstance(pair, (tuple, list)) and len(pair) in (2, 3) and all(
+      isinstance(p, str) for p in pair) and all('.' in p for p in pair[:2]))
+  _need(ok, f'{where}: {pair!r} is not a pair (\'student.TAP\', \'TEACHER.TAP\'[, \'LOSS,...\'])')
+  (side, student_tap), (teacher, teacher_tap) = (p.split('.', 1) for p in pair[:2])
   _need(side == 'student', f'{where}: {pair[0]!r} must name a student feature, '
         '\'student.TAP\' (the first of a pair is the student\'s)')
   _need(teacher in stage.teachers, f'{where}: {pair[1]!r}: no teacher {teacher!r} in this stage '
         f'(teachers: {", ".join(stage.teachers)})')
-  return student_tap, teacher, teacher_tap
+  if len(pair) == 2:
+    return student_tap, teacher, teacher_tap, tuple(feature_terms)
+  named = tuple(n.strip() for n in pair[2].split(',') if n.strip())
+  _need(feature_terms, f'{where}: {pair!r}: a CKA pair takes no loss names')
+  bad = [n for n in named if n not in feature_terms]
+  _need(named and not bad, f'{where}: {pair!r}: {", ".join(bad) or "no loss"} is not a '
+        f'weighted feature loss of this stage ({", ".join(feature_terms)})')
+  return student_tap, teacher, teacher_tap, tuple(t for t in feature_terms if t in named)
 
 
 # What each feature loss can compare, by the number of per-example dimensions (3: [H, W, C],
 # 1: [D]); None: anything (flattened per example).
 FEATURE_RANKS = {'fitnet': None, 'at': (3,), 'sp': None, 'pkt': None, 'rkd_distance': (1,),
                  'rkd_angle': (1,)}
+RANK_NAMES = {(3,): 'spatial features [H, W, C]', (1,): 'vector features (prelogits)'}
 
 
 def _cached_feature_shapes(model, num_classes, resolution, model_kwargs, cache):
@@ -309,16 +322,16 @@ def _cached_feature_shapes(model, num_classes, resolution, model_kwargs, cache):
   return cache[key]
 
 
-def _feature_pairs(name, stage, key, teachers, model_shapes, terms) -> tuple:
+def _feature_pairs(name, stage, key, teachers, model_shapes, feature_terms) -> tuple:
   """The FeaturePairs of stage.`key`, each tap checked against its model's features and each
-  pair's shapes against the feature losses in `terms` (a ConfigError naming both shapes where
-  no adapter can make them comparable)."""
+  pair's shapes against the feature losses that compare it (a ConfigError naming both shapes
+  where no adapter can make them comparable)."""
   teacher_plans = {t.name: t for t in teachers}
   student_shapes = model_shapes(stage.model, stage.resolution, stage.model_kwargs.to_dict())
   where = f'stages.{name}.{key}'
   pairs = []
   for pair in stage[key]:
-    student_tap, teacher, teacher_tap = _parse_pair(pair, stage, where)
+    student_tap, teacher, teacher_tap, terms = _parse_pair(pair, stage, where, feature_terms)
     t = teacher_plans[teacher]
     teacher_shapes = model_shapes(t.model, t.resolution, t.model_kwargs)
     for tap, shapes, model, side in ((student_tap, student_shapes, stage.model, 'student'),
@@ -328,15 +341,15 @@ def _feature_pairs(name, stage, key, teachers, model_shapes, terms) -> tuple:
     s_shape, t_shape = student_shapes[student_tap], teacher_shapes[teacher_tap]
     shown = f'{pair[0]} {s_shape} and {pair[1]} {t_shape}'
     for term in terms:
-      ranks = FEATURE_RANKS.get(term)
+      ranks = FEATURE_RANKS[term]
       _need(ranks is None or (len(s_shape) in ranks and len(t_shape) in ranks),
-            f'{where}: {term} compares {"spatial features [H, W, C]" if ranks == (3,) else "vector features (prelogits)"}, '
-            f'not {shown}')
+            f'{where}: {term} compares {RANK_NAMES.get(ranks)}, not {shown}')
     adapter = 'fitnet' in terms and s_shape != t_shape
     _need(not adapter or len(s_shape) == len(t_shape),
           f'{where}: fitnet cannot adapt {shown}: an adapter maps [H, W, C] to [H\', W\', C\'] '
           'or [D] to [D\'], not one kind to the other')
-    pairs.append(FeaturePair(student_tap, teacher, teacher_tap, s_shape, t_shape, adapter))
+    pairs.append(FeaturePair(student_tap, teacher, teacher_tap, s_shape, t_shape, adapter,
+                             terms))
   return tuple(pairs)
 
 
@@ -351,7 +364,8 @@ def _objective(name, stage, teachers, model_shapes) -> dict:
   feature_terms = [t for t, _ in terms if t in FEATURE_LOSSES]
   pairs = _feature_pairs(name, stage, 'feature_pairs', teachers, model_shapes, feature_terms)
   cka = (_feature_pairs(name, stage, 'cka_pairs', teachers, model_shapes, ())
-         if stage.cka_pairs else tuple(dataclasses.replace(p, adapter=False) for p in pairs))
+         if stage.cka_pairs else pairs)
+  cka = tuple({p.label: dataclasses.replace(p, adapter=False, terms=()) for p in cka}.values())
   return dict(loss_terms=terms, loss_options=stage.loss_options.to_dict(), feature_pairs=pairs,
               cka_pairs=cka)
 

@@ -114,6 +114,7 @@ class FeaturePair(NamedTuple):
   teacher_tap: str
   adapter: Any = None        # FitNet: a `FeatureAdapter` module from student to teacher shape
   adapter_key: str = ''      # ... and its parameters' key in TrainState.aux_params
+  terms: tuple = ()          # the feature losses that compare this pair
 
 
 # The loss of a stage whose loss_weights are the defaults (as `plan.DEFAULT_LOSS_TERMS`).
@@ -203,8 +204,8 @@ def feature_term(term, pair, teacher_feature, student_feature, aux_params, optio
 
 
 def loss_terms(spec: StepSpec, t_logits, s_logits, targets, t_feats, s_feats, aux_params, step):
-  """{term: unweighted value} of every weighted term of the stage's loss. The feature losses
-  sum over the pairs; `t_feats[i]` are teacher i's features, `s_feats` the student's, all taken
+  """{term: unweighted value} of every weighted term of the stage's loss. A feature loss sums
+  over the pairs that it compares (`FeaturePair.terms`); `t_feats[i]` are teacher i's features, `s_feats` the student's, all taken
   on the views the logits were (function matching: the same crops and mixup)."""
   options = dict(spec.loss_options)
   values = {}
@@ -224,7 +225,7 @@ def loss_terms(spec: StepSpec, t_logits, s_logits, targets, t_feats, s_feats, au
     else:
       values[term] = sum(feature_term(term, p, t_feats[p.teacher][p.teacher_tap],
                                       s_feats[p.student_tap], aux_params, options)
-                         for p in spec.feature_pairs)
+                         for p in spec.feature_pairs if term in p.terms)
   return values
 
 
