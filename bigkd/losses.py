@@ -11,6 +11,9 @@ ENSEMBLE_MODES = ('logits', 'probs')
 # the labels, the feature losses (on the stage's feature pairs) and the other logit losses.
 FEATURE_LOSSES = ('fitnet', 'at', 'sp', 'pkt', 'rkd_distance', 'rkd_angle')
 LOSS_TERMS = ('kl', 'labels', *FEATURE_LOSSES, 'dkd', 'dist')
+# (term, weight) of a stage whose loss_weights are the defaults: its logit loss alone, for which
+# the train step runs exactly the code it ran before the other terms existed.
+DEFAULT_LOSS_TERMS = (('kl', 1.0),)
 
 
 def cross_entropy(logits, labels):

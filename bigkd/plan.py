@@ -13,7 +13,8 @@ import os
 from bigkd import checkpoint
 from bigkd.config import ConfigError, merged, stage_config, stage_names
 from bigkd.data.augment import CROP_SAMPLERS, TEACHING_MODES
-from bigkd.losses import DISTILL_LOSSES, ENSEMBLE_MODES, FEATURE_LOSSES, LOSS_TERMS
+from bigkd.losses import DEFAULT_LOSS_TERMS, DISTILL_LOSSES, ENSEMBLE_MODES, FEATURE_LOSSES, \
+    LOSS_TERMS
 from bigkd.models import feature_shapes, model_names
 from bigkd.optim import DTYPES, OPTIMIZERS, SCHEDULES
 
@@ -30,7 +31,7 @@ class TeacherPlan:
 
 
 @dataclasses.dataclass(frozen=True)
-class FeaturePair:
+class PairPlan:
   """A student feature and a teacher feature that a feature loss (or the CKA) compares."""
   student_tap: str      # a feature of the stage's model (`bigkd.models.features`)
   teacher: str          # the teacher's name in the stage's teachers
@@ -44,11 +45,6 @@ class FeaturePair:
   def label(self) -> str:
     """'student.TAP,TEACHER.TAP': how the config names the pair (and summary.json its CKA)."""
     return f'student.{self.student_tap},{self.teacher}.{self.teacher_tap}'
-
-
-# A stage's loss when its loss_weights are the defaults: the logit loss alone, as before
-# feature losses existed (the train step then runs exactly the code it ran then).
-DEFAULT_LOSS_TERMS = (('kl', 1.0),)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,8 +83,8 @@ class StagePlan:
   keep_checkpoints: int
   loss_terms: tuple = DEFAULT_LOSS_TERMS  # (term, weight) with weight > 0, in LOSS_TERMS order
   loss_options: dict = dataclasses.field(default_factory=dict)  # stage_config's loss_options
-  feature_pairs: tuple = ()  # of FeaturePair: what the feature losses compare
-  cka_pairs: tuple = ()      # of FeaturePair: what the evaluation's CKA compares
+  feature_pairs: tuple = ()  # of PairPlan: what the feature losses compare
+  cka_pairs: tuple = ()      # of PairPlan: what the evaluation's CKA compares
 
   @property
   def step_seed(self) -> int:
@@ -323,7 +319,7 @@ def _cached_feature_shapes(model, num_classes, resolution, model_kwargs, cache):
 
 
 def _feature_pairs(name, stage, key, teachers, model_shapes, feature_terms) -> tuple:
-  """The FeaturePairs of stage.`key`, each tap checked against its model's features and each
+  """The PairPlans of stage.`key`, each tap checked against its model's features and each
   pair's shapes against the feature losses that compare it (a ConfigError naming both shapes
   where no adapter can make them comparable)."""
   teacher_plans = {t.name: t for t in teachers}
@@ -348,7 +344,7 @@ def _feature_pairs(name, stage, key, teachers, model_shapes, feature_terms) -> t
     _need(not adapter or len(s_shape) == len(t_shape),
           f'{where}: fitnet cannot adapt {shown}: an adapter maps [H, W, C] to [H\', W\', C\'] '
           'or [D] to [D\'], not one kind to the other')
-    pairs.append(FeaturePair(student_tap, teacher, teacher_tap, s_shape, t_shape, adapter,
+    pairs.append(PairPlan(student_tap, teacher, teacher_tap, s_shape, t_shape, adapter,
                              terms))
   return tuple(pairs)
 

@@ -13,6 +13,7 @@ import optax
 
 from bigkd import losses
 from bigkd.data import augment
+from bigkd.losses import DEFAULT_LOSS_TERMS
 from bigkd.data.sampling import device_batch_indices
 from bigkd.models import features
 
@@ -117,10 +118,6 @@ class FeaturePair(NamedTuple):
   terms: tuple = ()          # the feature losses that compare this pair
 
 
-# The loss of a stage whose loss_weights are the defaults (as `plan.DEFAULT_LOSS_TERMS`).
-DEFAULT_LOSS_TERMS = (('kl', 1.0),)
-
-
 class StepSpec(NamedTuple):
   """Everything static about a stage's train step (hashable: jit closes over it)."""
   student: nn.Module
@@ -205,8 +202,9 @@ def feature_term(term, pair, teacher_feature, student_feature, aux_params, optio
 
 def loss_terms(spec: StepSpec, t_logits, s_logits, targets, t_feats, s_feats, aux_params, step):
   """{term: unweighted value} of every weighted term of the stage's loss. A feature loss sums
-  over the pairs that it compares (`FeaturePair.terms`); `t_feats[i]` are teacher i's features, `s_feats` the student's, all taken
-  on the views the logits were (function matching: the same crops and mixup)."""
+  over the pairs that it compares (`FeaturePair.terms`); `t_feats[i]` are teacher i's
+  features, `s_feats` the student's, all taken on the views the logits were (function
+  matching: the same crops and mixup)."""
   options = dict(spec.loss_options)
   values = {}
   for term, _ in spec.loss_terms:
