@@ -196,6 +196,16 @@ def test_unknown_terms_are_refused_where_a_config_names_them(random_teacher):
     planned(c)
 
 
+def test_every_new_field_is_documented_for_fields():
+  from bigkd.config import field_docs
+  docs = field_docs()
+  keys = ['stages.*.feature_pairs', 'stages.*.cka_pairs'] + [
+      f'stages.*.loss_weights.{t}' for t in WEIGHTS] + [
+      f'stages.*.loss_options.{o}' for o in stage_config('', 0).loss_options]
+  assert all(docs.get(k) for k in keys), [k for k in keys if not docs.get(k)]
+  assert "'student.TAP'" in docs['stages.*.feature_pairs']
+
+
 def test_plan_holds_plain_values_and_adapters_only_where_shapes_differ(random_teacher):
   both = (('student.stage2', 'teacher.stage2'), ('student.stage2', 'teacher.stage2'))
   plan = planned(student_config(random_teacher, feature_pairs=SPATIAL,
