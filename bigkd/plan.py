@@ -11,7 +11,7 @@ import json
 import os
 
 from bigkd import checkpoint
-from bigkd.config import ConfigError, merged, stage_config, stage_names
+from bigkd.config import ConfigError, base_config, merged, stage_config, stage_names
 from bigkd.data.augment import CROP_SAMPLERS, TEACHING_MODES
 from bigkd.losses import DEFAULT_LOSS_TERMS, DISTILL_LOSSES, ENSEMBLE_MODES, FEATURE_LOSSES, \
     LOSS_TERMS
@@ -344,8 +344,7 @@ def _feature_pairs(name, stage, key, teachers, model_shapes, feature_terms) -> t
     _need(not adapter or len(s_shape) == len(t_shape),
           f'{where}: fitnet cannot adapt {shown}: an adapter maps [H, W, C] to [H\', W\', C\'] '
           'or [D] to [D\'], not one kind to the other')
-    pairs.append(PairPlan(student_tap, teacher, teacher_tap, s_shape, t_shape, adapter,
-                             terms))
+    pairs.append(PairPlan(student_tap, teacher, teacher_tap, s_shape, t_shape, adapter, terms))
   return tuple(pairs)
 
 
@@ -536,6 +535,19 @@ def check_workdir_path(workdir: str) -> None:
         f'workdir {workdir!r}: {parent!r} is not writable')
 
 
+def added_at_default(field: str, old, new) -> bool:
+  """Whether `field` is absent from an older config.json and now at its default: a field added
+  since (such as a stage's loss_weights) whose default computes what the older code did."""
+  if old != ABSENT:
+    return False
+  parts = field.split('.')
+  if parts[0] == 'stages' and len(parts) > 2:
+    defaults, key = flatten(stage_config('', 0).to_dict()), '.'.join(parts[2:])
+  else:
+    defaults, key = flatten(base_config().to_dict()), field
+  return key in defaults and json.loads(json.dumps(defaults[key])) == new
+
+
 def check_workdir_config(config, workdir: str) -> dict:
   """The changes of `config` against the config.json the workdir was started with (none for a
   new workdir): a `ConfigError` listing every field that changes the result and is not allowed;
@@ -549,6 +561,7 @@ def check_workdir_config(config, workdir: str) -> dict:
   except (OSError, ValueError) as e:
     raise ConfigError(f'workdir {workdir!r}: unreadable config.json ({e})') from None
   changes = config_differences(stored, json.loads(config.to_json_best_effort()))
+  changes = {k: v for k, v in changes.items() if not added_at_default(k, *v)}
   allowed = allowed_names(config)
   refused = [k for k in changes if not covered(k, allowed)]
   _need(not refused, f'workdir {workdir} was started with another config: ' + ', '.join(
