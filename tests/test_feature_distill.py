@@ -122,7 +122,7 @@ def saved_adapters(stage_dir, step=None):
   return meta, jax.device_get(restored)
 
 
-def test_adapter_is_saved_apart_exported_never_and_resumes_bitwise(runs, tmp_path):
+def test_adapter_is_saved_apart_exported_never_and_resumes_bitwise(runs, tmp_path, capsys):
   stage_dir = runs.one / 'student'
   meta, adapters = saved_adapters(stage_dir)
   assert set(adapters) == {ADAPTER} and 'params' in meta
@@ -130,6 +130,9 @@ def test_adapter_is_saved_apart_exported_never_and_resumes_bitwise(runs, tmp_pat
   # What a later stage, `init` or a notebook reads is the student alone (it fits cnn_tiny).
   student = student_params(stage_dir)
   checkpoint.check_fits(str(stage_dir), 'cnn_tiny', {}, 10, 8, 'as a teacher')  # no extra leaf
+  from bigkd import inspect
+  opened = inspect.load_run(str(runs.one)).stage('student')
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(opened.params), student)
 
   # Resumed at the middle checkpoint (as after a kill): the same adapters, student, log, summary.
   resumed = tmp_path / 'resumed'
@@ -137,7 +140,9 @@ def test_adapter_is_saved_apart_exported_never_and_resumes_bitwise(runs, tmp_pat
   shutil.rmtree(resumed / 'student' / 'checkpoints' / str(STEPS))
   for path in (resumed / 'student' / 'summary.json', resumed / 'summary.json'):
     os.remove(path)
+  capsys.readouterr()
   summary = stages.run(methods_config(runs.teacher_dir), str(resumed))['stages']
+  assert f'[student] resuming from step {STEPS // 2}' in capsys.readouterr().out
   assert summary == runs.summary
   jax.tree.map(np.testing.assert_array_equal, saved_adapters(resumed / 'student')[1], adapters)
   jax.tree.map(np.testing.assert_array_equal, student_params(resumed / 'student'), student)
