@@ -28,8 +28,9 @@ from bigkd.optim import build_optimizer
 from bigkd.plan import StagePlan, auto_base_size, check_config, mesh_shape, plan_stages
 from bigkd.sharding import batch_sharding, fsdp_compute_sharding, gather_rows, init_opt_state, \
     make_mesh, put_global, put_rows_sharded, replicated, tree_shardings
-from bigkd.step import StepSpec, Teacher, TrainState, make_eval_step, make_train_step, \
-    with_device_batches, zero_metric_sums
+from bigkd.models.adapters import FeatureAdapter
+from bigkd.step import FeaturePair, StepSpec, Teacher, TrainState, loss_components, \
+    make_eval_step, make_train_step, optimized_tree, with_device_batches, zero_metric_sums
 
 # optimizer.skip_nonfinite_updates: this many non-finite updates in a row are skipped; the next
 # is applied, its non-finite parameters stop the run (a run that only makes NaNs should end).
@@ -148,9 +149,50 @@ def check_teacher_logits(eval_step, params, teacher_params, split, batch_size, s
                                      'refusing to distil from it')
 
 
-def initial_state(plan: StagePlan, student, tx, mesh) -> TrainState:
+def step_pairs(plan: StagePlan) -> tuple:
+  """The stage's feature pairs for its train step: teachers by index, and for a FitNet pair
+  whose shapes differ its adapter module and the key of the adapter's parameters."""
+  teacher_index = {t.name: i for i, t in enumerate(plan.teachers)}
+  return tuple(FeaturePair(
+      p.student_tap, teacher_index[p.teacher], p.teacher_tap,
+      FeatureAdapter(p.teacher_shape) if p.adapter else None,
+      f'{i}_{p.student_tap}_to_{p.teacher}_{p.teacher_tap}' if p.adapter else '', p.terms)
+               for i, p in enumerate(plan.feature_pairs))
+
+
+def eval_cka_pairs(plan: StagePlan) -> tuple:
+  """(label, FeaturePair) of each pair whose CKA the evaluation reports."""
+  teacher_index = {t.name: i for i, t in enumerate(plan.teachers)}
+  return tuple((p.label, FeaturePair(p.student_tap, teacher_index[p.teacher], p.teacher_tap))
+               for p in plan.cka_pairs)
+
+
+# Folded into the stage's init key for its adapters: a stream apart from the student's draw.
+ADAPTER_STREAM = 1
+
+
+def initial_adapters(plan: StagePlan, pairs, mesh):
+  """{adapter key: params} of the stage's adapters, drawn from (seed, stage index) apart from
+  the student's init and sharded by the parameter rule; None when the stage has none."""
+  with_adapter = [(p, planned) for p, planned in zip(pairs, plan.feature_pairs) if p.adapter]
+  if not with_adapter:
+    return None
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(plan.seed), plan.index),
+                           ADAPTER_STREAM)
+
+  def init():
+    return {p.adapter_key: p.adapter.init(jax.random.fold_in(key, i),
+                                          jnp.zeros((1, *planned.student_shape)))['params']
+            for i, (p, planned) in enumerate(with_adapter)}
+
+  shardings = tree_shardings(mesh, jax.eval_shape(init), plan.min_fsdp_size)
+  return jax.jit(init, out_shardings=shardings)()
+
+
+def initial_state(plan: StagePlan, student, tx, mesh, pairs=()) -> TrainState:
   """Step 0: parameters from `plan.init` (head re-initialised) or drawn from (seed, stage
-  index), and the optimiser state, each sharded by the parameter rule (`sharding.py`)."""
+  index), the adapters of `pairs` (`step_pairs`) if any, and the optimiser state of both, each
+  sharded by the parameter rule (`sharding.py`)."""
   targets = param_targets(plan.model, plan.model_kwargs, plan.num_classes, plan.resolution,
                           jnp.float32, mesh, plan.min_fsdp_size)
   if plan.init:
@@ -160,10 +202,12 @@ def initial_state(plan: StagePlan, student, tx, mesh) -> TrainState:
   else:
     init_key = jax.random.fold_in(jax.random.key(plan.seed), plan.index)
     params = random_params(student, plan.resolution, init_key, targets)
+  aux_params = initial_adapters(plan, pairs, mesh)
   zero = lambda: jax.device_put(jnp.zeros((), jnp.int32), replicated(mesh))
-  return TrainState(zero(), params, init_opt_state(tx, params, mesh, plan.min_fsdp_size), zero(),
-                    jax.device_put(zero_metric_sums(bool(plan.teachers)),
-                                   replicated(mesh)))
+  opt_state = init_opt_state(tx, optimized_tree(params, aux_params), mesh, plan.min_fsdp_size)
+  sums = zero_metric_sums(bool(plan.teachers), loss_components(plan.loss_terms))
+  return TrainState(zero(), params, opt_state, zero(), jax.device_put(sums, replicated(mesh)),
+                    aux_params)
 
 
 def prefetch_to_device(iterator, size=2):
@@ -230,11 +274,13 @@ def build_stage(plan: StagePlan, data: RunData, mesh, random_params=False) -> St
   tx, lr_schedule = build_optimizer(plan.optimizer, plan.steps, plan.warmup_steps)
   if plan.optimizer.get('skip_nonfinite_updates'):
     tx = optax.apply_if_finite(tx, MAX_SKIPPED_IN_A_ROW)
+  pairs = step_pairs(plan)
   state = initial_state(dataclasses.replace(plan, init='') if random_params else plan, student,
-                        tx, mesh)
+                        tx, mesh, pairs)
   spec = StepSpec(student, plan.resolution, teachers, plan.num_classes,
                   tuple(sorted(plan.augment.items())), plan.teaching_mode, plan.loss,
-                  plan.temperature, plan.label_weight, plan.ensemble, plan.step_seed)
+                  plan.temperature, plan.label_weight, plan.ensemble, plan.step_seed,
+                  plan.loss_terms, tuple(sorted(plan.loss_options.items())), pairs)
   raw_step = make_train_step(spec, tx, lr_schedule, plan.grad_accum_steps,
                              fsdp_compute_sharding(mesh), plan.log_every)
   batches = batch_sharding(mesh)
@@ -253,7 +299,7 @@ def build_stage(plan: StagePlan, data: RunData, mesh, random_params=False) -> St
                                num_threads=plan.reader_threads)
   train_step = jit_step(fed_step, state, mesh)
   eval_step = jax.jit(make_eval_step(student, plan.resolution, teachers, plan.ensemble,
-                                     plan.eval_crop_fraction))
+                                     plan.eval_crop_fraction, eval_cka_pairs(plan)))
   if teachers and not random_params:
     check_teacher_logits(eval_step, state.params, teacher_params, data.val, plan.eval_batch_size,
                          batches, plan)

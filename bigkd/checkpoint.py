@@ -1,8 +1,9 @@
 """Checkpoints of a stage's student (orbax) and loading of teachers / initialisations.
 
 A stage folder holds `stage.json` (model, resolution, num_classes: what is needed to rebuild the
-model), `checkpoints/<step>/{params,opt_state}` and, once finished, `summary.json`. The teacher
-is never saved with the student: a stage's checkpoint holds only its own parameters.
+model), `checkpoints/<step>/{params,opt_state[,metric_sums,aux_params]}` and, once finished,
+`summary.json`. The teacher is never saved with the student: a stage's checkpoint holds only its
+own parameters (and, apart from them, the feature adapters that trained with it).
 """
 import json
 import os
@@ -28,6 +29,7 @@ def manager(stage_dir: str, keep: int = 2) -> ocp.CheckpointManager:
       item_handlers={'params': ocp.StandardCheckpointHandler(),
                      'opt_state': ocp.StandardCheckpointHandler(),
                      'metric_sums': ocp.StandardCheckpointHandler(),
+                     'aux_params': ocp.StandardCheckpointHandler(),
                      'integrity': ocp.JsonCheckpointHandler()})
 
 
@@ -54,14 +56,19 @@ def checksum(tree) -> jax.Array:
   return total
 
 
-def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, metric_sums=None) -> None:
+def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, metric_sums=None,
+         aux_params=None) -> None:
   """Asynchronous: call `mngr.wait_until_finished()` before reading it or exiting. With the
   arrays goes their checksum (`integrity`), which `restore_state` verifies. `metric_sums`: the
   state's sums of the metrics since the last log (`step.TrainState`), so a resumed run's next
-  log averages the same steps as an uninterrupted run's."""
+  log averages the same steps as an uninterrupted run's. `aux_params`: what trains with the
+  student but is not part of it (feature adapters), its own item: `params` stays the student
+  alone, which is all that teachers, `init` and notebooks read."""
   items = dict(params=params, opt_state=opt_state)
   if metric_sums is not None:
     items['metric_sums'] = metric_sums
+  if aux_params is not None:
+    items['aux_params'] = aux_params
   integrity = {name: int(checksum(value)) for name, value in items.items()}
   mngr.save(step, args=ocp.args.Composite(
       integrity=ocp.args.JsonSave(integrity),
@@ -88,6 +95,8 @@ def restore_state(mngr: ocp.CheckpointManager, step: int, state):
   if state.metric_sums is not None and os.path.isdir(
       os.path.join(str(mngr.directory), str(step), 'metric_sums')):
     items['metric_sums'] = state.metric_sums
+  if state.aux_params is not None:  # required: a resumed stage's adapters are its own
+    items['aux_params'] = state.aux_params
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                         items)
   out = mngr.restore(step, args=ocp.args.Composite(

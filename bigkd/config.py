@@ -122,6 +122,43 @@ def stage_config(model: str, resolution: int, teachers=None, **overrides) -> Con
       ensemble='logits',          # logits | probs: how several teachers are combined
       optimizer=ConfigDict(),     # overrides of config.optimizer for this stage
       augment=ConfigDict(),       # overrides of config.augment for this stage
+      feature_pairs=(),           # (student tap, teacher tap) pairs that the feature losses
+                                  # (fitnet, at, sp, pkt, rkd_*) compare: 'student.TAP' and
+                                  # 'TEACHER.TAP', TEACHER a name in teachers, TAP a feature
+                                  # of the model (stage1, stage2, ..., prelogits), e.g.
+                                  # (('student.stage2', 'teacher.stage3'),); a third string
+                                  # 'LOSS,LOSS' limits a pair to those losses (default: every
+                                  # weighted one). Each loss sums over its pairs; features are
+                                  # taken on the views the logits see (function matching)
+      cka_pairs=(),               # pairs (as feature_pairs) whose linear CKA the evaluation
+                                  # reports (val_cka, test_cka: mean over the pairs, and one
+                                  # value per pair when several); (): the feature_pairs
+  ))
+  # The training loss: the sum of weight x term over the terms with a weight (the default:
+  # today's logit loss alone). A distilled stage only; unweighted terms are never computed.
+  s.loss_weights = ConfigDict(dict(
+      kl=1.0,                     # the logit loss above (loss, temperature, label_weight:
+                                  # α·CE(labels) + (1−α)·T²·KL at the default loss='kl')
+      labels=0.0,                 # cross-entropy on the (mixed) labels, outside Hinton's α
+      fitnet=0.0,                 # FitNets hints: mean squared error of the student feature
+                                  # (through a 1x1 conv + norm adapter where shapes differ,
+                                  # trained with the student, never exported) vs the teacher's
+      at=0.0,                     # attention transfer: L2 between normalised attention maps
+                                  # (teacher map resized to the student's spatial size)
+      sp=0.0,                     # similarity-preserving: batch similarity matrices
+      pkt=0.0,                    # probabilistic KT: cosine-kernel conditional distributions
+      rkd_distance=0.0,           # RKD distance-wise (the paper: 25); vector taps (prelogits)
+      rkd_angle=0.0,              # RKD angle-wise (the paper: 50); vector taps (prelogits)
+      dkd=0.0,                    # decoupled KD on the logits (target class: label argmax)
+      dist=0.0,                   # DIST: Pearson relations of the logits' probabilities
+  ))
+  s.loss_options = ConfigDict(dict(
+      at_p=2.0,                   # attention map: mean over channels of |feature|^p
+      dkd_alpha=1.0, dkd_beta=8.0,  # DKD: weights of the target / non-target class terms
+      dkd_temperature=4.0,        # DKD temperature (the loss is scaled by T²)
+      dkd_warmup_steps=0,         # DKD weight ramped in linearly over these steps; 0: none
+      dist_beta=1.0, dist_gamma=1.0,  # DIST: weights of the inter- / intra-class relations
+      dist_temperature=1.0,       # DIST temperature τ (the loss is scaled by τ²)
   ))
   s.teachers = ConfigDict()
   for name, source in (teachers or {}).items():
@@ -134,8 +171,20 @@ def stage_config(model: str, resolution: int, teachers=None, **overrides) -> Con
   for key, value in overrides.items():
     if key not in s:
       raise ConfigError(f'stage_config: unknown field {key!r}')
-    s[key] = ConfigDict(value) if isinstance(value, dict) else value
+    if key in FIELD_GROUPS:  # set the named fields, keep the other defaults
+      for name, field in value.items():
+        if name not in s[key]:
+          raise ConfigError(f'stage_config: unknown field {key}.{name!r} (known: '
+                            f'{", ".join(s[key])})')
+        s[key][name] = field
+    else:
+      s[key] = ConfigDict(value) if isinstance(value, dict) else value
   return s
+
+
+# Stage fields that are groups of fields with defaults: a stage_config(...) argument such as
+# loss_weights=dict(fitnet=1.0) sets those fields and keeps the others' defaults.
+FIELD_GROUPS = ('loss_weights', 'loss_options')
 
 
 def stage_names(config: ConfigDict) -> list[str]:
@@ -165,10 +214,11 @@ def field_docs() -> dict[str, str]:
         docs[key] += ' ' + comment.strip()
       continue
     last = []
-    opened = re.match(r'\s*(c\.(\w+)|s|s\.teachers\[name\]) = ConfigDict\(dict\(', code)
+    opened = re.match(r'\s*(c\.(\w+)|s|s\.teachers\[name\]|s\.(\w+)) = ConfigDict\(dict\(',
+                      code)
     if opened:
-      section = {'s': 'stages.*.', 's.teachers[name]': 'stages.*.teachers.*.'}.get(
-          opened[1], f'{opened[2]}.')
+      section = ({'s': 'stages.*.', 's.teachers[name]': 'stages.*.teachers.*.'}.get(opened[1])
+                 or (f'stages.*.{opened[3]}.' if opened[3] else f'{opened[2]}.'))
       continue
     top = re.match(r'\s*c\.(\w+) =', code)
     if top:

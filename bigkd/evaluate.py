@@ -29,13 +29,30 @@ def eval_batches(split, batch_size, sharding):
 
 
 def evaluate(eval_step, params, teacher_params, split, batch_size, sharding) -> dict:
-  """Runs the jitted `eval_step` over a split; returns accuracies, agreement and mean KL."""
+  """Runs the jitted `eval_step` over a split; returns accuracies, agreement, mean KL and, for
+  the stage's CKA pairs, linear CKA (`cka`: their mean; `cka/LABEL` each, when several)."""
   totals = None
   for batch in eval_batches(split, batch_size, sharding):
     sums = eval_step(params, teacher_params, *batch)
     totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
   totals = jax.device_get(totals)
   count = float(totals.pop('count'))
+  hsic = {k.split('/', 1)[1]: totals.pop(k) for k in sorted(totals) if k.startswith('hsic/')}
   names = {'student_correct': 'accuracy', 'teacher_correct': 'teacher_accuracy',
            'agreement': 'agreement', 'kl': 'kl'}
-  return {names[k]: float(v) / count for k, v in totals.items()}
+  results = {names[k]: float(v) / count for k, v in totals.items()}
+  return {**results, **cka_results(hsic)}
+
+
+def cka_results(hsic: dict) -> dict:
+  """{'cka': mean over the pairs, 'cka/LABEL': each (when several)} from the summed minibatch
+  HSIC terms [xy, xx, yy] of each pair: the minibatch CKA (Nguyen et al. 2021) is the ratio of
+  the terms' means over the batches, and the batch count cancels in it."""
+  cka = {label: float(xy / np.sqrt(xx * yy)) if xx * yy > 0 else float('nan')
+         for label, (xy, xx, yy) in hsic.items()}
+  if not cka:
+    return {}
+  out = {'cka': float(np.mean(list(cka.values())))}
+  if len(cka) > 1:
+    out.update({f'cka/{label}': value for label, value in cka.items()})
+  return out

@@ -7,6 +7,13 @@ import jax.numpy as jnp
 
 DISTILL_LOSSES = ('kl', 'hard_pseudo', 'logit_l2')
 ENSEMBLE_MODES = ('logits', 'probs')
+# The terms a stage's loss_weights can weigh: its logit loss (`hinton_loss`), cross-entropy on
+# the labels, the feature losses (on the stage's feature pairs) and the other logit losses.
+FEATURE_LOSSES = ('fitnet', 'at', 'sp', 'pkt', 'rkd_distance', 'rkd_angle')
+LOSS_TERMS = ('kl', 'labels', *FEATURE_LOSSES, 'dkd', 'dist')
+# (term, weight) of a stage whose loss_weights are the defaults: its logit loss alone, for which
+# the train step runs exactly the code it ran before the other terms existed.
+DEFAULT_LOSS_TERMS = (('kl', 1.0),)
 
 
 def cross_entropy(logits, labels):
@@ -101,11 +108,16 @@ def fitnet_loss(teacher_feature, adapted_student_feature):
   return jnp.mean((adapted_student_feature - teacher_feature) ** 2)
 
 
-def attention_map(feature, p=2):
+def attention_map(feature, p=2, size=None):
   """Activation-based spatial attention (Zagoruyko & Komodakis 2017, sec. 3.1): F(A) = mean over
   channels of |A_c|^p, flattened and L2-normalised per example: [B, H, W, C] -> [B, H·W].
-  (The paper sums over channels; after the normalisation the mean is the same map.)"""
-  return _l2_normalize(_flatten(jnp.mean(jnp.abs(feature) ** p, axis=-1)))
+  (The paper sums over channels; after the normalisation the mean is the same map.)
+  `size` (H', W'): the map is first resized to it (linear, antialiased when shrinking), for
+  networks whose stages differ in resolution; the map, not the feature, so nothing is learnt."""
+  spatial = jnp.mean(jnp.abs(feature) ** p, axis=-1)
+  if size is not None and tuple(size) != spatial.shape[1:]:
+    spatial = jax.image.resize(spatial, (spatial.shape[0], *size), 'linear')
+  return _l2_normalize(_flatten(spatial))
 
 
 def attention_transfer(teacher_feature, student_feature, p=2, squared=False):
@@ -115,13 +127,15 @@ def attention_transfer(teacher_feature, student_feature, p=2, squared=False):
     squared=True (the authors' code): mean over the batch and the H·W positions of
         (Q_s − Q_t)², i.e. mean_b ‖Q_s − Q_t‖₂² / (H·W); the code weights it by β/2, β = 1000.
 
-  The paper's β/2 (and the code's) is left to the loss weight. The maps must have the same
-  spatial size (the channel counts may differ: they are averaged away).
+  The paper's β/2 (and the code's) is left to the loss weight. The channel counts may differ
+  (they are averaged away); where the spatial sizes differ, the teacher's map is resized to the
+  student's (the paper pairs layers of equal size; a student at a lower resolution has none).
   """
-  if teacher_feature.shape[1:-1] != student_feature.shape[1:-1]:
-    raise ValueError(f'attention transfer needs equal spatial sizes, got teacher '
-                     f'{teacher_feature.shape[1:-1]} and student {student_feature.shape[1:-1]}')
-  diff = attention_map(student_feature, p) - attention_map(teacher_feature, p)
+  if teacher_feature.ndim != 4 or student_feature.ndim != 4:
+    raise ValueError(f'attention transfer needs spatial features [B, H, W, C], got teacher '
+                     f'{teacher_feature.shape[1:]} and student {student_feature.shape[1:]}')
+  size = student_feature.shape[1:-1]
+  diff = attention_map(student_feature, p) - attention_map(teacher_feature, p, size)
   if squared:
     return jnp.mean(diff ** 2)
   # max(·, tiny) before the root: its gradient at student == teacher is then 0, not NaN.
@@ -303,6 +317,34 @@ def linear_hsic_terms(x, y):
   x, y = centred(x), centred(y)
   k, l = x @ x.T, y @ y.T
   return unbiased_hsic(k, l), unbiased_hsic(k, k), unbiased_hsic(l, l)
+
+
+def masked_unbiased_hsic(k, l, mask):
+  """`unbiased_hsic` of the rows and columns where `mask` [n] is 1, with the shapes fixed (for a
+  padded evaluation batch): the other rows and columns are zeroed, which leaves every sum of
+  the estimator that of the kept submatrices, and n is the kept count. NaN when fewer than 4."""
+  keep = mask[:, None] * mask[None, :] * _off_diagonal(k.shape[0], k.dtype)
+  k, l, n = k * keep, l * keep, jnp.sum(mask)
+  rows_k, rows_l = jnp.sum(k, axis=1), jnp.sum(l, axis=1)
+  return (jnp.sum(k * l.T) + jnp.sum(rows_k) * jnp.sum(rows_l) / ((n - 1) * (n - 2))
+          - 2 / (n - 2) * jnp.dot(rows_k, rows_l)) / (n * (n - 3))
+
+
+def masked_linear_hsic_terms(x, y, mask):
+  """`linear_hsic_terms` of the examples where `mask` [B] is 1 (padding rows do not count), as
+  a [3] array; zeros when fewer than 4 examples are kept (the batch then adds nothing to the
+  sums whose ratio `cka_from_hsic` takes; each other batch counts once, as in the minibatch
+  estimator). Centred by the kept examples' mean, for the float32 reason above."""
+  mask = mask.astype(x.dtype)
+  def centred(v):
+    v = _flatten(v)
+    mean = jnp.sum(v * mask[:, None], axis=0) / jnp.maximum(jnp.sum(mask), 1)
+    return (v - mean) * mask[:, None]
+  x, y = centred(x), centred(y)
+  k, l = x @ x.T, y @ y.T
+  terms = jnp.stack([masked_unbiased_hsic(k, l, mask), masked_unbiased_hsic(k, k, mask),
+                     masked_unbiased_hsic(l, l, mask)])
+  return jnp.where(jnp.sum(mask) >= 4, terms, 0.0)
 
 
 def cka_from_hsic(hsic_xy, hsic_xx, hsic_yy):

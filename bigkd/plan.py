@@ -11,10 +11,11 @@ import json
 import os
 
 from bigkd import checkpoint
-from bigkd.config import ConfigError, merged, stage_names
+from bigkd.config import ConfigError, base_config, merged, stage_config, stage_names
 from bigkd.data.augment import CROP_SAMPLERS, TEACHING_MODES
-from bigkd.losses import DISTILL_LOSSES, ENSEMBLE_MODES
-from bigkd.models import model_names
+from bigkd.losses import DEFAULT_LOSS_TERMS, DISTILL_LOSSES, ENSEMBLE_MODES, FEATURE_LOSSES, \
+    LOSS_TERMS
+from bigkd.models import feature_shapes, model_names
 from bigkd.optim import DTYPES, OPTIMIZERS, SCHEDULES
 
 SOURCES = ('digits', 'tfds', 'folder', 'records')
@@ -27,6 +28,23 @@ class TeacherPlan:
   model: str
   resolution: int
   model_kwargs: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class PairPlan:
+  """A student feature and a teacher feature that a feature loss (or the CKA) compares."""
+  student_tap: str      # a feature of the stage's model (`bigkd.models.features`)
+  teacher: str          # the teacher's name in the stage's teachers
+  teacher_tap: str
+  student_shape: tuple  # per example, no batch axis
+  teacher_shape: tuple
+  adapter: bool         # FitNet: a trained adapter maps the student feature to teacher_shape
+  terms: tuple = ()     # the feature losses that compare this pair (none: a CKA pair)
+
+  @property
+  def label(self) -> str:
+    """'student.TAP,TEACHER.TAP': how the config names the pair (and summary.json its CKA)."""
+    return f'student.{self.student_tap},{self.teacher}.{self.teacher_tap}'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +81,10 @@ class StagePlan:
   eval_every: int
   checkpoint_every: int
   keep_checkpoints: int
+  loss_terms: tuple = DEFAULT_LOSS_TERMS  # (term, weight) with weight > 0, in LOSS_TERMS order
+  loss_options: dict = dataclasses.field(default_factory=dict)  # stage_config's loss_options
+  feature_pairs: tuple = ()  # of PairPlan: what the feature losses compare
+  cka_pairs: tuple = ()      # of PairPlan: what the evaluation's CKA compares
 
   @property
   def step_seed(self) -> int:
@@ -194,6 +216,7 @@ def _check_stage(config, name, earlier, num_devices):
         f'{where}: augment.crop_aspect={aug["crop_aspect"]} must satisfy 0 < min <= max')
   if stage.teachers and stage.teaching_mode == 'function_matching':
     _need(aug['mixup_alpha'] > 0, f'{where}: function_matching needs augment.mixup_alpha > 0')
+  _check_objective(stage, where)
   for tname, teacher in stage.teachers.items():
     _need(teacher.resolution >= 0, f'{where}.teachers.{tname}.resolution={teacher.resolution} '
           'must be >= 0 (0: the resolution its stage was trained at)')
@@ -206,6 +229,140 @@ def _check_stage(config, name, earlier, num_devices):
     _need(teacher.resolution <= base_size,
           f'{where}.teachers.{tname}.resolution={teacher.resolution} is above the stored '
           f'image size data.base_size={base_size}')
+
+
+def objective_fields(stage):
+  """The stage with loss_weights, loss_options, feature_pairs and cka_pairs, their defaults
+  filled in where a config recorded before they existed (an old config.json) lacks them."""
+  missing = [k for k in ('loss_weights', 'loss_options', 'feature_pairs', 'cka_pairs')
+             if k not in stage]
+  if not missing:
+    return stage
+  filled, defaults = stage.to_dict(), stage_config('', 0)
+  filled.update({k: defaults[k] for k in missing})
+  return type(stage)(filled)
+
+
+def _check_objective(stage, where) -> None:
+  """loss_weights, loss_options, feature_pairs and cka_pairs, by name (shapes: `_feature_pairs`,
+  once the models' features are known)."""
+  stage = objective_fields(stage)
+  weights = stage.loss_weights.to_dict()
+  unknown = sorted(set(weights) - set(LOSS_TERMS))
+  _need(not unknown, f'{where}.loss_weights: unknown term(s) {", ".join(unknown)} (known: '
+        f'{", ".join(LOSS_TERMS)})')
+  for term, weight in weights.items():
+    _need(isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight >= 0,
+          f'{where}.loss_weights.{term}={weight!r} must be a number >= 0')
+  default = dict(DEFAULT_LOSS_TERMS)
+  if not stage.teachers:
+    changed = sorted(t for t, w in weights.items() if w != default.get(t, 0.0))
+    _need(not changed, f'{where}.loss_weights.{",".join(changed)}: a stage without teachers '
+          'trains on labels alone (cross-entropy); these terms need a teacher')
+    for key in ('feature_pairs', 'cka_pairs'):
+      _need(not stage[key], f'{where}.{key}: a stage without teachers has no teacher features')
+    return
+  _need(any(weights.values()), f'{where}.loss_weights: every weight is 0; nothing to train')
+  feature_terms = [t for t in FEATURE_LOSSES if weights.get(t)]
+  _need(not stage.feature_pairs or feature_terms,
+        f'{where}.feature_pairs is set but no feature loss ({", ".join(FEATURE_LOSSES)}) has a '
+        'weight in loss_weights (for the CKA alone, use cka_pairs)')
+  used = set()
+  for pair in stage.feature_pairs:
+    used.update(_parse_pair(pair, stage, f'{where}.feature_pairs', feature_terms)[3])
+  for term in feature_terms:
+    _need(term in used, f'{where}.loss_weights.{term}: a feature loss needs feature_pairs that '
+          'it compares, e.g. (("student.stage2", "teacher.stage3"),)')
+  for pair in stage.cka_pairs:
+    _parse_pair(pair, stage, f'{where}.cka_pairs', ())
+  options = stage.loss_options
+  for key in ('at_p', 'dkd_temperature', 'dist_temperature'):
+    _need(options[key] > 0, f'{where}.loss_options.{key}={options[key]} must be positive')
+  for key in ('dkd_alpha', 'dkd_beta', 'dkd_warmup_steps', 'dist_beta', 'dist_gamma'):
+    _need(options[key] >= 0, f'{where}.loss_options.{key}={options[key]} must be >= 0')
+
+
+def _parse_pair(pair, stage, where, feature_terms) -> tuple[str, str, str, tuple]:
+  """('student.TAP', 'TEACHER.TAP'[, 'LOSS,LOSS']) -> (student tap, teacher name, teacher tap,
+  the feature losses that compare the pair). Without the third element: every weighted one of
+  `feature_terms`; with it (feature_pairs only), those it names, each weighted."""
+  ok = (isinstance(pair, (tuple, list)) and len(pair) in (2, 3) and all(
+      isinstance(p, str) for p in pair) and all('.' in p for p in pair[:2]))
+  _need(ok, f'{where}: {pair!r} is not a pair (\'student.TAP\', \'TEACHER.TAP\'[, \'LOSS,...\'])')
+  (side, student_tap), (teacher, teacher_tap) = (p.split('.', 1) for p in pair[:2])
+  _need(side == 'student', f'{where}: {pair[0]!r} must name a student feature, '
+        '\'student.TAP\' (the first of a pair is the student\'s)')
+  _need(teacher in stage.teachers, f'{where}: {pair[1]!r}: no teacher {teacher!r} in this stage '
+        f'(teachers: {", ".join(stage.teachers)})')
+  if len(pair) == 2:
+    return student_tap, teacher, teacher_tap, tuple(feature_terms)
+  named = tuple(n.strip() for n in pair[2].split(',') if n.strip())
+  _need(feature_terms, f'{where}: {pair!r}: a CKA pair takes no loss names')
+  bad = [n for n in named if n not in feature_terms]
+  _need(named and not bad, f'{where}: {pair!r}: {", ".join(bad) or "no loss"} is not a '
+        f'weighted feature loss of this stage ({", ".join(feature_terms)})')
+  return student_tap, teacher, teacher_tap, tuple(t for t in feature_terms if t in named)
+
+
+# What each feature loss can compare, by the number of per-example dimensions (3: [H, W, C],
+# 1: [D]); None: anything (flattened per example).
+FEATURE_RANKS = {'fitnet': None, 'at': (3,), 'sp': None, 'pkt': None, 'rkd_distance': (1,),
+                 'rkd_angle': (1,)}
+RANK_NAMES = {(3,): 'spatial features [H, W, C]', (1,): 'vector features (prelogits)'}
+
+
+def _cached_feature_shapes(model, num_classes, resolution, model_kwargs, cache):
+  key = (model, num_classes, resolution, json.dumps(model_kwargs, sort_keys=True))
+  if key not in cache:
+    cache[key] = feature_shapes(model, num_classes, resolution, model_kwargs)
+  return cache[key]
+
+
+def _feature_pairs(name, stage, key, teachers, model_shapes, feature_terms) -> tuple:
+  """The PairPlans of stage.`key`, each tap checked against its model's features and each
+  pair's shapes against the feature losses that compare it (a ConfigError naming both shapes
+  where no adapter can make them comparable)."""
+  teacher_plans = {t.name: t for t in teachers}
+  student_shapes = model_shapes(stage.model, stage.resolution, stage.model_kwargs.to_dict())
+  where = f'stages.{name}.{key}'
+  pairs = []
+  for pair in stage[key]:
+    student_tap, teacher, teacher_tap, terms = _parse_pair(pair, stage, where, feature_terms)
+    t = teacher_plans[teacher]
+    teacher_shapes = model_shapes(t.model, t.resolution, t.model_kwargs)
+    for tap, shapes, model, side in ((student_tap, student_shapes, stage.model, 'student'),
+                                     (teacher_tap, teacher_shapes, t.model, teacher)):
+      _need(tap in shapes, f'{where}: {side}.{tap}: {model} has no feature {tap!r} (it has '
+            f'{", ".join(sorted(shapes))})')
+    s_shape, t_shape = student_shapes[student_tap], teacher_shapes[teacher_tap]
+    shown = f'{pair[0]} {s_shape} and {pair[1]} {t_shape}'
+    for term in terms:
+      ranks = FEATURE_RANKS[term]
+      _need(ranks is None or (len(s_shape) in ranks and len(t_shape) in ranks),
+            f'{where}: {term} compares {RANK_NAMES.get(ranks)}, not {shown}')
+    adapter = 'fitnet' in terms and s_shape != t_shape
+    _need(not adapter or len(s_shape) == len(t_shape),
+          f'{where}: fitnet cannot adapt {shown}: an adapter maps [H, W, C] to [H\', W\', C\'] '
+          'or [D] to [D\'], not one kind to the other')
+    pairs.append(PairPlan(student_tap, teacher, teacher_tap, s_shape, t_shape, adapter, terms))
+  return tuple(pairs)
+
+
+def _objective(name, stage, teachers, model_shapes) -> dict:
+  """The StagePlan fields of a stage's loss: its weighted terms, their options and the feature
+  pairs they (and the evaluation's CKA) compare. Default loss_weights: DEFAULT_LOSS_TERMS."""
+  if not stage.teachers:
+    return {}
+  stage = objective_fields(stage)
+  weights = stage.loss_weights.to_dict()
+  terms = tuple((t, float(weights[t])) for t in LOSS_TERMS if weights.get(t))
+  feature_terms = [t for t, _ in terms if t in FEATURE_LOSSES]
+  pairs = _feature_pairs(name, stage, 'feature_pairs', teachers, model_shapes, feature_terms)
+  cka = (_feature_pairs(name, stage, 'cka_pairs', teachers, model_shapes, ())
+         if stage.cka_pairs else pairs)
+  cka = tuple({p.label: dataclasses.replace(p, adapter=False, terms=()) for p in cka}.values())
+  return dict(loss_terms=terms, loss_options=stage.loss_options.to_dict(), feature_pairs=pairs,
+              cka_pairs=cka)
 
 
 def _teacher_plans(name, stage, workdir, earlier, base_size):
@@ -264,7 +421,9 @@ def plan_stages(config, workdir: str, num_train_examples: int, num_classes: int,
   """The stages of a checked config (see `check_config`), in order. Fits the batch to the
   train split and checks that every checkpoint from outside this run (teachers, `init`)
   exists and fits its model; shapes only, so nothing is loaded twice."""
-  plans = {}
+  plans, cache = {}, {}
+  model_shapes = lambda model, resolution, model_kwargs: _cached_feature_shapes(
+      model, num_classes, resolution, model_kwargs, cache)
   for index, name in enumerate(stage_names(config)):
     stage = config.stages[name]
     accum = stage.grad_accum_steps or config.grad_accum_steps
@@ -279,13 +438,14 @@ def plan_stages(config, workdir: str, num_train_examples: int, num_classes: int,
               else opt['warmup_steps'])
     aug = merged(config.augment, stage.augment, f'stages.{name}.augment')
     aug = {k: tuple(v) if isinstance(v, list) else v for k, v in aug.items()}
+    teachers = _teacher_plans(name, stage, workdir, plans, config.data.base_size)
     plans[name] = StagePlan(
         name=name, index=index, seed=config.seed, model=stage.model,
         model_kwargs=stage.model_kwargs.to_dict(), resolution=stage.resolution, init=stage.init,
         steps=max(1, steps), warmup_steps=warmup, batch_size=batch,
         grad_accum_steps=accum, optimizer=opt,
         augment=aug,
-        teachers=_teacher_plans(name, stage, workdir, plans, config.data.base_size),
+        teachers=teachers,
         teaching_mode=stage.teaching_mode, loss=stage.loss, temperature=stage.temperature,
         label_weight=stage.label_weight, ensemble=stage.ensemble, num_classes=num_classes,
         teacher_dtype=config.teacher_dtype, min_fsdp_size=config.mesh.min_fsdp_size,
@@ -294,7 +454,8 @@ def plan_stages(config, workdir: str, num_train_examples: int, num_classes: int,
         eval_batch_size=config.eval_batch_size,
         eval_crop_fraction=config.data.eval_crop_fraction,
         log_every=config.log_every, eval_every=config.eval_every,
-        checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints)
+        checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
+        **_objective(name, stage, teachers, model_shapes))
   plans = list(plans.values())
   check_external_checkpoints(plans, workdir)
   return plans
@@ -374,6 +535,19 @@ def check_workdir_path(workdir: str) -> None:
         f'workdir {workdir!r}: {parent!r} is not writable')
 
 
+def added_at_default(field: str, old, new) -> bool:
+  """Whether `field` is absent from an older config.json and now at its default: a field added
+  since (such as a stage's loss_weights) whose default computes what the older code did."""
+  if old != ABSENT:
+    return False
+  parts = field.split('.')
+  if parts[0] == 'stages' and len(parts) > 2:
+    defaults, key = flatten(stage_config('', 0).to_dict()), '.'.join(parts[2:])
+  else:
+    defaults, key = flatten(base_config().to_dict()), field
+  return key in defaults and json.loads(json.dumps(defaults[key])) == new
+
+
 def check_workdir_config(config, workdir: str) -> dict:
   """The changes of `config` against the config.json the workdir was started with (none for a
   new workdir): a `ConfigError` listing every field that changes the result and is not allowed;
@@ -387,6 +561,7 @@ def check_workdir_config(config, workdir: str) -> dict:
   except (OSError, ValueError) as e:
     raise ConfigError(f'workdir {workdir!r}: unreadable config.json ({e})') from None
   changes = config_differences(stored, json.loads(config.to_json_best_effort()))
+  changes = {k: v for k, v in changes.items() if not added_at_default(k, *v)}
   allowed = allowed_names(config)
   refused = [k for k in changes if not covered(k, allowed)]
   _need(not refused, f'workdir {workdir} was started with another config: ' + ', '.join(

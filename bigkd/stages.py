@@ -185,13 +185,13 @@ class PreemptionWatch:
 
 
 def logged_metrics(state, metrics) -> dict:
-  """What a log step writes: loss, kl_T1, agreement and grad_norm averaged over the steps since
-  the previous log (`step.MEAN_METRICS`), the learning rate at this step and, when updates are
-  skipped, their running count."""
+  """What a log step writes: loss, kl_T1, agreement and grad_norm (and each weighted loss term,
+  `loss_TERM`) averaged over the steps since the previous log (`step.MEAN_METRICS`), the
+  learning rate at this step and, when updates are skipped, their running count."""
   sums, now = jax.device_get((state.metric_sums, metrics))
   record = {k: v for k, v in now.items() if k in ('lr', 'skipped_updates')}
   record.update(logged_means(sums) if sums is not None else
-                {k: v for k, v in now.items() if k in MEAN_METRICS})
+                {k: v for k, v in now.items() if k in MEAN_METRICS or k.startswith('loss_')})
   return record
 
 
@@ -276,7 +276,8 @@ def run_stage(plan: StagePlan, data: RunData, mesh, workdir: str) -> dict:
         if (logged or evaluated) and step != plan.steps:  # the last record takes the final eval
           writer.flush()
         if saved:
-          checkpoint.save(mngr, step, state.params, state.opt_state, state.metric_sums)
+          checkpoint.save(mngr, step, state.params, state.opt_state, state.metric_sums,
+                          state.aux_params)
         if preempted:
           mngr.wait_until_finished()
           raise Preempted(plan.name, step, preempted)

@@ -136,6 +136,7 @@ def unwritable_parent(tmp_path, monkeypatch):
 
 
 NPZ = '--config.stages.student.teachers.teacher'
+WEIGHTS, PAIRS = '--config.stages.student.loss_weights', '--config.stages.student.feature_pairs'
 MALFORMED = [  # (id, overrides or a function (tmp_path, monkeypatch) -> them, error fragments)
     ('unknown_variant', ['--config', 'configs/digits.py:nosuch'], ('nosuch', 'fast')),
     ('eval_batch_size_0', ['--config.eval_batch_size=0'], ('eval_batch_size=0',)),
@@ -191,6 +192,32 @@ MALFORMED = [  # (id, overrides or a function (tmp_path, monkeypatch) -> them, e
     ('eps_neg', ['--config.optimizer.eps=-1.0'], ('optimizer.eps=-1.0',)),
     ('teacher_resolution_neg', [f'{NPZ}.resolution=-4'], ('teachers.teacher.resolution=-4',)),
     ('min_fsdp_size_neg', ['--config.mesh.min_fsdp_size=-1'], ('min_fsdp_size=-1',)),
+    # Feature and relation losses (digits.py: student cnn_small at 12 px, teacher resnet8 at 16).
+    ('feature_loss_without_pairs', ['--config.stages.student.loss_weights.fitnet=1.0'],
+     ('stages.student.loss_weights.fitnet', 'needs feature_pairs')),
+    ('feature_pairs_without_loss', [f'{PAIRS}=(("student.stage2","teacher.stage3"),)'],
+     ('stages.student.feature_pairs', 'no feature loss')),
+    ('feature_tap_unknown',
+     [f'{WEIGHTS}.at=1.0', f'{PAIRS}=(("student.stage9","teacher.stage3"),)'],
+     ('student.stage9', 'cnn_small has no feature', 'stage1, stage2')),
+    ('feature_pair_of_no_teacher',
+     [f'{WEIGHTS}.at=1.0', f'{PAIRS}=(("student.stage2","t.stage3"),)'],
+     ("no teacher 't'",)),
+    ('fitnet_vector_to_map', [f'{WEIGHTS}.fitnet=1.0',
+                              f'{PAIRS}=(("student.prelogits","teacher.stage3"),)'],
+     ('fitnet cannot adapt', 'student.prelogits (288,)', 'teacher.stage3 (4, 4, 64)')),
+    ('rkd_on_maps',
+     [f'{WEIGHTS}.rkd_angle=50.0', f'{PAIRS}=(("student.stage2","teacher.stage3"),)'],
+     ('rkd_angle compares vector features', '(3, 3, 32)', '(4, 4, 64)')),
+    ('at_on_vectors',
+     [f'{WEIGHTS}.at=1.0', f'{PAIRS}=(("student.prelogits","teacher.prelogits"),)'],
+     ('at compares spatial features', '(288,)', '(64,)')),
+    ('loss_weight_neg', [f'{WEIGHTS}.dkd=-1.0'], ('loss_weights.dkd=-1.0',)),
+    ('loss_weights_all_0', [f'{WEIGHTS}.kl=0.0'], ('every weight is 0',)),
+    ('loss_weights_without_teacher', ['--config.stages.baseline.loss_weights.dkd=1.0'],
+     ('stages.baseline.loss_weights.dkd', 'without teachers')),
+    ('dkd_temperature_0', ['--config.stages.student.loss_options.dkd_temperature=0.0'],
+     ('loss_options.dkd_temperature=0.0',)),
 ]
 
 

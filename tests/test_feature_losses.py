@@ -61,16 +61,24 @@ def np_huber(d):
 
 # --- FitNets through the adapter. ---
 
-def np_bilinear_upsample_matrix(n_in, n_out):
-  """[n_out, n_in] interpolation weights: half-pixel centres, positions clamped at the edges."""
+def np_linear_resize_matrix(n_in, n_out):
+  """[n_out, n_in] weights of a linear (triangle-kernel) resize with half-pixel centres: output
+  o samples the input at x = (o + ½)·n_in/n_out − ½; input i weighs max(0, 1 − |i − x| / w),
+  w = max(n_in / n_out, 1) (widened when shrinking: antialiasing), normalised over the inputs
+  that exist (at the edges the missing ones drop out)."""
+  width = max(n_in / n_out, 1.0)
   weights = np.zeros((n_out, n_in))
   for o in range(n_out):
-    pos = min(max((o + 0.5) * n_in / n_out - 0.5, 0.0), n_in - 1.0)
-    lo = int(np.floor(pos))
-    hi = min(lo + 1, n_in - 1)
-    weights[o, lo] += 1 - (pos - lo)
-    weights[o, hi] += pos - lo
+    x = (o + 0.5) * n_in / n_out - 0.5
+    weights[o] = [max(0.0, 1 - abs(i - x) / width) for i in range(n_in)]
+    weights[o] /= weights[o].sum()
   return weights
+
+
+def np_resize(x, h, w):
+  """[B, H, W, ...] -> [B, h, w, ...] by `np_linear_resize_matrix` along each spatial axis."""
+  x = np.einsum('oh,bh...->bo...', np_linear_resize_matrix(x.shape[1], h), x)
+  return np.einsum('pw,bow...->bop...', np_linear_resize_matrix(x.shape[2], w), x)
 
 
 def np_group_norm(x, groups, scale, bias, eps=1e-6):
@@ -80,13 +88,12 @@ def np_group_norm(x, groups, scale, bias, eps=1e-6):
 
 
 def np_adapter(params, x, target_shape):
-  """Resize (upsampling), then 1x1 conv, then GroupNorm; or a dense layer for vectors."""
+  """Resize, then 1x1 conv, then GroupNorm; or a dense layer for vectors. (The adapter may
+  resize after the conv instead: both are linear, so the order does not change the result.)"""
   if len(target_shape) == 1:
     return x @ params['Dense_0']['kernel'] + params['Dense_0']['bias']
   h, w, c = target_shape
-  x = np.einsum('oh,bhwc->bowc', np_bilinear_upsample_matrix(x.shape[1], h), x)
-  x = np.einsum('pw,bowc->bopc', np_bilinear_upsample_matrix(x.shape[2], w), x)
-  x = x @ params['Conv_0']['kernel'][0, 0]
+  x = np_resize(x, h, w) @ params['Conv_0']['kernel'][0, 0]
   norm = params['GroupNorm_0']
   return np_group_norm(x, math.gcd(32, c), norm['scale'], norm['bias'])
 
@@ -101,6 +108,7 @@ def np_fitnet(teacher, adapted_student):
 @pytest.mark.parametrize('student_shape,target_shape', [
     ((2, 3, 3, 2), (6, 6, 6)),   # upsampled, resized before the conv (fewer student channels)
     ((2, 3, 3, 6), (6, 6, 4)),   # upsampled, resized after the conv (more student channels)
+    ((2, 5, 5, 2), (3, 3, 4)),   # downsampled (antialiased), resized before the conv
     ((3, 5), (4,)),              # vectors: a dense layer
 ])
 def test_fitnet_through_adapter_matches_numpy(student_shape, target_shape):
@@ -140,24 +148,30 @@ def test_adapter_shapes_and_refusals():
 # --- Attention transfer. ---
 
 def np_attention_transfer(teacher, student, p, squared):
-  """Zagoruyko & Komodakis: Q = vec(Σ_c |A_c|^p), normalised; ‖Q_s/‖Q_s‖ − Q_t/‖Q_t‖‖₂."""
-  def q(feature):
-    a = rows(np.sum(np.abs(feature) ** p, axis=-1))
+  """Zagoruyko & Komodakis: Q = vec(Σ_c |A_c|^p), normalised; ‖Q_s/‖Q_s‖ − Q_t/‖Q_t‖‖₂. A
+  teacher map of another spatial size is resized to the student's first (`np_resize`)."""
+  def q(feature, size=None):
+    a = np.sum(np.abs(feature) ** p, axis=-1)
+    a = rows(a if size is None else np_resize(a, *size))
     return a / np.linalg.norm(a, axis=1, keepdims=True)
-  diff = q(student) - q(teacher)
+  diff = q(student) - q(teacher, student.shape[1:3])
   if squared:  # the authors' code: (at(x) - at(y)).pow(2).mean()
     return np.mean(diff ** 2)
   return np.mean(np.linalg.norm(diff, axis=1))
 
 
-@pytest.mark.parametrize('squared', [False, True])
-def test_attention_transfer_matches_numpy(squared):
-  teacher, student = RNG.normal(size=(3, 3, 4, 5)), RNG.normal(size=(3, 3, 4, 2))
+@pytest.mark.parametrize('squared,teacher_hw,p', [
+    (False, (3, 4), 2), (True, (3, 4), 2),
+    (False, (5, 6), 3),   # a larger teacher map, shrunk (antialiased) to the student's 3x4
+    (False, (2, 2), 2),   # a smaller one, enlarged
+])
+def test_attention_transfer_matches_numpy(squared, teacher_hw, p):
+  teacher, student = RNG.normal(size=(3, *teacher_hw, 5)), RNG.normal(size=(3, 3, 4, 2))
   assert_matches_reference(
-      functools.partial(losses.attention_transfer, p=2, squared=squared),
-      functools.partial(np_attention_transfer, p=2, squared=squared), teacher, student)
-  with pytest.raises(ValueError, match='equal spatial sizes'):
-    losses.attention_transfer(teacher, student[:, :2])
+      functools.partial(losses.attention_transfer, p=p, squared=squared),
+      functools.partial(np_attention_transfer, p=p, squared=squared), teacher, student)
+  with pytest.raises(ValueError, match='spatial features'):
+    losses.attention_transfer(teacher, student.reshape(3, -1))
 
 
 # --- Similarity-preserving. ---
@@ -382,3 +396,36 @@ def test_cka_properties_and_minibatch_accumulation():
                              rtol=1e-5)
   with pytest.raises(ValueError, match='at least 4'):
     losses.linear_cka(x[:3], y[:3])
+
+
+def test_masked_hsic_terms_count_only_real_rows():
+  """An evaluation batch padded with junk rows gives the HSIC terms of its real rows alone
+  (NumPy on the kept rows), and nothing (zeros) when fewer than 4 rows are real."""
+  x, y = RNG.normal(size=(9, 2, 3)) + 2.0, RNG.normal(size=(9, 4))
+  x[7:], y[7:] = 1e3, -1e3  # padding: must not count
+  mask = np.array([1, 1, 1, 1, 1, 1, 1, 0, 0], np.float64)
+  with jax.enable_x64(True):
+    got = jax.jit(losses.masked_linear_hsic_terms)(x, y, mask)
+    few = jax.jit(losses.masked_linear_hsic_terms)(x, y, np.array([1, 1, 1] + [0] * 6, float))
+  np.testing.assert_allclose(got, np_hsic_terms(x[:7], y[:7]), rtol=1e-9)
+  np.testing.assert_array_equal(few, np.zeros(3))
+  # float32 features far from 0 (post-ReLU activations are): centred by the real rows' mean,
+  # the Gram entries keep their precision.
+  offset = jax.jit(losses.masked_linear_hsic_terms)((x + 300).astype(np.float32),
+                                                    y.astype(np.float32), mask)
+  np.testing.assert_allclose(offset, np_hsic_terms(x[:7], y[:7]), rtol=1e-3)
+
+
+def test_cka_of_an_evaluation_from_summed_batch_terms():
+  """`evaluate.cka_results`: minibatch CKA = mean HSIC_xy / sqrt(mean HSIC_xx · mean HSIC_yy)
+  over the batches (the sums' batch count cancels); several pairs: the mean and each."""
+  from bigkd.evaluate import cka_results
+  x, y = RNG.normal(size=(16, 5)), RNG.normal(size=(16, 3))
+  y[:, :2] += x[:, :2]
+  batches = [np_hsic_terms(x[i:i + 8], y[i:i + 8]) for i in (0, 8)]
+  mean = np.mean(batches, axis=0)
+  want = mean[0] / np.sqrt(mean[1] * mean[2])
+  sums = np.sum(batches, axis=0)
+  assert cka_results({'a': sums}) == pytest.approx({'cka': want}, rel=1e-12)
+  both = cka_results({'a': sums, 'b': np.array([1.0, 1.0, 4.0])})
+  assert both == pytest.approx({'cka': (want + 0.5) / 2, 'cka/a': want, 'cka/b': 0.5})
