@@ -19,7 +19,7 @@ from bigkd.build import RunData, build_stage, prepare
 from bigkd.config import ConfigError
 from bigkd.plan import StagePlan, check_started_stages, check_workdir_config, check_workdir_path
 from bigkd.sharding import describe
-from bigkd.step import MEAN_METRICS, logged_means
+from bigkd.step import logged_means
 
 
 class StepRecordWriter(metric_writers.MetricWriter):
@@ -189,10 +189,8 @@ def logged_metrics(state, metrics) -> dict:
   `loss_TERM`) averaged over the steps since the previous log (`step.MEAN_METRICS`), the
   learning rate at this step and, when updates are skipped, their running count."""
   sums, now = jax.device_get((state.metric_sums, metrics))
-  record = {k: v for k, v in now.items() if k in ('lr', 'skipped_updates')}
-  record.update(logged_means(sums) if sums is not None else
-                {k: v for k, v in now.items() if k in MEAN_METRICS or k.startswith('loss_')})
-  return record
+  return {**{k: v for k, v in now.items() if k in ('lr', 'skipped_updates')},
+          **logged_means(sums)}
 
 
 def write_views(writer, stage, data: RunData) -> None:
