@@ -1,16 +1,27 @@
 """Shared fixtures: small, fast configs on the bundled digits, the CLI called in-process, and one
 1-device reference run that every "N devices / N processes = 1 device" test compares against."""
+import atexit
 import contextlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 # Before jax is imported: XLA's backend optimisations cost more compile time than they save on
 # these tiny models. Subprocesses started by the tests inherit it.
 FAST_XLA = '--xla_backend_optimization_level=0'
 os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {FAST_XLA}'.strip()
+# Many tests (and their subprocesses) compile the same tiny steps: one persistent compilation
+# cache for the session (its own temporary folder unless JAX_COMPILATION_CACHE_DIR is set, e.g.
+# to keep it warm between local runs) compiles each once. Only compile time changes.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='bigkd-tests-xla-cache-')
+  atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
