@@ -25,6 +25,9 @@ def base_config() -> ConfigDict:
   c.eval_batch_size = 256         # global batch size of evaluation
   c.teacher_dtype = 'bfloat16'    # teacher forward dtype (inference only)
   c.log_every = 50                # steps between metric logs (the only per-step host sync)
+  c.log_views = True              # distilled stages: TensorBoard image `views`, the teacher and
+                                  # student views of step 1 under each teaching mode (about a
+                                  # second of compile on a CPU)
   c.grad_accum_steps = 1          # microbatches per step (same update, 1/k activation memory)
   c.eval_every = 0                # steps between val/test evaluations; 0: only at the end
   c.checkpoint_every = 500        # steps between checkpoints (and always at the end)
@@ -87,9 +90,10 @@ def base_config() -> ConfigDict:
   c.stage_order = ''              # comma-separated stage names, run in this order
   c.allowed_changes = ''          # comma-separated fields (or prefixes: 'optimizer') that may
                                   # differ from the workdir's config.json on a re-run. Without
-                                  # it only log_every, eval_every, checkpoint_every,
-                                  # keep_checkpoints, eval_batch_size, data.data_dir,
-                                  # data.reader_threads and mesh.* may (bigkd.plan.SAFE_TO_CHANGE);
+                                  # it only log_every, log_views, eval_every,
+                                  # checkpoint_every, keep_checkpoints, eval_batch_size,
+                                  # data.data_dir, data.reader_threads and mesh.* may
+                                  # (bigkd.plan.SAFE_TO_CHANGE);
                                   # a started stage's model and a finished stage's steps
                                   # never change, even when listed (use a new workdir)
   return c

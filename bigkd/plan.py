@@ -78,6 +78,7 @@ class StagePlan:
   eval_batch_size: int
   eval_crop_fraction: float
   log_every: int
+  log_views: bool
   eval_every: int
   checkpoint_every: int
   keep_checkpoints: int
@@ -453,7 +454,7 @@ def plan_stages(config, workdir: str, num_train_examples: int, num_classes: int,
         shard_resident=config.data.shard_resident, reader_threads=config.data.reader_threads,
         eval_batch_size=config.eval_batch_size,
         eval_crop_fraction=config.data.eval_crop_fraction,
-        log_every=config.log_every, eval_every=config.eval_every,
+        log_every=config.log_every, log_views=config.log_views, eval_every=config.eval_every,
         checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
         **_objective(name, stage, teachers, model_shapes))
   plans = list(plans.values())
@@ -485,9 +486,9 @@ def check_external_checkpoints(plans, workdir) -> None:
 # Fields that may differ from the workdir's config.json: they change how a run is watched, saved
 # or laid out, never what it computes (N devices = 1 device is tested; the data may move). A
 # prefix ('mesh') covers every field under it. Anything else needs config.allowed_changes.
-SAFE_TO_CHANGE = ('log_every', 'eval_every', 'checkpoint_every', 'keep_checkpoints',
-                  'eval_batch_size', 'data.data_dir', 'data.reader_threads', 'mesh',
-                  'allowed_changes')
+SAFE_TO_CHANGE = ('log_every', 'log_views', 'eval_every', 'checkpoint_every',
+                  'keep_checkpoints', 'eval_batch_size', 'data.data_dir', 'data.reader_threads',
+                  'mesh', 'allowed_changes')
 ABSENT = '(absent)'
 
 

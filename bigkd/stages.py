@@ -248,7 +248,7 @@ def run_stage(plan: StagePlan, data: RunData, mesh, workdir: str) -> dict:
                     for t, p in zip(plan.teachers, stage.teacher_params)), flush=True)
 
   writer = make_writer(stage_dir, plan, start_step)
-  if plan.teachers and not start_step and is_main:
+  if plan.teachers and plan.log_views and not start_step and is_main:
     write_views(writer, stage, data)
   # Logging steps (and checkpoints) are the only host syncs: metrics and the non-finite flag
   # are fetched there and nowhere else.

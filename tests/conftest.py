@@ -42,6 +42,7 @@ def tiny_config(steps=30, **top):
   c.eval_batch_size = 64
   c.teacher_dtype = 'float32'
   c.log_every = 10
+  c.log_views = False  # its compile, in every distilled test; the demo run writes it
   c.checkpoint_every = 1000
   c.data.base_size = 12
   c.augment.crop_area = (0.6, 1.0)
@@ -351,3 +352,29 @@ def demo_notebook(demo_run, tmp_path_factory):
                           str(tmp_path_factory.mktemp('notebook') / 'executed.ipynb'))
   yield notebook
   notebook.result()  # not left running past the session (its kernel is a process too)
+
+
+# --- Long subprocesses started with the session. -----------------------------------------
+# A few tests wait on one long subprocess (every paper config's 2 steps, the fast study, ...).
+# The in-process tests keep about one of the two cores busy: started as the session starts
+# (only for the tests selected), these run on the other core instead of after them.
+
+EARLY_JOBS = {}  # fixture name -> start(folder) -> subprocess.Popen; set by the test modules
+_started = {}
+
+
+def started(name):
+  """(the Popen of job `name`, its folder): started now unless the session's start did."""
+  if name not in _started:
+    folder = tempfile.mkdtemp(prefix=f'bigkd-tests-{name}-')
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    proc = EARLY_JOBS[name](folder)
+    atexit.register(lambda: proc.poll() is None and proc.kill())  # before the rmtree
+    _started[name] = proc, folder
+  return _started[name]
+
+
+def pytest_collection_finish(session):
+  wanted = {name for item in session.items for name in getattr(item, 'fixturenames', ())}
+  for name in sorted(wanted & set(EARLY_JOBS)):
+    started(name)

@@ -29,6 +29,7 @@ import pytest
 from bigkd import checkpoint, plan, stages
 from bigkd.config import ConfigError
 from bigkd.plan import check_config, plan_stages
+from conftest import EARLY_JOBS, finish, started
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEACHER, STUDENT = 'bit_r152x2', 'bit_r50x1'
@@ -262,7 +263,7 @@ def small(resolution):
 def shrink(c, workspace, model_kwargs=TINY_BIT):
   """Explicit test overrides: batch 4, 2 steps, scaled-down resolutions, tiny BiT models."""
   c.batch_size, c.eval_batch_size = 4, 8
-  c.log_every, c.eval_every, c.checkpoint_every = 1, 0, 1000
+  c.log_every, c.eval_every, c.checkpoint_every, c.log_views = 1, 0, 1000, False
   c.data.data_dir = os.path.join(workspace, 'tfds')
   c.data.base_size = small(c.data.base_size)
   c.optimizer.warmup_steps = 1
@@ -327,8 +328,9 @@ def smoke_main(spec_path):
     json.dump(results, f)
 
 
-def run_smoke(root, runs, model_kwargs, timeout):
-  """All `runs` in one fresh process (XLA at -O0: tiny models, compile time dominates)."""
+def start_smoke(root, runs, model_kwargs):
+  """All `runs` in one fresh process (XLA at -O0: tiny models, compile time dominates); its
+  results are in ROOT/results.json when it ends."""
   os.makedirs(root, exist_ok=True)
   spec = dict(runs=runs, root=root, model_kwargs=model_kwargs,
               out=os.path.join(root, 'results.json'))
@@ -337,11 +339,19 @@ def run_smoke(root, runs, model_kwargs, timeout):
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, 'tests')]),
              XLA_FLAGS='--xla_backend_optimization_level=0', JAX_PLATFORMS='cpu')
   code = 'import sys, test_paper_configs as t; t.smoke_main(sys.argv[1])'
-  proc = subprocess.run([sys.executable, '-c', code, os.path.join(root, 'spec.json')], cwd=REPO,
-                        env=env, capture_output=True, text=True, timeout=timeout)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  with open(spec['out']) as f:
+  return subprocess.Popen([sys.executable, '-c', code, os.path.join(root, 'spec.json')],
+                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+
+
+def smoke_results_of(proc, root, timeout):
+  finish(proc, timeout)
+  with open(os.path.join(root, 'results.json')) as f:
     return json.load(f)
+
+
+def run_smoke(root, runs, model_kwargs, timeout):
+  return smoke_results_of(start_smoke(root, runs, model_kwargs), root, timeout)
 
 
 def check_two_steps(result, model_kwargs):
@@ -358,9 +368,13 @@ def check_two_steps(result, model_kwargs):
     assert math.isfinite(m['loss']) and m['kl_T1'] > 0 and math.isfinite(m['grad_norm']), m
 
 
+EARLY_JOBS['smoke_results'] = lambda folder: start_smoke(folder, SMOKE, TINY_BIT)
+
+
 @pytest.fixture(scope='module')
-def smoke_results(tmp_path_factory):
-  return run_smoke(str(tmp_path_factory.mktemp('paper_smoke')), SMOKE, TINY_BIT, timeout=600)
+def smoke_results():
+  proc, folder = started('smoke_results')  # started with the session
+  return smoke_results_of(proc, folder, timeout=600)
 
 
 @pytest.mark.parametrize('config_name, variant', SMOKE, ids=ids(SMOKE))

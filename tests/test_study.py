@@ -11,6 +11,7 @@ import pytest
 from bigkd import study, study_report
 from bigkd.configs import study as study_configs
 from bigkd.study_report import budget_ratio, matched_budget
+from conftest import EARLY_JOBS, REPO, finish, started, subprocess_env
 
 BUDGETS = [100, 300, 1000, 3000]
 
@@ -84,17 +85,28 @@ MIN_FM_IMPROVEMENT = 4.0
 MAX_FM_OVER_FT = 1.5
 
 
-def test_fast_study_guards_function_matching(tmp_path):
-  """`python -m bigkd.study W --config fast`: function matching improves with budget and is not
-  behind the fixed teacher at the longer budget, within bounds measured over seeds; a re-run
-  trains nothing again. A subprocess, as a user runs it: its compilation cache (in W)
-  compiles the initialisation and evaluation once for the teacher and the three runs."""
-  from conftest import REPO, subprocess_env
-  root = str(tmp_path / 'study')
-  command = [sys.executable, '-m', 'bigkd.study', root, '--config', 'fast']
-  first = subprocess.run(command, cwd=REPO, env=subprocess_env(1), capture_output=True,
-                         text=True, timeout=600)
-  assert first.returncode == 0, first.stderr[-3000:]
+def start_fast_study(folder):
+  """`python -m bigkd.study W --config fast` in a subprocess, as a user runs it: its compilation
+  cache (in W) compiles the initialisation and evaluation once for the teacher and the runs."""
+  return subprocess.Popen([sys.executable, '-m', 'bigkd.study', os.path.join(folder, 'study'),
+                           '--config', 'fast'], cwd=REPO, env=subprocess_env(1),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+EARLY_JOBS['fast_study'] = start_fast_study
+
+
+@pytest.fixture(scope='module')
+def fast_study():
+  """The study's folder and what it printed (started with the session: conftest.started)."""
+  proc, folder = started('fast_study')
+  return os.path.join(folder, 'study'), finish(proc)
+
+
+def test_fast_study_guards_function_matching(fast_study):
+  """The fast study: function matching improves with budget and is not behind the fixed teacher
+  at the longer budget, within bounds measured over seeds; a re-run trains nothing again."""
+  root, printed = fast_study
   with open(os.path.join(root, 'study.json')) as f:
     analysis = json.load(f)['analysis']
   modes, patience = analysis['modes']['modes'], analysis['patience']
@@ -103,8 +115,8 @@ def test_fast_study_guards_function_matching(tmp_path):
   short, long = (patience['modes']['function_matching'][str(b)] for b in patience['budgets'])
   improvement = kl(short) / kl(long)
   print(f'fm/ft {fm_over_ft:.3f}, fm improvement {improvement:.2f}x')
-  assert fm_over_ft < MAX_FM_OVER_FT, (fm_over_ft, first.stdout)
-  assert improvement > MIN_FM_IMPROVEMENT, (improvement, first.stdout)
+  assert fm_over_ft < MAX_FM_OVER_FT, (fm_over_ft, printed)
+  assert improvement > MIN_FM_IMPROVEMENT, (improvement, printed)
   for name in ('study.md', 'patience.png', 'modes.png'):
     assert os.path.getsize(os.path.join(root, name)) > 0
   rerun = study.Study(study_configs.get_config('fast'), root, out=print)

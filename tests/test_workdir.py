@@ -14,6 +14,7 @@ from test_cli import assert_bad_config, snapshot
 TINY = ['--config', 'configs/digits.py:fast', '--config.stage_order=teacher,student',
         '--config.data.base_size=12', '--config.batch_size=32', '--config.eval_batch_size=64',
         '--config.log_every=5', '--config.checkpoint_every=5', '--config.optimizer.warmup_steps=2',
+        '--config.log_views=False',
         *[f'--config.stages.{s}.{k}={v}' for s in ('teacher', 'student')
           for k, v in (('model', 'cnn_tiny'), ('resolution', 8), ('steps', 10))]]
 
@@ -71,8 +72,9 @@ def test_interrupted_workdir_refuses_another_lr(interrupted):
 def test_safe_changes_resume_and_are_recorded(interrupted):
   config, stage = (read(os.path.join(interrupted, p))
                    for p in ('config.json', 'student/stage.json'))
-  result = run_cli([*TINY, '--config.log_every=2', '--config.eval_every=4',
-                    '--config.keep_checkpoints=3', '--config.data.reader_threads=2',
+  result = run_cli([*TINY, '--config.log_every=2', '--config.log_views=True',
+                    '--config.eval_every=4', '--config.keep_checkpoints=3',
+                    '--config.data.reader_threads=2',
                     '--workdir', interrupted])
   assert result.returncode == 0, result.stderr[-3000:]
   assert '[student] resuming from step 5' in result.stdout
@@ -83,8 +85,8 @@ def test_safe_changes_resume_and_are_recorded(interrupted):
   with open(os.path.join(interrupted, 'config_changes.jsonl')) as f:
     records = [json.loads(line) for line in f]
   assert len(records) == 1 and records[0]['changes']['log_every'] == [5, 2]
-  assert set(records[0]['changes']) == {'log_every', 'eval_every', 'keep_checkpoints',
-                                        'data.reader_threads'}
+  assert set(records[0]['changes']) == {'log_every', 'log_views', 'eval_every',
+                                        'keep_checkpoints', 'data.reader_threads'}
 
 
 def test_allowed_changes_let_a_listed_field_change(interrupted):
