@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 
 # Before jax is imported: XLA's backend optimisations cost more compile time than they save on
 # these tiny models. Subprocesses started by the tests inherit it.
@@ -145,25 +146,101 @@ def finish(proc, timeout=600):
   return out
 
 
-class ReferenceRun:
-  """The 1-device run of `distill_config`, started in the background when first requested
-  (so it overlaps the process a test starts next) and waited for by `stage_dir()`."""
+# --- Long subprocesses started with the session. -----------------------------------------
+# Some tests wait on long subprocesses (the reference run and the runs on other meshes and
+# process counts, every paper config's 2 steps, the fast study, ...). The in-process tests keep
+# about one of the two cores busy; these jobs use the other one meanwhile: as the session starts,
+# a thread starts those that the selected tests ask for, one after another, in the order the
+# tests need them (all at once would crowd the in-process tests out). A test that needs a job
+# before its turn starts it.
 
-  def __init__(self, root):
-    self.teacher = random_stage(os.path.join(root, 'teacher'))
-    self.workdir = os.path.join(root, 'one_device')
-    self._proc = start_runs(self.teacher, [(self.workdir, {})], 1)
+class Job:
+  """Subprocesses a test waits on, and the folder they write in."""
+
+  def __init__(self, folder, *procs):
+    self.folder, self.procs = folder, procs
+    self._lock, self._ended = threading.Lock(), None
+
+  def wait(self, timeout=600) -> list:
+    """[(exit code, stdout, stderr)] of each process, once all have ended."""
+    with self._lock:
+      if self._ended is None:
+        ended = []
+        for p in self.procs:
+          out, err = p.communicate(timeout=timeout)
+          ended.append((p.returncode, out, err))
+        self._ended = ended
+    return self._ended
+
+  def outputs(self, timeout=600) -> list:
+    """What each process printed (each must have exited 0)."""
+    ended = self.wait(timeout)
+    for code, _, err in ended:
+      assert code == 0, err[-3000:]
+    return [out for _, out, _ in ended]
+
+  def kill(self):
+    for p in self.procs:
+      if p.poll() is None:
+        p.kill()
+
+
+EARLY_JOBS = {}  # fixture name -> start(folder) -> Job, from `early_job`
+_started, _start_lock = {}, threading.RLock()
+
+
+def started(name) -> Job:
+  """Job `name` (`EARLY_JOBS`), started now unless it was already."""
+  with _start_lock:
+    if name not in _started:
+      folder = tempfile.mkdtemp(prefix=f'bigkd-tests-{name}-')
+      atexit.register(shutil.rmtree, folder, ignore_errors=True)
+      _started[name] = EARLY_JOBS[name](folder)
+      atexit.register(_started[name].kill)  # runs before the rmtree
+    return _started[name]
+
+
+def early_job(name, start):
+  """A session fixture `name`: the Job `start(folder)`, started early in the session when a
+  selected test asks for it (directly or through another fixture)."""
+  EARLY_JOBS[name] = start
+  return pytest.fixture(scope='session', name=name)(lambda: started(name))
+
+
+def _run_one_after_another(names):
+  for name in names:
+    try:
+      started(name).wait(timeout=3600)
+    except Exception:  # the test that needs the job reports it
+      pass
+
+
+def pytest_collection_finish(session):
+  needed = []
+  for item in session.items:
+    needed += [n for n in getattr(item, 'fixturenames', ()) if n in EARLY_JOBS and n not in needed]
+  threading.Thread(target=_run_one_after_another, args=(needed,), daemon=True).start()
+
+
+class ReferenceRun(Job):
+  """The 1-device run of `distill_config` from a random teacher, which the runs on other meshes
+  and process counts are compared with; `stage_dir()` waits for it."""
+
+  @property
+  def teacher(self):
+    return os.path.join(self.folder, 'teacher')
 
   def stage_dir(self):
-    if self._proc is not None:
-      finish(self._proc)
-      self._proc = None
-    return os.path.join(self.workdir, 'student')
+    self.outputs()
+    return os.path.join(self.folder, 'one_device', 'student')
 
 
-@pytest.fixture(scope='session')
-def reference_run(tmp_path_factory):
-  return ReferenceRun(str(tmp_path_factory.mktemp('reference')))
+def start_reference_run(folder):
+  teacher = random_stage(os.path.join(folder, 'teacher'))
+  return ReferenceRun(folder, start_runs(teacher, [(os.path.join(folder, 'one_device'), {})], 1))
+
+
+reference_run = early_job('reference_run', start_reference_run)
 
 
 def final_params(stage_dir, model='cnn_tiny', resolution=8):
@@ -352,29 +429,3 @@ def demo_notebook(demo_run, tmp_path_factory):
                           str(tmp_path_factory.mktemp('notebook') / 'executed.ipynb'))
   yield notebook
   notebook.result()  # not left running past the session (its kernel is a process too)
-
-
-# --- Long subprocesses started with the session. -----------------------------------------
-# A few tests wait on one long subprocess (every paper config's 2 steps, the fast study, ...).
-# The in-process tests keep about one of the two cores busy: started as the session starts
-# (only for the tests selected), these run on the other core instead of after them.
-
-EARLY_JOBS = {}  # fixture name -> start(folder) -> subprocess.Popen; set by the test modules
-_started = {}
-
-
-def started(name):
-  """(the Popen of job `name`, its folder): started now unless the session's start did."""
-  if name not in _started:
-    folder = tempfile.mkdtemp(prefix=f'bigkd-tests-{name}-')
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    proc = EARLY_JOBS[name](folder)
-    atexit.register(lambda: proc.poll() is None and proc.kill())  # before the rmtree
-    _started[name] = proc, folder
-  return _started[name]
-
-
-def pytest_collection_finish(session):
-  wanted = {name for item in session.items for name in getattr(item, 'fixturenames', ())}
-  for name in sorted(wanted & set(EARLY_JOBS)):
-    started(name)

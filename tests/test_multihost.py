@@ -7,7 +7,8 @@ once, and their sharded checkpoint (each process writing its own shards) restore
 import os
 import socket
 
-from conftest import DISTILL_STEPS, assert_same_run, finish, read_metrics, start_runs
+from conftest import (DISTILL_STEPS, Job, assert_same_run, early_job, read_metrics,
+                      start_runs, started, write_jpeg_folder)
 
 
 def free_port():
@@ -16,21 +17,35 @@ def free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_equal_one(tmp_path, reference_run, jpeg_folder):
-  resident = {'data.shard_resident': True, 'mesh.data': 1, 'mesh.fsdp': 4}
-  streamed = {'data.source': 'folder', 'data.data_dir': jpeg_folder, 'data.base_size': 24,
-              'data.device_resident': False, 'data.num_classes': 10, 'batch_size': 8,
-              'eval_batch_size': 8}
-  two_resident, two_streamed = str(tmp_path / 'two_resident'), str(tmp_path / 'two_streamed')
-  one_streamed = str(tmp_path / 'one_streamed')
-  address = f'127.0.0.1:{free_port()}'
-  runs = [(two_resident, resident), (two_streamed, streamed)]
-  procs = [start_runs(reference_run.teacher, runs, 2,
-                      dict(coordinator_address=address, num_processes=2, process_id=i))
-           for i in range(2)]
-  procs.append(start_runs(reference_run.teacher, [(one_streamed, streamed)], 4))
-  out0, out1, out_one = (finish(p) for p in procs)
+RESIDENT = {'data.shard_resident': True, 'mesh.data': 1, 'mesh.fsdp': 4}
 
+
+def streamed(jpeg_folder):
+  return {'data.source': 'folder', 'data.data_dir': jpeg_folder, 'data.base_size': 24,
+          'data.device_resident': False, 'data.num_classes': 10, 'batch_size': 8,
+          'eval_batch_size': 8}
+
+
+def start_multihost_runs(folder):
+  """Two processes (2 devices each) run the resident and the streamed config; one process (4
+  devices) runs the streamed config alone."""
+  teacher = started('reference_run').teacher
+  stream = streamed(write_jpeg_folder(os.path.join(folder, 'jpegs')))
+  address = f'127.0.0.1:{free_port()}'
+  runs = [(f'{folder}/two_resident', RESIDENT), (f'{folder}/two_streamed', stream)]
+  procs = [start_runs(teacher, runs, 2, dict(coordinator_address=address, num_processes=2,
+                                             process_id=i)) for i in range(2)]
+  return Job(folder, *procs, start_runs(teacher, [(f'{folder}/one_streamed', stream)], 4))
+
+
+multihost_runs = early_job('multihost_runs', start_multihost_runs)
+
+
+def test_two_processes_equal_one(reference_run, multihost_runs):
+  out0, out1, out_one = multihost_runs.outputs()
+  folder = multihost_runs.folder
+  two_resident, two_streamed, one_streamed = (f'{folder}/{name}' for name in (
+      'two_resident', 'two_streamed', 'one_streamed'))
   stage_dir = os.path.join(two_resident, 'student')
   assert_same_run(reference_run.stage_dir(), stage_dir, 'two processes')  # restored in 1 process
   assert [m['step'] for m in read_metrics(stage_dir)] == [3, 6]  # logged once, by process 0

@@ -29,7 +29,7 @@ import pytest
 from bigkd import checkpoint, plan, stages
 from bigkd.config import ConfigError
 from bigkd.plan import check_config, plan_stages
-from conftest import EARLY_JOBS, finish, started
+from conftest import Job, early_job
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEACHER, STUDENT = 'bit_r152x2', 'bit_r50x1'
@@ -344,14 +344,14 @@ def start_smoke(root, runs, model_kwargs):
                           text=True)
 
 
-def smoke_results_of(proc, root, timeout):
-  finish(proc, timeout)
-  with open(os.path.join(root, 'results.json')) as f:
+def smoke_results_of(job, timeout):
+  job.outputs(timeout)
+  with open(os.path.join(job.folder, 'results.json')) as f:
     return json.load(f)
 
 
 def run_smoke(root, runs, model_kwargs, timeout):
-  return smoke_results_of(start_smoke(root, runs, model_kwargs), root, timeout)
+  return smoke_results_of(Job(root, start_smoke(root, runs, model_kwargs)), timeout)
 
 
 def check_two_steps(result, model_kwargs):
@@ -368,13 +368,12 @@ def check_two_steps(result, model_kwargs):
     assert math.isfinite(m['loss']) and m['kl_T1'] > 0 and math.isfinite(m['grad_norm']), m
 
 
-EARLY_JOBS['smoke_results'] = lambda folder: start_smoke(folder, SMOKE, TINY_BIT)
+smoke_job = early_job('smoke_job', lambda folder: Job(folder, start_smoke(folder, SMOKE, TINY_BIT)))
 
 
 @pytest.fixture(scope='module')
-def smoke_results():
-  proc, folder = started('smoke_results')  # started with the session
-  return smoke_results_of(proc, folder, timeout=600)
+def smoke_results(smoke_job):
+  return smoke_results_of(smoke_job, timeout=600)
 
 
 @pytest.mark.parametrize('config_name, variant', SMOKE, ids=ids(SMOKE))

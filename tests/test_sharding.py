@@ -17,7 +17,8 @@ from bigkd.models import get_model
 from bigkd.plan import check_config, mesh_shape
 from bigkd.sharding import gather_rows, make_mesh, param_spec, put_rows_sharded
 from bigkd.step import StepSpec, Teacher, TrainState, make_train_step
-from conftest import assert_same_run, finish, random_params, start_runs, tiny_config
+from conftest import (Job, assert_same_run, early_job, random_params, start_runs,
+                      started, tiny_config)
 
 
 def saved_specs(stage_dir, item):
@@ -94,17 +95,25 @@ def test_grad_accumulation_gives_the_full_batch_update():
   assert float(optax.global_norm(jax.tree.map(jnp.subtract, full.params, params))) > 1e-3
 
 
-def test_meshes_give_the_run_of_one_device(tmp_path, reference_run):
-  meshes = {'8x1': {'mesh.data': 8, 'mesh.fsdp': 1},
-            '4x2': {'mesh.data': 4, 'mesh.fsdp': 2, 'data.shard_resident': True},
-            '2x4': {'mesh.data': -1, 'mesh.fsdp': 4, 'grad_accum_steps': 2,
-                    'data.shard_resident': True}}
-  runs = [(str(tmp_path / name), o) for name, o in meshes.items()]
-  teacher = reference_run.teacher
-  procs = [start_runs(teacher, runs[:2], 8), start_runs(teacher, runs[2:], 8)]  # two cores
-  log = ''.join(finish(p) for p in procs)
-  for name, overrides in meshes.items():
-    stage_dir = str(tmp_path / name / 'student')
+MESHES = {'8x1': {'mesh.data': 8, 'mesh.fsdp': 1},
+          '4x2': {'mesh.data': 4, 'mesh.fsdp': 2, 'data.shard_resident': True},
+          '2x4': {'mesh.data': -1, 'mesh.fsdp': 4, 'grad_accum_steps': 2,
+                  'data.shard_resident': True}}
+
+
+def start_mesh_runs(folder):
+  teacher = started('reference_run').teacher
+  runs = [(f'{folder}/{name}', overrides) for name, overrides in MESHES.items()]
+  return Job(folder, start_runs(teacher, runs[:2], 8), start_runs(teacher, runs[2:], 8))
+
+
+mesh_runs = early_job('mesh_runs', start_mesh_runs)
+
+
+def test_meshes_give_the_run_of_one_device(reference_run, mesh_runs):
+  log = ''.join(mesh_runs.outputs())
+  for name, overrides in MESHES.items():
+    stage_dir = f'{mesh_runs.folder}/{name}/student'
     assert_same_run(reference_run.stage_dir(), stage_dir, name)
     fsdp = 8 // overrides['mesh.data'] if overrides['mesh.data'] > 0 else overrides['mesh.fsdp']
     params, opt = saved_specs(stage_dir, 'params'), saved_specs(stage_dir, 'opt_state')

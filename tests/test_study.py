@@ -11,7 +11,7 @@ import pytest
 from bigkd import study, study_report
 from bigkd.configs import study as study_configs
 from bigkd.study_report import budget_ratio, matched_budget
-from conftest import EARLY_JOBS, REPO, finish, started, subprocess_env
+from conftest import REPO, Job, early_job, subprocess_env
 
 BUDGETS = [100, 300, 1000, 3000]
 
@@ -88,25 +88,19 @@ MAX_FM_OVER_FT = 1.5
 def start_fast_study(folder):
   """`python -m bigkd.study W --config fast` in a subprocess, as a user runs it: its compilation
   cache (in W) compiles the initialisation and evaluation once for the teacher and the runs."""
-  return subprocess.Popen([sys.executable, '-m', 'bigkd.study', os.path.join(folder, 'study'),
-                           '--config', 'fast'], cwd=REPO, env=subprocess_env(1),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  return Job(folder, subprocess.Popen(
+      [sys.executable, '-m', 'bigkd.study', os.path.join(folder, 'study'), '--config', 'fast'],
+      cwd=REPO, env=subprocess_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True))
 
 
-EARLY_JOBS['fast_study'] = start_fast_study
-
-
-@pytest.fixture(scope='module')
-def fast_study():
-  """The study's folder and what it printed (started with the session: conftest.started)."""
-  proc, folder = started('fast_study')
-  return os.path.join(folder, 'study'), finish(proc)
+fast_study = early_job('fast_study', start_fast_study)
 
 
 def test_fast_study_guards_function_matching(fast_study):
   """The fast study: function matching improves with budget and is not behind the fixed teacher
   at the longer budget, within bounds measured over seeds; a re-run trains nothing again."""
-  root, printed = fast_study
+  (printed,), root = fast_study.outputs(), os.path.join(fast_study.folder, 'study')
   with open(os.path.join(root, 'study.json')) as f:
     analysis = json.load(f)['analysis']
   modes, patience = analysis['modes']['modes'], analysis['patience']
