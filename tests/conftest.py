@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 # Before jax is imported: XLA's backend optimisations cost more compile time than they save on
 # these tiny models. Subprocesses started by the tests inherit it.
@@ -138,6 +139,23 @@ def start_runs(teacher_dir, runs, devices, distributed=None):
   return subprocess.Popen([sys.executable, '-c', RUNNER, teacher_dir, json.dumps(runs),
                            json.dumps(distributed or {})], cwd=REPO, env=subprocess_env(devices),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def signal_when(proc, ready, signum, timeout=300) -> threading.Thread:
+  """Sends `signum` to `proc` as soon as `ready()` holds (checked every 20 ms, for at most
+  `timeout` s), from a thread, so that the test does other work meanwhile; join() it. The
+  thread's `sent_at`: when it sent the signal (None: the process had ended)."""
+  def watch():
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not ready():
+      time.sleep(0.02)
+    if proc.poll() is None:
+      thread.sent_at = time.time()
+      proc.send_signal(signum)
+  thread = threading.Thread(target=watch, daemon=True)
+  thread.sent_at = None
+  thread.start()
+  return thread
 
 
 def finish(proc, timeout=600):

@@ -5,12 +5,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
-from conftest import REPO, read_metrics, run_cli
+from conftest import REPO, read_metrics, run_cli, signal_when
 
 ARGS = ['--config', 'configs/digits.py:fast', '--config.stage_order=teacher',
         '--config.stages.teacher.model=cnn_small', '--config.stages.teacher.resolution=12',
@@ -31,19 +30,18 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, data, request):
                            str(interrupted)], cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   ckpt_dir = interrupted / 'teacher' / 'checkpoints'
-  deadline = time.time() + 300
-  while time.time() < deadline and not (ckpt_dir.exists() and any(
-      d.isdigit() and int(d) >= 80 for d in os.listdir(ckpt_dir))):
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
+  killer = signal_when(proc, lambda: ckpt_dir.exists() and any(
+      d.isdigit() and int(d) >= 80 for d in os.listdir(ckpt_dir)), signal.SIGKILL)
+  straight = run_cli([*args, '--workdir', str(tmp_path / 'straight')])  # meanwhile
+  assert straight.returncode == 0, straight.stderr[-3000:]
+  killer.join()
   proc.wait()
-  assert not (interrupted / 'teacher' / 'summary.json').exists(), 'finished before the kill'
+  assert proc.returncode == -signal.SIGKILL, 'finished before the kill'
+  assert not (interrupted / 'teacher' / 'summary.json').exists()
 
   resumed = run_cli([*args, '--workdir', str(interrupted)])
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert 'resuming from step' in resumed.stdout
-  straight = run_cli([*args, '--workdir', str(tmp_path / 'straight')])
-  assert straight.returncode == 0, straight.stderr[-3000:]
 
   a, b = read_metrics(interrupted / 'teacher'), read_metrics(tmp_path / 'straight' / 'teacher')
   assert [m['step'] for m in a] == [m['step'] for m in b]  # no duplicated or missing log lines

@@ -61,15 +61,19 @@ def test_teacher_ensemble_at_two_resolutions(tmp_path, trained_teacher, ensemble
   assert_learns_teacher(tmp_path / 'student', summary['stages']['student'])
 
 
-def test_takd_chain_teacher_assistant_student(tmp_path):
-  c = tiny_config(steps=80)
-  c.stages.assistant = stage_config('cnn_small', 10, steps=60, teachers={'t': 'teacher'})
+def test_takd_chain_teacher_assistant_student(tmp_path, trained_teacher):
+  """The session's trained teacher (a stage folder) -> an assistant stage -> a student stage."""
+  teacher_dir, teacher_summary = trained_teacher
+  c = tiny_config()
+  c.stages.assistant = stage_config('cnn_small', 10, steps=60, teachers={'t': teacher_dir})
   c.stages.student = stage_config('cnn_tiny', 8, steps=60, teachers={'ta': 'assistant'},
                                   loss='kl', temperature=2.0)
-  c.stage_order = 'teacher,assistant,student'
+  c.stage_order = 'assistant,student'
   summary = stages.run(c, str(tmp_path))['stages']
-  assert set(summary) == {'teacher', 'assistant', 'student'}
+  assert set(summary) == {'assistant', 'student'}
   # Each stage is taught by the one before it: the student's teacher accuracy is the assistant's.
+  assert summary['assistant']['test_teacher_accuracy'] == pytest.approx(
+      teacher_summary['test_accuracy'])
   assert summary['student']['test_teacher_accuracy'] == pytest.approx(
       summary['assistant']['test_accuracy'])
   assert_learns_teacher(tmp_path / 'assistant', summary['assistant'])

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, final_params, read_metrics, run_cli, tiny_config
+from conftest import REPO, final_params, read_metrics, run_cli, signal_when, tiny_config
 
 # cnn_small at 12 px on the digits (fast compile); one stage, 30 steps, checkpoints at 10, 20, 30.
 ARGS = ['--config', 'configs/digits.py:fast', '--config.stage_order=teacher',
@@ -56,14 +56,14 @@ def test_sigterm_saves_at_the_current_step_and_a_rerun_resumes_bitwise(tmp_path)
                           cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   metrics = workdir / 'teacher' / 'metrics.jsonl'
-  deadline = time.time() + 300
-  while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
-    time.sleep(0.02)
-  signalled = time.time()
-  proc.send_signal(signal.SIGTERM)
+  stopper = signal_when(proc, lambda: metrics.exists() and bool(metrics.read_text().strip()),
+                        signal.SIGTERM)
+  straight = run_cli([*args, '--workdir', str(tmp_path / 'straight')])  # meanwhile
+  assert straight.returncode == 0, straight.stderr[-3000:]
+  stopper.join()
   out, err = proc.communicate(timeout=120)
   assert proc.returncode == 75, err[-3000:]
-  assert time.time() - signalled < 30
+  assert time.time() - stopper.sent_at < 30
   assert bigkd_lines(err) == [l for l in err.splitlines() if 'preempted' in l], err[-2000:]
   assert not (workdir / 'teacher' / 'summary.json').exists()
   steps = [int(d) for d in os.listdir(workdir / 'teacher' / 'checkpoints') if d.isdigit()]
@@ -77,8 +77,6 @@ def test_sigterm_saves_at_the_current_step_and_a_rerun_resumes_bitwise(tmp_path)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
   assert f'resuming from step {stopped}' in resumed.stdout
-  straight = run_cli([*args, '--workdir', str(tmp_path / 'straight')])
-  assert straight.returncode == 0, straight.stderr[-3000:]
   assert_same_result(tmp_path / 'straight', workdir)
   a, b = read_metrics(workdir / 'teacher'), read_metrics(tmp_path / 'straight' / 'teacher')
   assert [m['step'] for m in a] == [m['step'] for m in b]

@@ -1,7 +1,6 @@
 """Tests of bigkd.optim.shampoo: roots, layout, grafting, failure fallback, checkpoints, sharding,
 convergence on an ill-conditioned Kronecker-structured quadratic, and the conv-aware Muon."""
 import os
-import pathlib
 import subprocess
 import sys
 import textwrap
@@ -13,12 +12,9 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bigkd.optim.shampoo import (  # noqa: E402
-    default_shampoo_options, from_blocks, inverse_pth_root, make_layout, merge_dims, muon,
-    shampoo, to_blocks)
+from bigkd.optim.shampoo import (default_shampoo_options, from_blocks, inverse_pth_root,
+                                 make_layout, merge_dims, muon, shampoo, to_blocks)
+from conftest import REPO, Job, early_job, subprocess_env
 
 
 def rotated_spd(rng, n, cond):
@@ -222,15 +218,18 @@ SHARDED = textwrap.dedent('''
 ''')
 
 
-def test_update_under_jit_on_sharded_8_device_mesh():
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=(os.environ.get('XLA_FLAGS', '') +
-                        ' --xla_force_host_platform_device_count=8').strip(),
-             PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]))
-  out = subprocess.run([sys.executable, '-c', SHARDED], env=env, capture_output=True,
-                       text=True, timeout=300, cwd=ROOT)
-  assert out.returncode == 0, out.stderr[-3000:]
-  line = [l for l in out.stdout.splitlines() if l.startswith('SHARDED_OK')][-1]
+def start_sharded_update(folder):
+  return Job(folder, subprocess.Popen([sys.executable, '-c', SHARDED], cwd=REPO,
+                                      env=subprocess_env(8), stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+
+
+sharded_update = early_job('sharded_update', start_sharded_update)  # a subprocess: 8 devices
+
+
+def test_update_under_jit_on_sharded_8_device_mesh(sharded_update):
+  (out,) = sharded_update.outputs()
+  line = [l for l in out.splitlines() if l.startswith('SHARDED_OK')][-1]
   _, devices, diff = line.split()
   assert int(devices) == 8 and float(diff) < 1e-5, line
 
