@@ -226,6 +226,9 @@ def early_job(name, start):
 
 
 def _run_one_after_another(names):
+  # Lower priority (on Linux a thread's nice value, inherited by the processes it starts): the
+  # in-process tests, which run one after another, keep their core; the jobs take the rest.
+  os.setpriority(os.PRIO_PROCESS, 0, 10)
   for name in names:
     try:
       started(name).wait(timeout=3600)
@@ -234,6 +237,8 @@ def _run_one_after_another(names):
 
 
 def pytest_collection_finish(session):
+  if session.config.option.collectonly:
+    return
   needed = []
   for item in session.items:
     needed += [n for n in getattr(item, 'fixturenames', ()) if n in EARLY_JOBS and n not in needed]
