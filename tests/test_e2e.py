@@ -83,6 +83,10 @@ def test_takd_chain_teacher_assistant_student(tmp_path, trained_teacher):
   # A finished run re-run does nothing but report.
   again = stages.run(c, str(tmp_path))['stages']
   assert again == summary
+  # log_views=False (tiny_config): no `views` image (test_newcomer.py: the default writes it).
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+  events = EventAccumulator(str(tmp_path / 'student')).Reload()
+  assert 'loss' in events.Tags()['scalars'] and 'views' not in events.Tags()['tensors']
 
 
 def test_outputs_of_a_run(tmp_path, trained_teacher):
