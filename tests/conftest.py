@@ -245,22 +245,32 @@ def pytest_collection_finish(session):
   threading.Thread(target=_run_one_after_another, args=(needed,), daemon=True).start()
 
 
+def streamed_overrides(jpeg_folder):
+  """`distill_config` on a JPEG folder, each step's images read and decoded from it."""
+  return {'data.source': 'folder', 'data.data_dir': jpeg_folder, 'data.base_size': 24,
+          'data.device_resident': False, 'data.num_classes': 10, 'batch_size': 8,
+          'eval_batch_size': 8}
+
+
 class ReferenceRun(Job):
-  """The 1-device run of `distill_config` from a random teacher, which the runs on other meshes
-  and process counts are compared with; `stage_dir()` waits for it."""
+  """The 1-device runs of `distill_config` from a random teacher (on the digits, and streamed
+  from the JPEGs in `jpegs`), which the runs on other meshes and process counts are compared
+  with; `stage_dir()` waits for them."""
 
-  @property
-  def teacher(self):
-    return os.path.join(self.folder, 'teacher')
+  teacher = property(lambda self: os.path.join(self.folder, 'teacher'))
+  jpegs = property(lambda self: os.path.join(self.folder, 'jpegs'))
 
-  def stage_dir(self):
+  def stage_dir(self, streamed=False):
     self.outputs()
-    return os.path.join(self.folder, 'one_device', 'student')
+    return os.path.join(self.folder, 'streamed' if streamed else 'one_device', 'student')
 
 
 def start_reference_run(folder):
   teacher = random_stage(os.path.join(folder, 'teacher'))
-  return ReferenceRun(folder, start_runs(teacher, [(os.path.join(folder, 'one_device'), {})], 1))
+  jpegs = write_jpeg_folder(os.path.join(folder, 'jpegs'))
+  runs = [(os.path.join(folder, 'one_device'), {}),
+          (os.path.join(folder, 'streamed'), streamed_overrides(jpegs))]
+  return ReferenceRun(folder, start_runs(teacher, runs, 1))
 
 
 reference_run = early_job('reference_run', start_reference_run)

@@ -1,14 +1,14 @@
 """Two processes on localhost (2 CPU devices each, jax.distributed + gloo) train exactly like one
 process: with resident images split by rows across both processes and an fsdp mesh (against the
 1-device reference run), and with JPEGs streamed from a folder, each process reading and decoding
-only its half of every batch (against 1 process with 4 devices). They write metrics and summaries
+only its half of every batch (against 1 process with 1 device). They write metrics and summaries
 once, and their sharded checkpoint (each process writing its own shards) restores in a single
 1-device process."""
 import os
 import socket
 
-from conftest import (DISTILL_STEPS, Job, assert_same_run, early_job, read_metrics,
-                      start_runs, started, write_jpeg_folder)
+from conftest import (DISTILL_STEPS, Job, assert_same_run, early_job, read_metrics, start_runs,
+                      started, streamed_overrides)
 
 
 def free_port():
@@ -20,32 +20,25 @@ def free_port():
 RESIDENT = {'data.shard_resident': True, 'mesh.data': 1, 'mesh.fsdp': 4}
 
 
-def streamed(jpeg_folder):
-  return {'data.source': 'folder', 'data.data_dir': jpeg_folder, 'data.base_size': 24,
-          'data.device_resident': False, 'data.num_classes': 10, 'batch_size': 8,
-          'eval_batch_size': 8}
-
-
 def start_multihost_runs(folder):
-  """Two processes (2 devices each) run the resident and the streamed config; one process (4
-  devices) runs the streamed config alone."""
-  teacher = started('reference_run').teacher
-  stream = streamed(write_jpeg_folder(os.path.join(folder, 'jpegs')))
+  """Two processes (2 devices each) run the resident and the streamed config of the reference
+  runs."""
+  reference = started('reference_run')
+  runs = [(f'{folder}/two_resident', RESIDENT),
+          (f'{folder}/two_streamed', streamed_overrides(reference.jpegs))]
   address = f'127.0.0.1:{free_port()}'
-  runs = [(f'{folder}/two_resident', RESIDENT), (f'{folder}/two_streamed', stream)]
-  procs = [start_runs(teacher, runs, 2, dict(coordinator_address=address, num_processes=2,
-                                             process_id=i)) for i in range(2)]
-  return Job(folder, *procs, start_runs(teacher, [(f'{folder}/one_streamed', stream)], 4))
+  return Job(folder, *(start_runs(reference.teacher, runs, 2, dict(
+      coordinator_address=address, num_processes=2, process_id=i)) for i in range(2)))
 
 
 multihost_runs = early_job('multihost_runs', start_multihost_runs)
 
 
 def test_two_processes_equal_one(reference_run, multihost_runs):
-  out0, out1, out_one = multihost_runs.outputs()
-  folder = multihost_runs.folder
-  two_resident, two_streamed, one_streamed = (f'{folder}/{name}' for name in (
-      'two_resident', 'two_streamed', 'one_streamed'))
+  out0, out1 = multihost_runs.outputs()
+  (out_one,) = reference_run.outputs()  # both 1-device runs
+  two_resident, two_streamed = (f'{multihost_runs.folder}/{name}'
+                                for name in ('two_resident', 'two_streamed'))
   stage_dir = os.path.join(two_resident, 'student')
   assert_same_run(reference_run.stage_dir(), stage_dir, 'two processes')  # restored in 1 process
   assert [m['step'] for m in read_metrics(stage_dir)] == [3, 6]  # logged once, by process 0
@@ -54,7 +47,7 @@ def test_two_processes_equal_one(reference_run, multihost_runs):
   written_by = os.listdir(os.path.join(stage_dir, 'checkpoints', '6', 'params'))
   assert {'ocdbt.process_0', 'ocdbt.process_1'} <= set(written_by)
 
-  assert_same_run(f'{one_streamed}/student', f'{two_streamed}/student', 'streamed')
+  assert_same_run(reference_run.stage_dir(streamed=True), f'{two_streamed}/student', 'streamed')
   half = DISTILL_STEPS * 8 // 2
   assert f'process 0 read and decoded {half} training images' in out0, out0
   assert f'process 1 read and decoded {half} training images' in out1, out1

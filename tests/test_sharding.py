@@ -104,14 +104,14 @@ MESHES = {'8x1': {'mesh.data': 8, 'mesh.fsdp': 1},
 def start_mesh_runs(folder):
   teacher = started('reference_run').teacher
   runs = [(f'{folder}/{name}', overrides) for name, overrides in MESHES.items()]
-  return Job(folder, start_runs(teacher, runs[:2], 8), start_runs(teacher, runs[2:], 8))
+  return Job(folder, start_runs(teacher, runs, 8))
 
 
 mesh_runs = early_job('mesh_runs', start_mesh_runs)
 
 
 def test_meshes_give_the_run_of_one_device(reference_run, mesh_runs):
-  log = ''.join(mesh_runs.outputs())
+  (log,) = mesh_runs.outputs()
   for name, overrides in MESHES.items():
     stage_dir = f'{mesh_runs.folder}/{name}/student'
     assert_same_run(reference_run.stage_dir(), stage_dir, name)
