@@ -1,5 +1,7 @@
-"""Shared fixtures: small, fast configs on the bundled digits, the CLI called in-process, and one
-1-device reference run that every "N devices / N processes = 1 device" test compares against."""
+"""Shared fixtures: small, fast configs on the bundled digits, the CLI called in-process, the
+long subprocesses that start with the session (`early_job`: the 1-device reference run that every
+"N devices / N processes = 1 device" test compares against, and others), and one digits demo run
+as a new user makes it (`demo_run`)."""
 import atexit
 import contextlib
 import io
