@@ -1,10 +1,10 @@
 """Report: python -m bigkd.report WORKDIR [--split test] [--out FILE]
 
 Writes WORKDIR/report.html, one self-contained page (figures embedded as PNG) about a run,
-finished or still training: the summary table, each stage's training curves, per-class
-accuracy of every stage side by side, for each distilled stage the agreement matrix and the
-reliability diagram of it and its teacher, and the views teacher and student see under each
-teaching mode. Predictions are on --split with the run's evaluation protocol, at each stage's
+finished or still training: the summary table (CKA too where a stage measures it), each
+stage's training curves, per-class accuracy of every stage side by side, for each distilled
+stage the agreement matrix and the reliability diagram of it and its teacher, and the views
+teacher and student see under each teaching mode. Predictions are on --split with the run's evaluation protocol, at each stage's
 newest complete checkpoint.
 
 Example (after `python -m bigkd.train --config configs/digits.py:fast --workdir runs/fast`):
@@ -18,7 +18,7 @@ import sys
 
 from bigkd import cli, inspect, plots
 
-TABLE_KEYS = ('accuracy', 'teacher_accuracy', 'agreement', 'kl')
+TABLE_KEYS = ('accuracy', 'teacher_accuracy', 'agreement', 'kl', 'cka')  # cka: mean over pairs
 
 
 def image_tag(fig, caption: str) -> str:

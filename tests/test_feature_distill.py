@@ -22,7 +22,7 @@ import jax
 import numpy as np
 import pytest
 
-from bigkd import checkpoint, stages
+from bigkd import checkpoint, inspect, report, stages
 from bigkd.config import ConfigError, stage_config
 from bigkd.plan import check_config, plan_stages
 from conftest import REPO, final_params, finish, random_stage, read_metrics, subprocess_env, \
@@ -106,6 +106,8 @@ def test_student_learns_the_teacher_and_cka_is_reported(runs):
     each = [summary[f'{split}_cka/{label}'] for label in labels]
     assert summary[f'{split}_cka'] == pytest.approx(np.mean(each))
     assert all(0 < v <= 1 for v in each), summary
+  table = report.summary_table(inspect.load_run(str(runs.one)), 'test')  # the report page
+  assert '<th>test cka</th>' in table and f'<td>{summary["test_cka"]:.4f}</td>' in table
 
 
 def student_params(stage_dir):
