@@ -4,8 +4,8 @@ Writes WORKDIR/report.html, one self-contained page (figures embedded as PNG) ab
 finished or still training: the summary table (CKA too where a stage measures it), each
 stage's training curves, per-class accuracy of every stage side by side, for each distilled
 stage the agreement matrix and the reliability diagram of it and its teacher, and the views
-teacher and student see under each teaching mode. Predictions are on --split with the run's evaluation protocol, at each stage's
-newest complete checkpoint.
+teacher and student see under each teaching mode. Predictions are on --split with the run's
+evaluation protocol, at each stage's newest complete checkpoint.
 
 Example (after `python -m bigkd.train --config configs/digits.py:fast --workdir runs/fast`):
   python -m bigkd.report runs/fast && open runs/fast/report.html
