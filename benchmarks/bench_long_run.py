@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
@@ -87,11 +88,18 @@ def train(workdir, teacher, steps, log_every, sample_rss=False):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0], epilog='example: '
                                    'python benchmarks/bench_long_run.py --steps 20000')
-  parser.add_argument('--workdir', default='/tmp/bigkd_long_run')
+  parser.add_argument('--workdir', default='', help='a folder for the runs (default: a new '
+                      'temporary folder); an earlier measurement\'s folder is refused')
   parser.add_argument('--steps', type=int, default=20000, help='memory run length (0: skip)')
   parser.add_argument('--sync_steps', type=int, default=3000, help='length of each sync run')
   parser.add_argument('--json', default='')
   args = parser.parse_args()
+  args.workdir = args.workdir or tempfile.mkdtemp(prefix='bigkd_long_run_')
+  runs = (['memory'] if args.steps else []) + ['sync_100', 'sync_1000']
+  for name in runs:  # an existing run would be resumed, and its old logs read back as new
+    if os.path.exists(os.path.join(args.workdir, name)):
+      parser.error(f'{os.path.join(args.workdir, name)} exists (an earlier measurement); '
+                   'use a new --workdir')
   os.makedirs(args.workdir, exist_ok=True)
   teacher = random_teacher(args.workdir)
 
