@@ -41,7 +41,7 @@ classes) and then distils it into BiT-R50x1 with this recipe (README: "Your own 
 """
 import math
 
-from bigkd.config import base_config, stage_config
+from bigkd.config import base_config, comma_list, stage_config
 
 PLACEHOLDER_DIR = '/path/to/bit_models'
 TEACHER_MODEL = 'bit_r152x2'     # BiT-M-R152x2: ImageNet-21k pre-trained, fine-tuned per dataset
@@ -71,7 +71,7 @@ def parse_variant(variant, config, slots):
     raise ValueError(f'{config}:{variant}: {problem} (variants: {grammar})' if variant else
                      f'{config} without a variant: {problem} (variants: {grammar})')
 
-  tokens = [t.strip() for t in (variant or '').split(',') if t.strip()]
+  tokens = comma_list(variant or '')
   names = {}
   for label, allowed, default in slots:
     if tokens and '=' not in tokens[0] and tokens[0] != 'init':

@@ -191,9 +191,14 @@ def stage_config(model: str, resolution: int, teachers=None, **overrides) -> Con
 FIELD_GROUPS = ('loss_weights', 'loss_options')
 
 
+def comma_list(text: str) -> list[str]:
+  """'a, b,,c' -> ['a', 'b', 'c']: the comma-separated names config strings hold."""
+  return [name.strip() for name in text.split(',') if name.strip()]
+
+
 def stage_names(config: ConfigDict) -> list[str]:
   """The stages to run, in order (ConfigDict sorts its keys, so the order is explicit)."""
-  return [name.strip() for name in config.stage_order.split(',') if name.strip()]
+  return comma_list(config.stage_order)
 
 
 def merged(defaults: ConfigDict, overrides: ConfigDict, where: str) -> dict:

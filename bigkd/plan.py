@@ -11,7 +11,7 @@ import json
 import os
 
 from bigkd import checkpoint
-from bigkd.config import ConfigError, base_config, merged, stage_config, stage_names
+from bigkd.config import ConfigError, base_config, comma_list, merged, stage_config, stage_names
 from bigkd.data.augment import CROP_SAMPLERS, TEACHING_MODES
 from bigkd.losses import DEFAULT_LOSS_TERMS, DISTILL_LOSSES, ENSEMBLE_MODES, FEATURE_LOSSES, \
     LOSS_TERMS
@@ -297,7 +297,7 @@ def _parse_pair(pair, stage, where, feature_terms) -> tuple[str, str, str, tuple
         f'(teachers: {", ".join(stage.teachers)})')
   if len(pair) == 2:
     return student_tap, teacher, teacher_tap, tuple(feature_terms)
-  named = tuple(n.strip() for n in pair[2].split(',') if n.strip())
+  named = tuple(comma_list(pair[2]))
   _need(feature_terms, f'{where}: {pair!r}: a CKA pair takes no loss names')
   bad = [n for n in named if n not in feature_terms]
   _need(named and not bad, f'{where}: {pair!r}: {", ".join(bad) or "no loss"} is not a '
@@ -519,7 +519,7 @@ def _show(value) -> str:
 
 
 def allowed_names(config) -> tuple:
-  return SAFE_TO_CHANGE + tuple(n.strip() for n in config.allowed_changes.split(',') if n.strip())
+  return SAFE_TO_CHANGE + tuple(comma_list(config.allowed_changes))
 
 
 def check_workdir_path(workdir: str) -> None:

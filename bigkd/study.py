@@ -28,6 +28,7 @@ import time
 # threads against each other (benchmarks/README.md). Read when jax loads LAPACK, after this.
 os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
 
+from bigkd.config import comma_list  # noqa: E402
 from bigkd.configs import study as study_configs  # noqa: E402
 from bigkd.configs.study import PARTS  # noqa: E402
 
@@ -116,17 +117,15 @@ def student_config(study, seed: int, run: Run, teacher_dir: str):
 
 
 # ----------------------------------------------------------------------------- the runs
-def csv(text: str) -> list[str]:
-  return [x.strip() for x in text.split(',') if x.strip()]
-
 
 def shampoo_variants(study) -> dict:
   """{variant: (option, value) pairs} of the shampoo_options part, from configs/study.py."""
   known = study_configs.SHAMPOO_VARIANTS
-  unknown = [v for v in csv(study.shampoo_options.variants) if v not in known]
+  variants = comma_list(study.shampoo_options.variants)
+  unknown = [v for v in variants if v not in known]
   if unknown:
     raise ValueError(f'shampoo_options.variants: unknown {unknown} (known: {", ".join(known)})')
-  return {v: tuple(sorted(known[v].items())) for v in csv(study.shampoo_options.variants)}
+  return {v: tuple(sorted(known[v].items())) for v in variants}
 
 
 def part_runs(study, part: str, seed: int, chosen: dict) -> list[Run]:
@@ -134,9 +133,10 @@ def part_runs(study, part: str, seed: int, chosen: dict) -> list[Run]:
   where a choice is missing (its grid is unfinished), the runs that need it are left out."""
   fm, lr = 'function_matching', study.student.lr
   if part == 'modes':
-    return [Run(m, study.modes.budget, lr=lr) for m in csv(study.modes.modes)]
+    return [Run(m, study.modes.budget, lr=lr) for m in comma_list(study.modes.modes)]
   if part == 'patience':
-    return [Run(m, b, lr=lr) for m in csv(study.patience.modes) for b in study.patience.budgets]
+    return [Run(m, b, lr=lr) for m in comma_list(study.patience.modes)
+            for b in study.patience.budgets]
   if part == 'resolution':
     return [Run(fm, study.resolution.budget, lr=lr, teacher_resolution=r)
             for r in study.resolution.teacher_resolutions]
@@ -392,7 +392,7 @@ def main(argv=None) -> int:
     return 2
   if args.seeds:
     study.seeds = args.seeds
-  parts = csv(args.only or study.parts)
+  parts = comma_list(args.only or study.parts)
   unknown = [p for p in parts if p not in PARTS]
   if unknown or args.seeds < 0:
     print(f'bigkd.study: error: --only {",".join(unknown)}: unknown part (known: '

@@ -12,6 +12,7 @@ import os
 import numpy as np
 from matplotlib.figure import Figure
 
+from bigkd.config import comma_list
 from bigkd.plots import to_png
 
 MODES = ('fixed_teacher', 'independent_noise', 'consistent', 'function_matching')
@@ -92,15 +93,12 @@ def default_run(config, **fields) -> dict:
   return dict(base, **fields)
 
 
-def csv(text) -> list[str]:
-  return [x.strip() for x in text.split(',') if x.strip()]
-
 
 def modes_part(results) -> dict:
   c = results['config']
   budget = c['modes']['budget']
   out = {}
-  for mode in csv(c['modes']['modes']):
+  for mode in comma_list(c['modes']['modes']):
     run = default_run(c, mode=mode, budget=budget)
     out[mode] = {k: across(results, k, **run) for k in ('test_kl', 'test_agreement',
                                                          'test_accuracy', 'val_kl')}
@@ -111,7 +109,7 @@ def patience_part(results) -> dict:
   c = results['config']
   budgets = list(c['patience']['budgets'])
   out = {}
-  for mode in csv(c['patience']['modes']):
+  for mode in comma_list(c['patience']['modes']):
     out[mode] = {str(b): {k: across(results, k, **default_run(c, mode=mode, budget=b))
                           for k in ('test_kl', 'test_agreement', 'test_accuracy')}
                  for b in budgets}
@@ -198,7 +196,7 @@ def shampoo_options_part(results) -> dict:
   adam = curve(results, '0', 'adam', c['optimizer']['adam_budgets'], chosen)
   from bigkd.configs.study import SHAMPOO_VARIANTS
   out = {}
-  for variant in csv(c['shampoo_options']['variants']):
+  for variant in comma_list(c['shampoo_options']['variants']):
     options = SHAMPOO_VARIANTS.get(variant, {})
     record = find(runs, mode='function_matching', budget=budget, optimizer='shampoo', lr=lr,
                   shampoo=dict(sorted(options.items())))
