@@ -21,23 +21,3 @@ Modules follow the data flow, config -> plan -> build -> loop:
   configs/        the bundled configs (digits demo, your own image folder, the paper's BiT runs)
   bench.py        step throughput and MFU;  cli.py: --help, --fields, one-line errors
 """
-import os
-
-
-def _import_tensorflow_quietly():
-  """TensorFlow (data loading, clu's TensorBoard writer) writes C++ start-up notices (oneDNN,
-  CPU features) straight to the process's stderr before its logging is set up, so neither
-  TF_CPP_MIN_LOG_LEVEL nor Python logging hides them. Import it once here with file
-  descriptor 2 pointed at /dev/null; an import error still surfaces as a Python exception."""
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-  try:
-    os.dup2(devnull, 2)
-    import tensorflow  # noqa: F401
-  finally:
-    os.dup2(saved, 2)
-    os.close(saved)
-    os.close(devnull)
-
-
-_import_tensorflow_quietly()

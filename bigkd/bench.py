@@ -64,7 +64,7 @@ def setup_stage(config, stage_name):
   from bigkd import build
   from bigkd.sharding import batch_sharding, put_global
   from bigkd.step import make_train_step
-  mesh, data, plans = build.prepare(config, '/nonexistent')
+  mesh, data, plans = build.setup(config, '/nonexistent')
   plan = pick_plan(plans, stage_name)
   stage = build.build_stage(plan, data, mesh, random_params=True)
   inputs = stage.inputs(0)

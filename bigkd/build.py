@@ -25,12 +25,12 @@ from bigkd.data.sampling import host_batch_indices
 from bigkd.evaluate import evaluate
 from bigkd.models import get_model, param_shapes
 from bigkd.optim import build_optimizer
-from bigkd.plan import StagePlan, auto_base_size, check_config, mesh_shape, plan_stages
+from bigkd.plan import StagePlan, auto_base_size, check_config, plan_stages
 from bigkd.sharding import batch_sharding, fsdp_compute_sharding, gather_rows, init_opt_state, \
-    make_mesh, put_global, put_rows_sharded, replicated, tree_shardings
+    make_mesh, mesh_shape, put_global, put_rows_sharded, replicated, tree_shardings
 from bigkd.models.adapters import FeatureAdapter
-from bigkd.step import FeaturePair, StepSpec, Teacher, TrainState, loss_components, \
-    make_eval_step, make_train_step, optimized_tree, with_device_batches, zero_metric_sums
+from bigkd.step import FeaturePair, Objective, StepSpec, Teacher, TrainState, make_eval_step, \
+    make_train_step, optimized_tree, summed_metrics, with_device_batches
 
 # optimizer.skip_nonfinite_updates: this many non-finite updates in a row are skipped; the next
 # is applied, its non-finite parameters stop the run (a run that only makes NaNs should end).
@@ -55,7 +55,7 @@ def load_data(data_cfg) -> RunData:
                  sources.class_names(data_cfg, train))
 
 
-def prepare(config, workdir: str):
+def setup(config, workdir: str):
   """(mesh, data, stage plans) of a config, every check done: raises ConfigError / DataError
   (one line) before anything is written. The trainer, the benchmark and notebooks start here."""
   num_devices = jax.device_count()
@@ -173,10 +173,10 @@ ADAPTER_STREAM = 1
 
 def initial_adapters(plan: StagePlan, pairs, mesh):
   """{adapter key: params} of the stage's adapters, drawn from (seed, stage index) apart from
-  the student's init and sharded by the parameter rule; None when the stage has none."""
+  the student's init and sharded by the parameter rule; {} when the stage has none."""
   with_adapter = [(p, planned) for p, planned in zip(pairs, plan.feature_pairs) if p.adapter]
   if not with_adapter:
-    return None
+    return {}
   key = jax.random.fold_in(jax.random.fold_in(jax.random.key(plan.seed), plan.index),
                            ADAPTER_STREAM)
 
@@ -203,11 +203,9 @@ def initial_state(plan: StagePlan, student, tx, mesh, pairs=()) -> TrainState:
     init_key = jax.random.fold_in(jax.random.key(plan.seed), plan.index)
     params = random_params(student, plan.resolution, init_key, targets)
   aux_params = initial_adapters(plan, pairs, mesh)
-  zero = lambda: jax.device_put(jnp.zeros((), jnp.int32), replicated(mesh))
   opt_state = init_opt_state(tx, optimized_tree(params, aux_params), mesh, plan.min_fsdp_size)
-  sums = zero_metric_sums(bool(plan.teachers), loss_components(plan.loss_terms))
-  return TrainState(zero(), params, opt_state, zero(), jax.device_put(sums, replicated(mesh)),
-                    aux_params)
+  return TrainState.create(params, opt_state, summed_metrics(bool(plan.teachers), plan.loss_terms),
+                           aux_params, put=lambda x: jax.device_put(x, replicated(mesh)))
 
 
 def prefetch_to_device(iterator, size=2):
@@ -277,10 +275,11 @@ def build_stage(plan: StagePlan, data: RunData, mesh, random_params=False) -> St
   pairs = step_pairs(plan)
   state = initial_state(dataclasses.replace(plan, init='') if random_params else plan, student,
                         tx, mesh, pairs)
+  objective = Objective(plan.loss_terms, plan.loss, plan.temperature, plan.label_weight,
+                        plan.ensemble, tuple(sorted(plan.loss_options.items())), pairs)
   spec = StepSpec(student, plan.resolution, teachers, plan.num_classes,
-                  tuple(sorted(plan.augment.items())), plan.teaching_mode, plan.loss,
-                  plan.temperature, plan.label_weight, plan.ensemble, plan.step_seed,
-                  plan.loss_terms, tuple(sorted(plan.loss_options.items())), pairs)
+                  tuple(sorted(plan.augment.items())), plan.teaching_mode, objective,
+                  plan.step_seed)
   raw_step = make_train_step(spec, tx, lr_schedule, plan.grad_accum_steps,
                              fsdp_compute_sharding(mesh), plan.log_every)
   batches = batch_sharding(mesh)

@@ -56,19 +56,20 @@ def checksum(tree) -> jax.Array:
   return total
 
 
-def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, metric_sums=None,
-         aux_params=None) -> None:
+def state_items(state) -> dict:
+  """The checkpoint items of a TrainState: params, opt_state, metric_sums and, for a stage with
+  adapters, aux_params (its own item: `params` stays the student alone, which is all that
+  teachers, `init` and notebooks read)."""
+  items = dict(params=state.params, opt_state=state.opt_state, metric_sums=state.metric_sums)
+  if state.aux_params:
+    items['aux_params'] = state.aux_params
+  return items
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
   """Asynchronous: call `mngr.wait_until_finished()` before reading it or exiting. With the
-  arrays goes their checksum (`integrity`), which `restore_state` verifies. `metric_sums`: the
-  state's sums of the metrics since the last log (`step.TrainState`), so a resumed run's next
-  log averages the same steps as an uninterrupted run's. `aux_params`: what trains with the
-  student but is not part of it (feature adapters), its own item: `params` stays the student
-  alone, which is all that teachers, `init` and notebooks read."""
-  items = dict(params=params, opt_state=opt_state)
-  if metric_sums is not None:
-    items['metric_sums'] = metric_sums
-  if aux_params is not None:
-    items['aux_params'] = aux_params
+  arrays goes their checksum (`integrity`), which `restore_state` verifies."""
+  items = state_items(state)
   integrity = {name: int(checksum(value)) for name, value in items.items()}
   mngr.save(step, args=ocp.args.Composite(
       integrity=ocp.args.JsonSave(integrity),
@@ -76,29 +77,18 @@ def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, metric_sums=
 
 
 def verify(mngr: ocp.CheckpointManager, step: int, restored: dict) -> None:
-  """Raises CheckpointError when restored items differ from the checksums saved with them.
-  Checkpoints written before checksums existed (no `integrity` item) pass unchecked."""
-  try:
-    saved = mngr.restore(step, args=ocp.args.Composite(integrity=ocp.args.JsonRestore()))
-  except KeyError:
-    return
+  """Raises CheckpointError when restored items differ from the checksums saved with them."""
+  saved = mngr.restore(step, args=ocp.args.Composite(integrity=ocp.args.JsonRestore()))
   for name, value in restored.items():
-    if name in saved['integrity'] and int(checksum(value)) != saved['integrity'][name]:
+    if int(checksum(value)) != saved['integrity'][name]:
       raise CheckpointError(f'{name} do not match their checksum (overwritten data)')
 
 
 def restore_state(mngr: ocp.CheckpointManager, step: int, state):
   """The TrainState saved at `step`, restored into the shapes, dtypes and shardings of `state`
   (a TrainState of the same stage, e.g. the freshly built step 0)."""
-  items = dict(params=state.params, opt_state=state.opt_state)
-  # Checkpoints written before metric sums were kept restore with empty sums.
-  if state.metric_sums is not None and os.path.isdir(
-      os.path.join(str(mngr.directory), str(step), 'metric_sums')):
-    items['metric_sums'] = state.metric_sums
-  if state.aux_params is not None:  # required: a resumed stage's adapters are its own
-    items['aux_params'] = state.aux_params
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                        items)
+                        state_items(state))
   out = mngr.restore(step, args=ocp.args.Composite(
       **{name: ocp.args.StandardRestore(value) for name, value in target.items()}))
   verify(mngr, step, out)

@@ -93,7 +93,7 @@ def base_config() -> ConfigDict:
                                   # it only log_every, log_views, eval_every,
                                   # checkpoint_every, keep_checkpoints, eval_batch_size,
                                   # data.data_dir, data.reader_threads and mesh.* may
-                                  # (bigkd.plan.SAFE_TO_CHANGE);
+                                  # (bigkd.workdir.SAFE_TO_CHANGE);
                                   # a started stage's model and a finished stage's steps
                                   # never change, even when listed (use a new workdir)
   return c
@@ -259,11 +259,12 @@ def field_doc(path: str, docs: dict) -> str:
   return docs.get(key, '')
 
 
-def _leaves(tree: dict, prefix: str = '') -> dict:
+def flatten(tree: dict, prefix: str = '') -> dict:
+  """{dotted.name: leaf} of nested dicts (an empty dict is a leaf)."""
   out = {}
   for key, value in tree.items():
     if isinstance(value, dict) and value:
-      out.update(_leaves(value, f'{prefix}{key}.'))
+      out.update(flatten(value, f'{prefix}{key}.'))
     else:
       out[prefix + key] = value
   return out
@@ -276,8 +277,8 @@ def describe_fields(config: ConfigDict) -> str:
   """Every field of a resolved config: its value, the default where it differs, and what it
   means (the comments of this file): what `--fields` prints."""
   docs = field_docs()
-  defaults = _leaves(base_config().to_dict())
-  stage_defaults = _leaves(stage_config('', 0).to_dict())
+  defaults = flatten(base_config().to_dict())
+  stage_defaults = flatten(stage_config('', 0).to_dict())
   order = {key: i for i, key in enumerate(docs)}
   stages = stage_names(config)
 
@@ -296,7 +297,7 @@ def describe_fields(config: ConfigDict) -> str:
     return stage_defaults.get('.'.join(parts[2:]), MISSING)
 
   lines = []
-  for path, value in sorted(_leaves(config.to_dict()).items(), key=lambda kv: position(kv[0])):
+  for path, value in sorted(flatten(config.to_dict()).items(), key=lambda kv: position(kv[0])):
     default = default_of(path)
     shown = f'{path} = {value!r}' + ('' if default in (value, MISSING) else
                                      f'  (default {default!r})')

@@ -29,15 +29,15 @@ import orbax.checkpoint as ocp
 import pandas as pd
 
 from bigkd import build, checkpoint
-from bigkd.data import augment
-from bigkd.data.sampling import step_batch_indices
 from bigkd.config import ConfigError, stage_names
+from bigkd.data.sampling import step_batch_indices
 from bigkd.data.sources import Split
 from bigkd.evaluate import eval_batches
+from bigkd.forward import eval_forward
 from bigkd.models import get_model
-from bigkd.plan import mesh_shape
-from bigkd.sharding import batch_sharding, make_mesh
-from bigkd.step import Teacher, augmented_batch
+from bigkd.sharding import batch_sharding, make_mesh, mesh_shape
+from bigkd.step import augmented_batch
+from bigkd.views import step_key, teaching_mode_views, teaching_modes  # noqa: F401 (for notebooks)
 
 
 def read_json(path: str):
@@ -52,18 +52,14 @@ def read_json(path: str):
 
 def read_metrics(path: str) -> pd.DataFrame:
   """`metrics.jsonl` as a DataFrame, one row per logged step. Only lines that end in a newline
-  count: the last one may be half-written by a running training. `kl` (the name before
-  `kl_T1`) is renamed, so code reads `kl_T1` from old and new runs alike."""
+  count: the last one may be half-written by a running training."""
   try:
     with open(path) as f:
       text = f.read()
   except FileNotFoundError:
     text = ''
   lines = [line for line in text.split('\n')[:-1] if line.strip()]
-  frame = pd.DataFrame([json.loads(line) for line in lines])
-  if 'kl' in frame and 'kl_T1' not in frame:
-    frame = frame.rename(columns={'kl': 'kl_T1'})
-  return frame
+  return pd.DataFrame([json.loads(line) for line in lines])
 
 
 def complete_steps(stage_dir: str) -> list[int]:
@@ -147,8 +143,8 @@ class Run:
 
   @functools.cached_property
   def _prepared(self):
-    """(mesh, data, {name: plan}), through the trainer's own `build.prepare`."""
-    mesh, data, plans = build.prepare(self.config_here, self.workdir)
+    """(mesh, data, {name: plan}), through the trainer's own `build.setup`."""
+    mesh, data, plans = build.setup(self.config_here, self.workdir)
     return mesh, data, {p.name: p for p in plans}
 
   @property
@@ -212,12 +208,9 @@ def load_run(workdir: str) -> Run:
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def eval_logits(model, resolution: int, crop_fraction: float, params, images, sizes):
-  """Logits on the evaluation view of `make_eval_step`: the central crop `crop_fraction` of
-  each image (0: the whole image) rendered at `resolution`. Compiled once per model and shape,
+  """The evaluation's logits (`forward.eval_forward`), compiled once per model and shape,
   however often a run is opened."""
-  view = augment.render_boxes(images, augment.central_boxes(sizes, crop_fraction), resolution,
-                              sizes)
-  return model.apply({'params': params}, view)
+  return eval_forward(model, params, resolution, crop_fraction, images, sizes)[0]
 
 
 class TrainedStage:
@@ -304,12 +297,6 @@ class Views(NamedTuple):
   targets: np.ndarray  # [B, classes]: one-hot labels, mixed like the student view
 
 
-def step_key(seed: int, step: int) -> jax.Array:
-  """The augmentation key of logged step `step`: the train step folds in its `state.step`,
-  which is `step - 1` (the loop logs step s after the update that made `state.step` = s)."""
-  return jax.random.fold_in(jax.random.key(seed), step - 1)
-
-
 # The train step's augmentation alone, compiled once per stage spec (StepSpec is hashable).
 augmented_batch_jit = jax.jit(augmented_batch, static_argnums=0)
 
@@ -333,33 +320,3 @@ def views(run: Run, stage_name: str, step: int) -> Views:
   student, teachers, targets = jax.device_get(augmented_batch_jit(
       spec, batch.images, batch.sizes, batch.labels, step_key(spec.seed, step)))
   return Views(step, *batch, student, teachers, targets)
-
-
-def teaching_modes(spec) -> list[str]:
-  """The paper's teaching modes a stage's augmentation allows (`function_matching` needs
-  mixup)."""
-  return [m for m in augment.TEACHING_MODES
-          if m != 'function_matching' or dict(spec.augment)['mixup_alpha'] > 0]
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _mode_views(spec, modes, images, sizes, labels, key):
-  """(student view, first teacher's view) per mode, compiled together."""
-  resolution = spec.teachers[0].resolution
-  out = []
-  for mode in modes:  # augmented_batch needs of the teachers only their resolutions
-    one = spec._replace(teaching_mode=mode, teachers=(Teacher(None, resolution),))
-    student, teachers, _ = augmented_batch(one, images, sizes, labels, key)
-    out.append((student, teachers[resolution]))
-  return tuple(out)
-
-
-def teaching_mode_views(spec, images, sizes, labels, step: int) -> dict:
-  """{mode: (student view, teacher view)} of one batch under each of `teaching_modes(spec)`,
-  with the draws logged step `step` of a distilled stage (`spec`) makes; the teacher view is
-  that of its first teacher."""
-  if not spec.teachers:
-    raise ValueError('teaching modes need a distilled stage (one with teachers)')
-  modes = tuple(teaching_modes(spec))
-  out = jax.device_get(_mode_views(spec, modes, images, sizes, labels, step_key(spec.seed, step)))
-  return dict(zip(modes, out))

@@ -11,9 +11,10 @@ ENSEMBLE_MODES = ('logits', 'probs')
 # the labels, the feature losses (on the stage's feature pairs) and the other logit losses.
 FEATURE_LOSSES = ('fitnet', 'at', 'sp', 'pkt', 'rkd_distance', 'rkd_angle')
 LOSS_TERMS = ('kl', 'labels', *FEATURE_LOSSES, 'dkd', 'dist')
-# (term, weight) of a stage whose loss_weights are the defaults: its logit loss alone, for which
-# the train step runs exactly the code it ran before the other terms existed.
+# (term, weight) of a distilled stage whose loss_weights are the defaults: its logit loss alone;
+# a supervised stage's loss is SUPERVISED_LOSS_TERMS.
 DEFAULT_LOSS_TERMS = (('kl', 1.0),)
+SUPERVISED_LOSS_TERMS = (('labels', 1.0),)
 
 
 def cross_entropy(logits, labels):
@@ -21,16 +22,18 @@ def cross_entropy(logits, labels):
   return -jnp.mean(jnp.sum(labels * jax.nn.log_softmax(logits), axis=-1))
 
 
-def kl_divergence(teacher_logits, student_logits, temperature=1.0):
-  """KL(p_teacher ‖ p_student) at temperature T, scaled by T² (Hinton et al. 2015).
-
-  The T² keeps gradient magnitudes comparable across temperatures, so α in `hinton_loss`
-  means the same thing at any T.
-  """
+def per_example_kl(teacher_logits, student_logits, temperature=1.0):
+  """KL(p_teacher ‖ p_student) of each example at temperature T (not scaled): [B]."""
   t_logp = jax.nn.log_softmax(teacher_logits / temperature)
   s_logp = jax.nn.log_softmax(student_logits / temperature)
-  kl = jnp.sum(jnp.exp(t_logp) * (t_logp - s_logp), axis=-1)
-  return temperature ** 2 * jnp.mean(kl)
+  return jnp.sum(jnp.exp(t_logp) * (t_logp - s_logp), axis=-1)
+
+
+def kl_divergence(teacher_logits, student_logits, temperature=1.0):
+  """KL(p_teacher ‖ p_student) at temperature T, scaled by T² (Hinton et al. 2015): the T²
+  keeps gradient magnitudes comparable across temperatures, so α in `hinton_loss` means the
+  same thing at any T."""
+  return temperature ** 2 * jnp.mean(per_example_kl(teacher_logits, student_logits, temperature))
 
 
 def hard_pseudo_label_loss(teacher_logits, student_logits):

@@ -11,12 +11,13 @@ import json
 import os
 
 from bigkd import checkpoint
-from bigkd.config import ConfigError, base_config, comma_list, merged, stage_config, stage_names
+from bigkd.config import ConfigError, comma_list, merged, stage_names
 from bigkd.data.augment import CROP_SAMPLERS, TEACHING_MODES
-from bigkd.losses import DEFAULT_LOSS_TERMS, DISTILL_LOSSES, ENSEMBLE_MODES, FEATURE_LOSSES, \
+from bigkd.losses import DEFAULT_LOSS_TERMS, SUPERVISED_LOSS_TERMS, DISTILL_LOSSES, ENSEMBLE_MODES, FEATURE_LOSSES, \
     LOSS_TERMS
 from bigkd.models import feature_shapes, model_names
 from bigkd.optim import DTYPES, OPTIMIZERS, SCHEDULES
+from bigkd.sharding import mesh_shape
 
 SOURCES = ('digits', 'tfds', 'folder', 'records')
 
@@ -82,7 +83,7 @@ class StagePlan:
   eval_every: int
   checkpoint_every: int
   keep_checkpoints: int
-  loss_terms: tuple = DEFAULT_LOSS_TERMS  # (term, weight) with weight > 0, in LOSS_TERMS order
+  loss_terms: tuple = SUPERVISED_LOSS_TERMS  # (term, weight), weight > 0, in LOSS_TERMS order
   loss_options: dict = dataclasses.field(default_factory=dict)  # stage_config's loss_options
   feature_pairs: tuple = ()  # of PairPlan: what the feature losses compare
   cka_pairs: tuple = ()      # of PairPlan: what the evaluation's CKA compares
@@ -91,20 +92,6 @@ class StagePlan:
   def step_seed(self) -> int:
     """Seed of the step's randomness (augmentation, batch order): differs between stages."""
     return self.seed + self.index
-
-
-def mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int]:
-  """(data, fsdp) with -1 resolved; a `ConfigError` naming the sizes when they do not fit."""
-  if data == -1 and fsdp == -1:
-    raise ConfigError('mesh: at most one of mesh.data, mesh.fsdp may be -1')
-  if data == 0 or fsdp == 0 or data < -1 or fsdp < -1:
-    raise ConfigError(f'mesh.data={data}, mesh.fsdp={fsdp}: sizes must be positive (or -1)')
-  rest = num_devices // max(data, fsdp, 1)
-  data, fsdp = (rest if data == -1 else data), (rest if fsdp == -1 else fsdp)
-  if data * fsdp != num_devices:
-    raise ConfigError(f'mesh.data={data} x mesh.fsdp={fsdp} does not match the '
-                      f'{num_devices} devices')
-  return data, fsdp
 
 
 def _need(ok, message):
@@ -232,22 +219,9 @@ def _check_stage(config, name, earlier, num_devices):
           f'image size data.base_size={base_size}')
 
 
-def objective_fields(stage):
-  """The stage with loss_weights, loss_options, feature_pairs and cka_pairs, their defaults
-  filled in where a config recorded before they existed (an old config.json) lacks them."""
-  missing = [k for k in ('loss_weights', 'loss_options', 'feature_pairs', 'cka_pairs')
-             if k not in stage]
-  if not missing:
-    return stage
-  filled, defaults = stage.to_dict(), stage_config('', 0)
-  filled.update({k: defaults[k] for k in missing})
-  return type(stage)(filled)
-
-
 def _check_objective(stage, where) -> None:
   """loss_weights, loss_options, feature_pairs and cka_pairs, by name (shapes: `_feature_pairs`,
   once the models' features are known)."""
-  stage = objective_fields(stage)
   weights = stage.loss_weights.to_dict()
   unknown = sorted(set(weights) - set(LOSS_TERMS))
   _need(not unknown, f'{where}.loss_weights: unknown term(s) {", ".join(unknown)} (known: '
@@ -353,8 +327,7 @@ def _objective(name, stage, teachers, model_shapes) -> dict:
   """The StagePlan fields of a stage's loss: its weighted terms, their options and the feature
   pairs they (and the evaluation's CKA) compare. Default loss_weights: DEFAULT_LOSS_TERMS."""
   if not stage.teachers:
-    return {}
-  stage = objective_fields(stage)
+    return dict(loss_terms=SUPERVISED_LOSS_TERMS)
   weights = stage.loss_weights.to_dict()
   terms = tuple((t, float(weights[t])) for t in LOSS_TERMS if weights.get(t))
   feature_terms = [t for t, _ in terms if t in FEATURE_LOSSES]
@@ -479,122 +452,3 @@ def check_external_checkpoints(plans, workdir) -> None:
       except (checkpoint.CheckpointError, ValueError, OSError) as e:
         raise ConfigError(str(e).splitlines()[0] if str(e) else
                           f'{what}: unreadable checkpoint') from None
-
-
-# --- The workdir remembers the config it was started with. -----------------------------------
-
-# Fields that may differ from the workdir's config.json: they change how a run is watched, saved
-# or laid out, never what it computes (N devices = 1 device is tested; the data may move). A
-# prefix ('mesh') covers every field under it. Anything else needs config.allowed_changes.
-SAFE_TO_CHANGE = ('log_every', 'log_views', 'eval_every', 'checkpoint_every',
-                  'keep_checkpoints', 'eval_batch_size', 'data.data_dir', 'data.reader_threads',
-                  'mesh', 'allowed_changes')
-ABSENT = '(absent)'
-
-
-def flatten(tree, prefix: str = '') -> dict:
-  """{dotted.name: leaf} of nested dicts; tuples become lists, so a config and its JSON agree."""
-  if not isinstance(tree, dict):
-    return {prefix: list(tree) if isinstance(tree, tuple) else tree}
-  out = {}
-  for key, value in tree.items():
-    out.update(flatten(value, f'{prefix}.{key}' if prefix else str(key)))
-  return out
-
-
-def covered(field: str, names) -> bool:
-  """Whether `field` is one of `names` or lies under one of them."""
-  return any(field == n or field.startswith(n + '.') for n in names)
-
-
-def config_differences(stored: dict, current: dict) -> dict:
-  """{field: (old, new)} of every leaf that differs between two JSON configs."""
-  old, new = flatten(stored), flatten(current)
-  return {k: (old.get(k, ABSENT), new.get(k, ABSENT)) for k in sorted(set(old) | set(new))
-          if old.get(k, ABSENT) != new.get(k, ABSENT)}
-
-
-def _show(value) -> str:
-  return value if isinstance(value, str) and value else json.dumps(value)
-
-
-def allowed_names(config) -> tuple:
-  return SAFE_TO_CHANGE + tuple(comma_list(config.allowed_changes))
-
-
-def check_workdir_path(workdir: str) -> None:
-  """The workdir is a folder that exists or can be made, checked without creating anything (a
-  run that fails here or in any later check leaves no trace)."""
-  _need(bool(workdir), '--workdir is empty')
-  _need(not os.path.exists(workdir) or os.path.isdir(workdir),
-        f'workdir {workdir!r} is a file, not a folder')
-  parent = os.path.abspath(workdir)
-  while not os.path.exists(parent):
-    parent = os.path.dirname(parent)
-  _need(os.path.isdir(parent), f'workdir {workdir!r} cannot be made: {parent!r} is a file')
-  _need(os.access(parent, os.W_OK | os.X_OK),
-        f'workdir {workdir!r}: {parent!r} is not writable')
-
-
-def added_at_default(field: str, old, new) -> bool:
-  """Whether `field` is absent from an older config.json and now at its default: a field added
-  since (such as a stage's loss_weights) whose default computes what the older code did."""
-  if old != ABSENT:
-    return False
-  parts = field.split('.')
-  if parts[0] == 'stages' and len(parts) > 2:
-    defaults, key = flatten(stage_config('', 0).to_dict()), '.'.join(parts[2:])
-  else:
-    defaults, key = flatten(base_config().to_dict()), field
-  return key in defaults and json.loads(json.dumps(defaults[key])) == new
-
-
-def check_workdir_config(config, workdir: str) -> dict:
-  """The changes of `config` against the config.json the workdir was started with (none for a
-  new workdir): a `ConfigError` listing every field that changes the result and is not allowed;
-  else {field: (old, new)} of the accepted ones, for the record."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.isfile(path):
-    return {}
-  try:
-    with open(path) as f:
-      stored = json.load(f)
-  except (OSError, ValueError) as e:
-    raise ConfigError(f'workdir {workdir!r}: unreadable config.json ({e})') from None
-  changes = config_differences(stored, json.loads(config.to_json_best_effort()))
-  changes = {k: v for k, v in changes.items() if not added_at_default(k, *v)}
-  allowed = allowed_names(config)
-  refused = [k for k in changes if not covered(k, allowed)]
-  _need(not refused, f'workdir {workdir} was started with another config: ' + ', '.join(
-      f'{k} {_show(changes[k][0])} -> {_show(changes[k][1])}' for k in refused)
-        + f' (pass --config.allowed_changes={",".join(refused)} or use a new workdir)')
-  return changes
-
-
-def stage_record(plan) -> dict:
-  """What stage.json says of a stage: the shape of its parameters."""
-  return dict(model=plan.model, model_kwargs=plan.model_kwargs, resolution=plan.resolution,
-              num_classes=plan.num_classes)
-
-
-def check_started_stages(plans, workdir: str) -> None:
-  """A stage already started in the workdir keeps the model its stage.json and checkpoints
-  describe (also when allowed_changes or moved data would change it), and a finished stage is
-  never extended or shortened (its summary, checkpoints and the later stages it taught would no
-  longer match): either is an error naming the stage."""
-  for plan in plans:
-    stage_dir = os.path.join(workdir, plan.name)
-    if os.path.isfile(os.path.join(stage_dir, 'stage.json')):
-      started = checkpoint.read_stage_info(stage_dir)
-      now = stage_record(plan)
-      differ = [f'{k} {_show(started.get(k, ABSENT))} -> {_show(now[k])}' for k in now
-                if started.get(k, ABSENT) != now[k]]
-      _need(not differ, f'stages.{plan.name} was started in {stage_dir} with another model: '
-            f'{", ".join(differ)}; its checkpoints cannot continue: use a new workdir')
-    path = os.path.join(stage_dir, 'summary.json')
-    if not os.path.isfile(path):
-      continue
-    with open(path) as f:
-      done = json.load(f).get('steps')
-    _need(done in (None, plan.steps), f'stages.{plan.name} finished at {done} steps and would '
-          f'now run {plan.steps}: a finished stage is not extended; use a new workdir')

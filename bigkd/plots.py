@@ -2,7 +2,7 @@
 calibration, and the views teacher and student see under each teaching mode.
 
 Every function returns a `matplotlib.figure.Figure` made without pyplot: no global figure list
-to leak from (the training loop may call these for TensorBoard), no GUI backend needed. A
+to leak from , no GUI backend needed. A
 notebook shows a returned figure as it shows any; `to_png` renders one with Agg. Inputs are
 plain arrays and DataFrames, mostly from `bigkd.inspect`:
 
@@ -17,7 +17,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from bigkd.inspect import teaching_mode_views, teaching_modes
+from bigkd.views import GAP, PAIR_GAP, teaching_modes, views_grid_image
 
 # (panel title, per-step training series, evaluation series drawn as points)
 CURVE_PANELS = (
@@ -160,44 +160,6 @@ def reliability_diagram(logits: dict, labels, bins: int = 10) -> Figure:
   ax.set_title('reliability')
   ax.legend(fontsize='small')
   return fig
-
-
-def _cell(view, size: int) -> np.ndarray:
-  """A view in [-1, 1] as uint8, scaled to `size`² by nearest neighbour (pixels stay sharp)."""
-  pixels = np.clip(np.round((np.asarray(view) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-  rows = np.arange(size) * pixels.shape[0] // size
-  cols = np.arange(size) * pixels.shape[1] // size
-  return pixels[rows][:, cols]
-
-
-GAP, PAIR_GAP = 2, 8  # white pixels between a teacher and a student view / between examples
-
-
-def _join(blocks, gap: int, axis: int) -> np.ndarray:
-  """uint8 `blocks` side by side (axis 1) or stacked (axis 0), `gap` white pixels apart."""
-  shape = list(blocks[0].shape)
-  shape[axis] = gap
-  white = np.full(shape, 255, np.uint8)
-  return np.concatenate([part for block in blocks for part in (white, block)][1:], axis)
-
-
-def grid_array(mode_views: dict, examples: int = 4, cell: int = 64) -> np.ndarray:
-  """uint8 [H, W, 3] on white: one row per teaching mode ({mode: (student, teacher)}), for
-  each example its teacher view then its student view, each scaled to `cell`² pixels."""
-  rows = [_join([_join([_cell(teacher[e], cell), _cell(student[e], cell)], GAP, 1)
-                 for e in range(min(examples, len(student)))], PAIR_GAP, 1)
-          for student, teacher in mode_views.values()]
-  return _join(rows, PAIR_GAP, 0)
-
-
-def views_grid_image(spec, images, sizes, labels, step: int, examples: int = 4,
-                     cell: int = 64) -> np.ndarray:
-  """The views grid as uint8 [H, W, 3] (for TensorBoard's image summaries): for each teaching
-  mode (`inspect.teaching_modes`) a row of (teacher view, student view) pairs of the first
-  `examples` images of a batch, with the draws of logged step `step` of the distilled stage
-  whose `StepSpec` is `spec`."""
-  n = min(examples, len(images))
-  return grid_array(teaching_mode_views(spec, images[:n], sizes[:n], labels[:n], step), n, cell)
 
 
 def views_grid(spec, images, sizes, labels, step: int, examples: int = 4) -> Figure:

@@ -14,9 +14,23 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from bigkd.plan import mesh_shape
+from bigkd.config import ConfigError
 
 BATCH_AXES = ('data', 'fsdp')
+
+
+def mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int]:
+  """(data, fsdp) with -1 resolved; a `ConfigError` naming the sizes when they do not fit."""
+  if data == -1 and fsdp == -1:
+    raise ConfigError('mesh: at most one of mesh.data, mesh.fsdp may be -1')
+  if data == 0 or fsdp == 0 or data < -1 or fsdp < -1:
+    raise ConfigError(f'mesh.data={data}, mesh.fsdp={fsdp}: sizes must be positive (or -1)')
+  rest = num_devices // max(data, fsdp, 1)
+  data, fsdp = (rest if data == -1 else data), (rest if fsdp == -1 else fsdp)
+  if data * fsdp != num_devices:
+    raise ConfigError(f'mesh.data={data} x mesh.fsdp={fsdp} does not match the '
+                      f'{num_devices} devices')
+  return data, fsdp
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:

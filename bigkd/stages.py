@@ -9,17 +9,21 @@ import json
 import os
 import signal
 import threading
-import time
 
 import jax
-from clu import metric_writers, periodic_actions
 
-from bigkd import checkpoint
-from bigkd.build import RunData, build_stage, prepare
-from bigkd.config import ConfigError
-from bigkd.plan import StagePlan, check_started_stages, check_workdir_config, check_workdir_path
-from bigkd.sharding import describe
-from bigkd.step import logged_means
+from bigkd.tf_quiet import import_tensorflow
+
+import_tensorflow()  # before clu, whose TensorBoard writer imports it: no start-up notices
+from clu import metric_writers, periodic_actions  # noqa: E402
+
+from bigkd import checkpoint, views  # noqa: E402
+from bigkd import workdir as workdir_guard  # noqa: E402
+from bigkd.build import RunData, build_stage, setup  # noqa: E402
+from bigkd.data.sampling import step_batch_indices  # noqa: E402
+from bigkd.plan import StagePlan  # noqa: E402
+from bigkd.sharding import describe  # noqa: E402
+from bigkd.step import logged_means  # noqa: E402
 
 
 class StepRecordWriter(metric_writers.MetricWriter):
@@ -85,7 +89,7 @@ class ScalarSummaryWriter(metric_writers.SummaryWriter):
   (tf.summary.scalar writes tensor summaries, which the accumulator files under Tensors)."""
 
   def write_scalars(self, step, scalars):
-    import tensorflow as tf
+    tf = import_tensorflow()
     from tensorboard.compat.proto import summary_pb2
     summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=k, simple_value=float(v))
                                          for k, v in scalars.items()])
@@ -195,24 +199,16 @@ def logged_metrics(state, metrics) -> dict:
 
 def write_views(writer, stage, data: RunData) -> None:
   """TensorBoard image `views`: what the teacher and the student of a distilled stage are shown
-  at step 1 under each teaching mode (`plots.views_grid_image`), for a user watching the run."""
-  from bigkd import plots
-  from bigkd.data.sampling import step_batch_indices
+  at step 1 under each teaching mode (`views.views_grid_image`), for a user watching the run."""
   indices = step_batch_indices(stage.plan, 1, len(data.train))[:4]
-  grid = plots.views_grid_image(stage.spec, *data.train.rows(indices), step=1)
+  grid = views.views_grid_image(stage.spec, *data.train.rows(indices), step=1)
   writer.write_images(1, {'views': grid[None]})
-
-
-def first_nonfinite_step(state) -> int:
-  """The step whose update first went NaN/Inf (0: none). A host sync: only at log steps and
-  before checkpoints, which sync anyway."""
-  return 0 if state.first_nonfinite_step is None else int(state.first_nonfinite_step)
 
 
 def stop_if_nonfinite(state, mngr, stage: str) -> None:
   """Raises NonFinite when a step so far went non-finite, after the saves in flight end (they
   hold earlier, good steps)."""
-  bad = first_nonfinite_step(state)
+  bad = int(state.first_nonfinite_step)  # a host sync: only where the loop syncs anyway
   if bad:
     mngr.wait_until_finished()
     raise NonFinite(stage, bad, mngr.latest_step())
@@ -274,8 +270,7 @@ def run_stage(plan: StagePlan, data: RunData, mesh, workdir: str) -> dict:
         if (logged or evaluated) and step != plan.steps:  # the last record takes the final eval
           writer.flush()
         if saved:
-          checkpoint.save(mngr, step, state.params, state.opt_state, state.metric_sums,
-                          state.aux_params)
+          checkpoint.save(mngr, step, state)
         if preempted:
           mngr.wait_until_finished()
           raise Preempted(plan.name, step, preempted)
@@ -304,38 +299,15 @@ def print_table(summaries: dict) -> None:
           f'{fmt("test_agreement"):>10}')
 
 
-def make_workdir(workdir: str) -> None:
-  try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    raise ConfigError(f'workdir {workdir!r} cannot be made: {e.strerror}') from None
-
-
-def record_config(config, workdir: str, changes: dict) -> None:
-  """config.json is written once, by the run that starts the workdir, and never rewritten; a
-  re-run that differs in allowed fields appends them to config_changes.jsonl, so the records
-  say what every run used."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    with open(path, 'w') as f:
-      f.write(config.to_json_best_effort(indent=1))
-  if changes:
-    with open(os.path.join(workdir, 'config_changes.jsonl'), 'a') as f:
-      f.write(json.dumps({'time': time.strftime('%Y-%m-%dT%H:%M:%S'),
-                          'changes': {k: list(v) for k, v in changes.items()}}) + '\n')
-
-
 def run(config, workdir: str) -> dict:
   """Runs every stage of `config` in `workdir`; returns and writes the top-level summary.
   Every check (the workdir, the config against the one it was started with, the config itself,
   the data) comes before the workdir is touched: a refused run leaves it as it was."""
-  check_workdir_path(workdir)
-  changes = check_workdir_config(config, workdir)
-  mesh, data, plans = prepare(config, workdir)
-  check_started_stages(plans, workdir)
-  make_workdir(workdir)
-  if jax.process_index() == 0:
-    record_config(config, workdir, changes)
+  workdir_guard.check_path(workdir)
+  changes = workdir_guard.check_config(config, workdir)
+  mesh, data, plans = setup(config, workdir)
+  workdir_guard.check_started_stages(plans, workdir)
+  workdir_guard.start(config, workdir, changes, is_main=jax.process_index() == 0)
   summaries = {plan.name: run_stage(plan, data, mesh, workdir) for plan in plans}
   summary = {'stages': summaries}
   if jax.process_index() == 0:

@@ -34,6 +34,7 @@ import pytest  # noqa: E402
 
 from bigkd import checkpoint  # noqa: E402
 from bigkd.config import base_config, stage_config  # noqa: E402
+from bigkd.step import TrainState  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIN_FSDP = 256  # small enough that the cnn kernels split over fsdp
@@ -100,7 +101,7 @@ def random_stage(stage_dir, model='cnn_small', resolution=12, num_classes=10, se
   params = random_params(model, resolution, num_classes, seed)
   checkpoint.write_stage_info(stage_dir, model, {}, resolution, num_classes)
   mngr = checkpoint.manager(stage_dir)
-  checkpoint.save(mngr, 1, params, {'unused': np.zeros((), np.int32)})
+  checkpoint.save(mngr, 1, TrainState.create(params, {'unused': np.zeros((), np.int32)}, ()))
   mngr.wait_until_finished()
   mngr.close()
   return stage_dir

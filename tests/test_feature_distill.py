@@ -203,21 +203,6 @@ def test_unknown_terms_are_refused_where_a_config_names_them(random_teacher):
     planned(c)
 
 
-def test_a_workdir_started_before_these_fields_existed_still_resumes(tmp_path, random_teacher):
-  """Its config.json lacks loss_weights & co.: at their defaults they are no change; set, they
-  are (a run's record never lies)."""
-  from bigkd.plan import check_workdir_config
-  c = student_config(random_teacher)
-  old = json.loads(c.to_json_best_effort())
-  for key in ('loss_weights', 'loss_options', 'feature_pairs', 'cka_pairs'):
-    del old['stages']['student'][key]
-  (tmp_path / 'config.json').write_text(json.dumps(old))
-  assert check_workdir_config(c, str(tmp_path)) == {}
-  c.stages.student.loss_weights.dkd = 1.0
-  with pytest.raises(ConfigError, match=r'stages.student.loss_weights.dkd \(absent\) -> 1.0'):
-    check_workdir_config(c, str(tmp_path))
-
-
 def test_every_new_field_is_documented_for_fields():
   from bigkd.config import field_docs
   docs = field_docs()

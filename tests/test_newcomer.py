@@ -158,7 +158,7 @@ def test_bit_recipe_fine_tunes_a_21k_head_npz_then_distils(bit_recipe):
 def test_logged_values_are_means_over_the_interval(tmp_path):
   """`loss` at a log step is the mean of the per-step losses since the previous log step."""
   config = tiny_config(steps=6, log_every=3)
-  mesh, data, (plan,) = build.prepare(config, str(tmp_path))
+  mesh, data, (plan,) = build.setup(config, str(tmp_path))
   stage = build.build_stage(plan, data, mesh)
   state, inputs, losses, logged = stage.state, stage.inputs(0, 6), [], []
   for step in range(1, 7):

@@ -213,10 +213,10 @@ def test_teacher_with_a_nan_weight_is_refused_before_training(tmp_path):
 
 @pytest.mark.parametrize('skip', [True, False])
 def test_nonfinite_updates_are_skipped_and_counted_or_flagged(tmp_path, skip):
-  from bigkd.build import build_stage, prepare
+  from bigkd.build import build_stage, setup
   config = tiny_config(steps=4)
   config.optimizer.skip_nonfinite_updates = skip
-  mesh, data, plans = prepare(config, str(tmp_path))
+  mesh, data, plans = setup(config, str(tmp_path))
   stage = build_stage(plans[0], data, mesh)
   step = jax.jit(stage.raw_step)
   images, sizes, labels = data.train.rows(np.arange(32))

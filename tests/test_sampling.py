@@ -65,7 +65,7 @@ def test_resumed_device_batches_are_those_of_an_uninterrupted_run():
       seed=3, batch_size=B, batch_sharding=batch_sharding(make_mesh())))
 
   def run(start, steps):
-    state, batches = TrainState(jnp.int32(start), None, None), []
+    state, batches = TrainState.create(None, None, ()).replace(step=jnp.int32(start)), []
     for _ in range(steps):
       state, (x, y) = step_fn(state, None, images, jnp.ones((N, 2), jnp.int32), labels)
       np.testing.assert_array_equal(x, 100 + y)  # images and labels of the same examples

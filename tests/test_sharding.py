@@ -16,7 +16,7 @@ from bigkd.config import ConfigError
 from bigkd.models import get_model
 from bigkd.plan import check_config, mesh_shape
 from bigkd.sharding import gather_rows, make_mesh, param_spec, put_rows_sharded
-from bigkd.step import StepSpec, Teacher, TrainState, make_train_step
+from bigkd.step import Objective, StepSpec, Teacher, TrainState, make_train_step, summed_metrics
 from conftest import (Job, assert_same_run, early_job, random_params, start_runs,
                       started, tiny_config)
 
@@ -79,10 +79,10 @@ def test_grad_accumulation_gives_the_full_batch_update():
   aug = dict(crop_area=(0.5, 1.0), crop_aspect=(0.75, 1.33), flip=True, mixup_alpha=1.0,
              mixup_per_example=False)
   spec = StepSpec(student, 8, (Teacher(teacher_model, 10),), 10, tuple(sorted(aug.items())),
-                  'function_matching', 'kl', 2.0, 0.25, 'logits', 0)
+                  'function_matching', Objective((('kl', 1.0),), 'kl', 2.0, 0.25, 'logits'), 0)
   tx = optax.adam(1e-2)
   params = random_params('cnn_tiny', 8, seed=2)
-  state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+  state = TrainState.create(params, tx.init(params), summed_metrics(True, spec.objective.terms))
   results = {}
   for k in (1, 4):
     step = jax.jit(make_train_step(spec, tx, lambda s: 1e-2, grad_accum_steps=k),

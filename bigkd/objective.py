@@ -1,0 +1,140 @@
+"""A stage's loss: a list of weighted terms, each a small pure function of the forward outputs,
+summed in one place.
+
+A supervised stage is the `labels` term alone; a distilled one by default its logit loss
+(`kl`: Hinton's α mix of the labels and KL(teacher ‖ student) at T). A new method adds a term
+to `TERMS` (and its name to `losses.LOSS_TERMS`); nothing else changes.
+"""
+from typing import Any, NamedTuple
+
+import jax.numpy as jnp
+
+from bigkd import losses
+
+
+class FeaturePair(NamedTuple):
+  """A student feature and a teacher feature that the feature losses (or the CKA) compare."""
+  student_tap: str
+  teacher: int               # index in the stage's teachers
+  teacher_tap: str
+  adapter: Any = None        # FitNet: a `FeatureAdapter` module from student to teacher shape
+  adapter_key: str = ''      # ... and its parameters' key in TrainState.aux_params
+  terms: tuple = ()          # the feature losses that compare this pair
+
+
+class Objective(NamedTuple):
+  """Everything static about a stage's loss (hashable: jit closes over it)."""
+  terms: tuple                   # (term, weight): the loss is Σ weight·term
+  distill_loss: str = 'kl'       # kl | hard_pseudo | logit_l2: the `kl` term's logit loss
+  temperature: float = 1.0
+  label_weight: float = 0.0      # Hinton's α inside the `kl` term
+  ensemble: str = 'logits'       # how several teachers' logits are combined
+  options: tuple = ()            # sorted (key, value) pairs of the stage's loss_options
+  feature_pairs: tuple = ()      # of FeaturePair
+
+
+class Outputs(NamedTuple):
+  """What the terms read: the forward outputs of one batch, and its targets."""
+  student_logits: Any
+  student_feats: dict
+  teacher_logits: Any            # the teachers' combined logits; None: no teachers
+  teacher_feats: list            # {tap: feature} of each teacher
+  targets: Any                   # (mixed) one-hot labels [B, classes]
+  aux_params: dict               # parameters trained with the student (FitNet adapters)
+  step: Any                      # the 0-based step being taken
+
+
+def kl_term(o: Outputs, obj: Objective):
+  return losses.hinton_loss(o.teacher_logits, o.student_logits, o.targets, obj.label_weight,
+                            obj.temperature, obj.distill_loss)
+
+
+def labels_term(o: Outputs, obj: Objective):
+  return losses.cross_entropy(o.student_logits, o.targets)
+
+
+def dkd_term(o: Outputs, obj: Objective):
+  opt = dict(obj.options)
+  warmup = losses.linear_warmup(o.step + 1, opt['dkd_warmup_steps'])
+  return losses.dkd(o.teacher_logits, o.student_logits, o.targets, opt['dkd_alpha'],
+                    opt['dkd_beta'], opt['dkd_temperature'], warmup)
+
+
+def dist_term(o: Outputs, obj: Objective):
+  opt = dict(obj.options)
+  return losses.dist_loss(o.teacher_logits, o.student_logits, opt['dist_beta'],
+                          opt['dist_gamma'], opt['dist_temperature'])
+
+
+def _fitnet(pair, teacher_feature, student_feature, aux_params, options):
+  if pair.adapter is not None:
+    student_feature = pair.adapter.apply({'params': aux_params[pair.adapter_key]},
+                                         student_feature)
+  return losses.fitnet_loss(teacher_feature, student_feature)
+
+
+# Feature losses: fn(pair, teacher feature, student feature, aux params, options).
+FEATURE_TERMS = {
+    'fitnet': _fitnet,
+    'at': lambda p, t, s, aux, opt: losses.attention_transfer(t, s, p=opt['at_p']),
+    'sp': lambda p, t, s, aux, opt: losses.similarity_preserving(t, s),
+    'pkt': lambda p, t, s, aux, opt: losses.pkt(t, s),
+    'rkd_distance': lambda p, t, s, aux, opt: losses.rkd_distance(t, s),
+    'rkd_angle': lambda p, t, s, aux, opt: losses.rkd_angle(t, s),
+}
+
+
+def feature_term(name):
+  """The term of feature loss `name`: its sum over the pairs that it compares."""
+  def term(o: Outputs, obj: Objective):
+    options = dict(obj.options)
+    return sum(FEATURE_TERMS[name](p, o.teacher_feats[p.teacher][p.teacher_tap],
+                                   o.student_feats[p.student_tap], o.aux_params, options)
+               for p in obj.feature_pairs if name in p.terms)
+  return term
+
+
+TERMS = {'kl': kl_term, 'labels': labels_term, 'dkd': dkd_term, 'dist': dist_term,
+         **{name: feature_term(name) for name in FEATURE_TERMS}}
+
+
+def term_values(o: Outputs, obj: Objective) -> dict:
+  """{term: unweighted value} of each of the objective's terms."""
+  return {name: TERMS[name](o, obj) for name, _ in obj.terms}
+
+
+def weighted_sum(obj: Objective, values: dict):
+  """Σ weight·value over the terms, in their order (a weight of 1 multiplies nothing)."""
+  total = None
+  for name, weight in obj.terms:
+    value = values[name] if weight == 1 else weight * values[name]
+    total = value if total is None else total + value
+  return total
+
+
+def logged_terms(terms) -> tuple:
+  """The names of the per-term metrics (`loss_TERM`, unweighted) a stage logs beside `loss`:
+  none where the loss is one term of weight 1 (it would repeat `loss`)."""
+  if len(terms) == 1 and terms[0][1] == 1:
+    return ()
+  return tuple(f'loss_{name}' for name, _ in terms)
+
+
+def per_example_agreement(teacher_logits, student_logits):
+  """1.0 where the student's top-1 class is the teacher's, per example."""
+  return (jnp.argmax(teacher_logits, -1) == jnp.argmax(student_logits, -1)).astype(jnp.float32)
+
+
+def loss_and_metrics(o: Outputs, obj: Objective):
+  """(loss, metrics) of one batch: `loss`, each term as `loss_TERM` (see `logged_terms`) and,
+  with teachers, `kl_T1` (KL at T = 1 whatever the stage's T: comparable with the evaluation's
+  `val_kl`) and `agreement` (top-1)."""
+  values = term_values(o, obj)
+  loss = weighted_sum(obj, values)
+  metrics = {f'loss_{name}': values[name] for name, _ in obj.terms} if logged_terms(
+      obj.terms) else {}
+  if o.teacher_logits is not None:
+    metrics['kl_T1'] = losses.kl_divergence(o.teacher_logits, o.student_logits)
+    metrics['agreement'] = jnp.mean(per_example_agreement(o.teacher_logits, o.student_logits))
+  metrics['loss'] = loss
+  return loss, metrics

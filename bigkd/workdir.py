@@ -1,0 +1,125 @@
+"""The workdir guard: a run's folder remembers the config it was started with.
+
+Every check here runs before the workdir is touched (a refused run leaves it as it was): the
+path can be made, the config differs from config.json only in fields that do not change the
+result, and a started stage keeps its model and a finished one its length. Then `start` makes
+the folder and writes the run-level records.
+"""
+import json
+import os
+import time
+
+from bigkd.config import ConfigError, comma_list, flatten
+from bigkd.checkpoint import read_stage_info
+
+# Fields that may differ from the workdir's config.json: they change how a run is watched, saved
+# or laid out, never what it computes (N devices = 1 device is tested; the data may move). A
+# prefix ('mesh') covers every field under it. Anything else needs config.allowed_changes.
+SAFE_TO_CHANGE = ('log_every', 'log_views', 'eval_every', 'checkpoint_every',
+                  'keep_checkpoints', 'eval_batch_size', 'data.data_dir', 'data.reader_threads',
+                  'mesh', 'allowed_changes')
+ABSENT = '(absent)'
+
+
+def _need(ok, message):
+  if not ok:
+    raise ConfigError(message)
+
+
+def covered(field: str, names) -> bool:
+  """Whether `field` is one of `names` or lies under one of them."""
+  return any(field == n or field.startswith(n + '.') for n in names)
+
+
+def config_differences(stored: dict, current: dict) -> dict:
+  """{field: (old, new)} of every leaf that differs between two JSON configs."""
+  old, new = flatten(stored), flatten(current)
+  return {k: (old.get(k, ABSENT), new.get(k, ABSENT)) for k in sorted(set(old) | set(new))
+          if old.get(k, ABSENT) != new.get(k, ABSENT)}
+
+
+def _show(value) -> str:
+  return value if isinstance(value, str) and value else json.dumps(value)
+
+
+def check_path(workdir: str) -> None:
+  """The workdir is a folder that exists or can be made, checked without creating anything."""
+  _need(bool(workdir), '--workdir is empty')
+  _need(not os.path.exists(workdir) or os.path.isdir(workdir),
+        f'workdir {workdir!r} is a file, not a folder')
+  parent = os.path.abspath(workdir)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  _need(os.path.isdir(parent), f'workdir {workdir!r} cannot be made: {parent!r} is a file')
+  _need(os.access(parent, os.W_OK | os.X_OK),
+        f'workdir {workdir!r}: {parent!r} is not writable')
+
+
+def check_config(config, workdir: str) -> dict:
+  """The changes of `config` against the config.json the workdir was started with (none for a
+  new workdir): a `ConfigError` listing every field that changes the result and is not allowed;
+  else {field: (old, new)} of the accepted ones, for the record."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    return {}
+  try:
+    with open(path) as f:
+      stored = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f'workdir {workdir!r}: unreadable config.json ({e})') from None
+  changes = config_differences(stored, json.loads(config.to_json_best_effort()))
+  allowed = SAFE_TO_CHANGE + tuple(comma_list(config.allowed_changes))
+  refused = [k for k in changes if not covered(k, allowed)]
+  _need(not refused, f'workdir {workdir} was started with another config: ' + ', '.join(
+      f'{k} {_show(changes[k][0])} -> {_show(changes[k][1])}' for k in refused)
+        + f' (pass --config.allowed_changes={",".join(refused)} or use a new workdir)')
+  return changes
+
+
+def stage_record(plan) -> dict:
+  """What stage.json says of a stage: the shape of its parameters."""
+  return dict(model=plan.model, model_kwargs=plan.model_kwargs, resolution=plan.resolution,
+              num_classes=plan.num_classes)
+
+
+def check_started_stages(plans, workdir: str) -> None:
+  """A stage already started in the workdir keeps the model its stage.json and checkpoints
+  describe (also when allowed_changes or moved data would change it), and a finished stage is
+  never extended or shortened (its summary, checkpoints and the later stages it taught would no
+  longer match): either is an error naming the stage."""
+  for plan in plans:
+    stage_dir = os.path.join(workdir, plan.name)
+    if os.path.isfile(os.path.join(stage_dir, 'stage.json')):
+      started = read_stage_info(stage_dir)
+      now = stage_record(plan)
+      differ = [f'{k} {_show(started.get(k, ABSENT))} -> {_show(now[k])}' for k in now
+                if started.get(k, ABSENT) != now[k]]
+      _need(not differ, f'stages.{plan.name} was started in {stage_dir} with another model: '
+            f'{", ".join(differ)}; its checkpoints cannot continue: use a new workdir')
+    path = os.path.join(stage_dir, 'summary.json')
+    if not os.path.isfile(path):
+      continue
+    with open(path) as f:
+      done = json.load(f).get('steps')
+    _need(done in (None, plan.steps), f'stages.{plan.name} finished at {done} steps and would '
+          f'now run {plan.steps}: a finished stage is not extended; use a new workdir')
+
+
+def start(config, workdir: str, changes: dict, is_main: bool) -> None:
+  """Makes the workdir; the main process writes config.json once (the run that starts the
+  workdir; never rewritten) and appends accepted `changes` to config_changes.jsonl, so the
+  records say what every run used."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f'workdir {workdir!r} cannot be made: {e.strerror}') from None
+  if not is_main:
+    return
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    with open(path, 'w') as f:
+      f.write(config.to_json_best_effort(indent=1))
+  if changes:
+    with open(os.path.join(workdir, 'config_changes.jsonl'), 'a') as f:
+      f.write(json.dumps({'time': time.strftime('%Y-%m-%dT%H:%M:%S'),
+                          'changes': {k: list(v) for k, v in changes.items()}}) + '\n')
