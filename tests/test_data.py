@@ -82,3 +82,30 @@ def test_image_folder_names_a_corrupt_image(tmp_path):
   (tmp_path / 'train' / 'a' / 'bad.png').write_bytes(b'not an image')
   with pytest.raises(sources.DataError, match='bad.png'):
     sources.in_memory(sources.FolderSource(str(tmp_path), 'train'), 8)
+
+
+def data_imports(path: str) -> set[str]:
+  """The bigkd.data modules that a module imports anywhere (inside functions too)."""
+  import ast
+  found = set()
+  for node in ast.walk(ast.parse(open(path).read())):
+    if isinstance(node, ast.ImportFrom) and node.module == 'bigkd.data':
+      found.update(alias.name for alias in node.names)
+    elif isinstance(node, ast.ImportFrom) and (node.module or '').startswith('bigkd.data.'):
+      found.add(node.module.split('.')[2])
+    elif isinstance(node, ast.Import):
+      found.update(a.name.split('.')[2] for a in node.names if a.name.startswith('bigkd.data.'))
+  return found
+
+
+def test_data_modules_import_no_circle():
+  """Each bigkd.data module imports only modules below it (checked on the source: cheap)."""
+  folder = os.path.dirname(sources.__file__)
+  graph = {name[:-3]: data_imports(os.path.join(folder, name))
+           for name in os.listdir(folder) if name.endswith('.py') and name != '__init__.py'}
+  order = []
+  while len(order) < len(graph):
+    ready = sorted(m for m in graph if m not in order and graph[m] <= set(order))
+    assert ready, f'import circle among {sorted(set(graph) - set(order))}: {graph}'
+    order += ready
+  assert graph['records'] <= {'errors'}  # the format: writer and reader import it, not each other

@@ -25,7 +25,7 @@ the examples, which come in a fixed order (classes sorted, files sorted), so the
 the same bytes. A record is a 16-byte header of little-endian int32s (format version, label,
 height, width) followed by a JPEG: JPEGs within the size cap are kept byte for byte; every other
 image (PNG, BMP, GIF's first frame, a CMYK JPEG, one above the cap) is re-encoded (quality 95, no
-chroma subsampling). Grey stays grey. Read a split with `RecordSplit(OUT, split)`.
+chroma subsampling). Grey stays grey. Read a split with bigkd.data.records.RecordSplit(OUT, split).
 
 Re-running the same command skips complete shards: each shard is written under a temporary name
 and renamed once complete (its counts beside it in {shard}.stats.json), so a killed run loses
@@ -42,7 +42,6 @@ import multiprocessing
 import os
 import queue
 import re
-import struct
 import sys
 import time
 import warnings
@@ -52,16 +51,14 @@ import numpy as np
 from absl import flags
 
 from bigkd import cli
-from bigkd.data.sources import DataError
+from bigkd.data.errors import DataError
+from bigkd.data.records import (RECORD_FORMAT, RECORD_VERSION, WRITER_OPTIONS, encode_record,
+                                read_info)
 
-RECORD_VERSION = 1
-HEADER = struct.Struct('<4i')  # version, label, height, width
 JPEG_QUALITY = 95
 # 4:4:4 (no chroma subsampling): at the sizes of small datasets (CIFAR-like PNGs) 4:2:0 would
 # halve the colour resolution of every re-encoded image; it costs about 1.5x their bytes.
 JPEG_SUBSAMPLING = 0
-# One record per chunk, so reading record i reads only record i; JPEGs do not compress further.
-WRITER_OPTIONS = 'group_size:1,uncompressed'
 IMAGES_PER_SHARD = 1000
 SHARD_SUFFIX, STATS_SUFFIX, TMP_SUFFIX = '.array_record', '.stats.json', '.tmp'
 IMAGE_EXTENSIONS = frozenset(('.jpg', '.jpeg', '.jpe', '.jfif', '.png', '.bmp', '.gif', '.webp',
@@ -69,63 +66,6 @@ IMAGE_EXTENSIONS = frozenset(('.jpg', '.jpeg', '.jpe', '.jfif', '.png', '.bmp', 
 IMAGE_MAGIC = (b'\xff\xd8\xff', b'\x89PNG\r\n\x1a\n', b'GIF87a', b'GIF89a', b'BM', b'II*\x00',
                b'MM\x00*')
 FOLDER_SPLITS = ('train', 'val', 'test')
-
-
-# --- The record format. ----------------------------------------------------------------------
-
-def encode_record(image_bytes: bytes, label: int, height: int, width: int) -> bytes:
-  """One example as one record. The fixed header comes first so that a reader knows the label
-  and the image size without decoding the image; the version guards against stale files."""
-  return HEADER.pack(RECORD_VERSION, label, height, width) + bytes(image_bytes)
-
-
-def decode_record(record: bytes) -> tuple[bytes, int, int, int]:
-  """(image_bytes, label, height, width) of a record written by `encode_record`."""
-  version, label, height, width = HEADER.unpack_from(record)
-  if version != RECORD_VERSION:
-    raise DataError(f'record format version {version}, expected {RECORD_VERSION}: prepare the '
-                    'data again with this version of bigkd')
-  return bytes(record[HEADER.size:]), label, height, width
-
-
-class RecordSplit:
-  """A prepared split, `OUT/{split}`: record i -> (image_bytes, label, height, width), the index
-  running over the shards in order. Pickles as its paths alone (grain copies sources into its
-  workers), and opens the shards on first access."""
-
-  def __init__(self, out_dir: str, split: str):
-    split_dir = os.path.join(out_dir, split)
-    with open(os.path.join(split_dir, 'info.json')) as f:  # OSError: not prepared
-      self.info = json.load(f)
-    self.paths = [os.path.join(split_dir, name) for name in self.info['shards']]
-    self.class_names = list(self.info['class_names'])
-    self.num_classes = int(self.info['num_classes'])
-    self._records = None
-
-  def __len__(self):
-    return int(self.info['num_examples'])
-
-  def __getitem__(self, i):
-    i = int(i)
-    if not -len(self) <= i < len(self):
-      raise IndexError(f'record {i} of a split of {len(self)}')
-    return decode_record(self.records()[i % len(self)])
-
-  def records(self):
-    """grain's reader over the shards, opened once per process."""
-    if self._records is None:
-      import grain
-      self._records = grain.sources.ArrayRecordDataSource(self.paths)
-      if len(self._records) != len(self):
-        raise DataError(f'{os.path.dirname(self.paths[0])}: {len(self._records)} records, '
-                        f'info.json says {len(self)}')
-    return self._records
-
-  def __getstate__(self):
-    return {**self.__dict__, '_records': None}
-
-  def __repr__(self):
-    return f'RecordSplit({len(self)} records in {len(self.paths)} shards)'
 
 
 # --- One image: bytes in, the stored JPEG out (runs in the worker processes). ---------------
@@ -576,13 +516,11 @@ def write_infos(out: str, class_names: list[str], plans: list[SplitPlan], counts
         'shards': [shard_name(plan.name, i, plan.shards) for i in range(plan.shards)]})
   splits = {}
   for name in sorted(os.listdir(out)):
-    path = os.path.join(out, name, 'info.json')
-    if os.path.isfile(path):
-      with open(path) as f:
-        splits[name] = json.load(f)['num_examples']
+    if os.path.isfile(os.path.join(out, name, 'info.json')):
+      splits[name] = read_info(os.path.join(out, name))['num_examples']
   write_json(os.path.join(out, 'info.json'), {
       'class_names': class_names, 'num_classes': len(class_names), 'splits': splits,
-      'record_format': "'<4i' header (version, label, height, width), then JPEG bytes"})
+      'record_format': RECORD_FORMAT})
 
 
 def summary_line(out: str, plans: list[SplitPlan], counts: dict, seconds: float) -> str:

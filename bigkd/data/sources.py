@@ -24,10 +24,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-
-class DataError(ValueError):
-  """Bad data input: a missing folder, a corrupt image, an unknown split."""
-
+from bigkd.data.errors import DataError  # noqa: F401  (re-exported: bigkd.data.sources.DataError)
+from bigkd.data.records import RecordSplit
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
 
@@ -189,9 +187,8 @@ class RecordSource:
   """ArrayRecord files written by `python -m bigkd.prepare` (`root/{split}/*.array_record`)."""
 
   def __init__(self, root: str, split: str):
-    from bigkd.data import prepare
     try:
-      self.records = prepare.RecordSplit(root, split)
+      self.records = RecordSplit(root, split)
     except (OSError, ValueError, KeyError) as e:
       raise DataError(f'prepared data {root!r} split {split!r}: {e}') from None
     self.class_names = list(self.records.class_names)
