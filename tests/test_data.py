@@ -84,6 +84,46 @@ def test_image_folder_names_a_corrupt_image(tmp_path):
     sources.in_memory(sources.FolderSource(str(tmp_path), 'train'), 8)
 
 
+def test_streaming_and_prepare_take_the_same_files(tmp_path):
+  """One folder rule (bigkd/data/folders.py): training's FolderSource and bigkd.prepare list the
+  same images with the same labels and skip the same junk; TF decodes every image listed."""
+  from PIL import Image
+
+  from bigkd.data import prepare
+  image = Image.fromarray(np.zeros((6, 9, 3), np.uint8))
+  for split in ('train', 'val'):
+    for cls in ('cat', 'dog'):
+      os.makedirs(tmp_path / split / cls)
+      image.save(tmp_path / split / cls / 'a.png')
+  image.save(tmp_path / 'train' / 'cat' / 'b.webp')
+  image.save(tmp_path / 'train' / 'dog' / 'no_extension', 'JPEG')
+  image.save(tmp_path / 'train' / 'dog' / 'c.tif')  # TF reads no TIFF: skipped by both
+  (tmp_path / 'train' / 'cat' / '.DS_Store').write_bytes(b'\0\1')
+  (tmp_path / 'train' / 'cat' / '._b.webp').write_bytes(b'\0\5\x16\7 macOS AppleDouble')
+  (tmp_path / 'train' / 'dog' / 'notes.txt').write_text('from the zoo')
+  os.makedirs(tmp_path / 'train' / 'dog' / 'more.jpg')  # a sub-folder: ignored
+  os.makedirs(tmp_path / 'train' / '.ipynb_checkpoints')  # hidden: no class
+  _, plans = prepare.folder_plans(str(tmp_path), '', 0)
+  assert [plan.name for plan in plans] == ['train', 'val']
+  for plan in plans:
+    source = sources.FolderSource(str(tmp_path), plan.name)
+    assert [(item.name, item.label) for item in plan.items()] == list(
+        zip(source.paths, source.labels.tolist()))
+    assert (plan.skipped, source.class_names) == (source.skipped, ['cat', 'dog'])
+  train = sources.FolderSource(str(tmp_path), 'train')
+  assert [os.path.relpath(p, tmp_path) for p in train.paths] == [
+      'train/cat/a.png', 'train/cat/b.webp', 'train/dog/a.png', 'train/dog/no_extension']
+  assert train.skipped == 4
+  assert sources.in_memory(train, 8).sizes.tolist() == [[5, 8]] * 4
+
+
+def test_image_folder_refuses_a_class_that_train_lacks(tmp_path):
+  for split, cls in (('train', 'cat'), ('val', 'cat'), ('val', 'fox')):
+    write_png(str(tmp_path / split / cls / '0.png'), np.zeros((8, 8, 3), np.uint8))
+  with pytest.raises(sources.DataError, match=r"'fox' of .*val is not a class of train/"):
+    sources.FolderSource(str(tmp_path), 'val')
+
+
 def data_imports(path: str) -> set[str]:
   """The bigkd.data modules that a module imports anywhere (inside functions too)."""
   import ast

@@ -281,6 +281,15 @@ def test_tfds_prepared_dataset_splits_and_slices(tmp_path):
   assert train.class_names == [str(d) for d in range(10)]
 
 
+def test_a_class_that_train_lacks_is_one_error_line(tmp_path):
+  """Its images would drop out of the evaluation unseen: refused, as training refuses it."""
+  make_folder(tmp_path / 'root')
+  save(smooth_image(20, 20, 'RGB', 0), str(tmp_path / 'root' / 'val' / 'fox' / 'f.png'))
+  errors = error_lines(run('--folder', tmp_path / 'root', '--out', tmp_path / 'out'))
+  assert errors == [f"bigkd: error: class folder 'fox' of {tmp_path / 'root' / 'val'} is not a "
+                    'class of train/: its images would be left out (add it to train/ or remove it)']
+  assert not os.path.exists(tmp_path / 'out')
+
 @pytest.mark.parametrize('args, fragment', [
     (['--folder', '/no/such/folder'], 'image folder /no/such/folder does not exist'),
     (['--tfds', 'no_such_dataset'], 'no_such_dataset'),

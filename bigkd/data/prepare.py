@@ -14,7 +14,9 @@ with one read, where a tfrecord can only be scanned and a folder of many small f
 network disks; capping the short side once (--max_short_side) saves decoding time every epoch.
 
 Inputs: --folder reads ROOT/{split}/{class}/*, the classes being the sorted folder names of
-ROOT/train (a split may lack some); default splits: those of train, val, test that exist.
+ROOT/train (a split may lack some, not add one); default splits: those of train, val, test that
+exist. Its images are those that training streams (bigkd/data/folders.py): .jpg .jpeg .jpe .jfif
+.png .bmp .gif .webp, or a file without an extension whose bytes are one of these.
 --tfds reads a tfds dataset already prepared in --tfds_data_dir (nothing is downloaded), its
 'image' and 'label' features; --splits lists tfds split expressions, each =NAME for its output
 folder, e.g. 'train[:90%]=train,train[90%:]=val,test' (default: every split, under its name).
@@ -24,13 +26,15 @@ class names, shard files, skipped files) and OUT/info.json. Shard i holds a cont
 the examples, which come in a fixed order (classes sorted, files sorted), so the same input gives
 the same bytes. A record is a 16-byte header of little-endian int32s (format version, label,
 height, width) followed by a JPEG: JPEGs within the size cap are kept byte for byte; every other
-image (PNG, BMP, GIF's first frame, a CMYK JPEG, one above the cap) is re-encoded (quality 95, no
-chroma subsampling). Grey stays grey. Read a split with bigkd.data.records.RecordSplit(OUT, split).
+image (PNG, BMP, WebP, GIF's first frame, a CMYK JPEG, one above the cap) is re-encoded (quality
+95, no chroma subsampling). Grey stays grey. Read a split with
+bigkd.data.records.RecordSplit(OUT, split).
 
 Re-running the same command skips complete shards: each shard is written under a temporary name
 and renamed once complete (its counts beside it in {shard}.stats.json), so a killed run loses
-only the shards in flight. Files that are no image (.DS_Store, notes.txt) are skipped and
-counted; a corrupt image stops the run (--on_corrupt=skip skips it and lists it in info.json).
+only the shards in flight. Files that are no image (.DS_Store, notes.txt, hidden ones) are
+skipped and counted; a corrupt image stops the run (--on_corrupt=skip skips it and lists it in
+info.json).
 
 Exit codes: 0 success; 2 bad command line or input (one line on stderr); 1 anything else.
 """
@@ -51,6 +55,7 @@ import numpy as np
 from absl import flags
 
 from bigkd import cli
+from bigkd.data import folders
 from bigkd.data.errors import DataError
 from bigkd.data.records import (RECORD_FORMAT, RECORD_VERSION, WRITER_OPTIONS, encode_record,
                                 read_info)
@@ -61,10 +66,6 @@ JPEG_QUALITY = 95
 JPEG_SUBSAMPLING = 0
 IMAGES_PER_SHARD = 1000
 SHARD_SUFFIX, STATS_SUFFIX, TMP_SUFFIX = '.array_record', '.stats.json', '.tmp'
-IMAGE_EXTENSIONS = frozenset(('.jpg', '.jpeg', '.jpe', '.jfif', '.png', '.bmp', '.gif', '.webp',
-                              '.tif', '.tiff'))
-IMAGE_MAGIC = (b'\xff\xd8\xff', b'\x89PNG\r\n\x1a\n', b'GIF87a', b'GIF89a', b'BM', b'II*\x00',
-               b'MM\x00*')
 FOLDER_SPLITS = ('train', 'val', 'test')
 
 
@@ -76,37 +77,22 @@ class Item(NamedTuple):
   name: str
   label: int
   data: Optional[bytes]
-  expect_image: bool  # an image by its name (extension) or its source (a tfds image feature)
-
-
-class NotAnImage(Exception):
-  """An input that is no image by name nor content: skipped and counted, never an error."""
 
 
 class CorruptImage(Exception):
-  """An input that should be an image (by name or source) but does not decode."""
+  """An input that is an image (by the folder rule, or a tfds image feature) but does not decode."""
 
 
 class UndecodableImage(Exception):
   """Bytes that no image decoder accepts."""
 
 
-def looks_like_image(head: bytes) -> bool:
-  """Whether a file's first bytes are an image format's signature: the content decides for a
-  name without an image extension (a JPEG saved without one is still an image)."""
-  return head.startswith(IMAGE_MAGIC) or (head[:4] == b'RIFF' and head[8:12] == b'WEBP')
-
-
 def read_item(item: Item) -> bytes:
-  """The item's encoded bytes. A file whose name and first bytes both say 'no image' is
-  NotAnImage, found without reading the rest of it (a stray archive costs nothing)."""
+  """The item's encoded bytes: its own, or its file's."""
   if item.data is not None:
     return item.data
   with open(item.name, 'rb') as f:
-    head = f.read(16)
-    if not item.expect_image and not looks_like_image(head):
-      raise NotAnImage(item.name)
-    return head + f.read()
+    return f.read()
 
 
 def storable(image):
@@ -160,12 +146,12 @@ def to_jpeg(data: bytes, max_short_side: int) -> tuple[bytes, int, int]:
 
 
 def item_record(item: Item, max_short_side: int) -> bytes:
-  """The record of one item; NotAnImage or CorruptImage when there is none to write."""
+  """The record of one item; CorruptImage when there is none to write."""
   data = read_item(item)
   try:
     jpeg, height, width = to_jpeg(data, max_short_side)
   except UndecodableImage:
-    raise (CorruptImage if item.expect_image else NotAnImage)(item.name) from None
+    raise CorruptImage(item.name) from None
   return encode_record(jpeg, item.label, height, width)
 
 
@@ -190,13 +176,11 @@ def corrupt_message(name: str) -> str:
 
 def write_records(writer, task: ShardTask) -> dict:
   """Writes the records of `task.items`, returning the counts; ShardError stops it."""
-  counts = {'num_examples': 0, 'skipped_corrupt': [], 'skipped_not_image': 0}
+  counts = {'num_examples': 0, 'skipped_corrupt': []}
   for item in task.items:
     try:
       writer.write(item_record(item, task.settings['max_short_side']))
       counts['num_examples'] += 1
-    except NotAnImage:
-      counts['skipped_not_image'] += 1
     except CorruptImage:
       if task.on_corrupt == 'error':
         raise ShardError(corrupt_message(item.name)) from None
@@ -243,9 +227,10 @@ def stats_path(shard_path: str) -> str:
 class SplitPlan(NamedTuple):
   name: str       # output folder
   source: dict    # where it comes from (info.json's 'source')
-  count: int      # input examples (files) before any is skipped
+  count: int      # input examples (images), before any corrupt one is skipped
   items: object   # () -> iterator of Item, in order
   shards: int
+  skipped: int    # files that are no image (folders.scan_split)
 
 
 def parse_splits(text: str) -> list[tuple[str, str]]:
@@ -264,53 +249,18 @@ def parse_splits(text: str) -> list[tuple[str, str]]:
   return pairs
 
 
-def folder_class_names(root: str) -> list[str]:
-  """The sorted folder names of ROOT/train (as the trainer's folder source reads them)."""
-  train_dir = os.path.join(root, 'train')
-  if not os.path.isdir(root):
-    raise DataError(f'image folder {root} does not exist')
-  if not os.path.isdir(train_dir):
-    raise DataError(f'image folder {root} has no train/ folder (its class folders name the '
-                    'classes)')
-  names = sorted(c for c in os.listdir(train_dir) if os.path.isdir(os.path.join(train_dir, c)))
-  if not names:
-    raise DataError(f'image folder {train_dir} has no class folders')
-  return names
-
-
-def folder_items(root: str, split: str, class_names: list[str]) -> list[Item]:
-  """Every file under ROOT/split/{class}/, classes in sorted order, files in sorted order
-  (sub-folders of a class folder are ignored). A class folder unknown to train is an error:
-  its images would otherwise vanish silently."""
-  split_dir = os.path.join(root, split)
-  extra = sorted(set(d for d in os.listdir(split_dir)
-                     if os.path.isdir(os.path.join(split_dir, d))) - set(class_names))
-  if extra:
-    raise DataError(f'class folder {os.path.join(split_dir, extra[0])} is not a class of '
-                    f'{os.path.join(root, "train")}')
-  items = []
-  for label, cls in enumerate(class_names):
-    cls_dir = os.path.join(split_dir, cls)
-    for name in sorted(os.listdir(cls_dir)) if os.path.isdir(cls_dir) else []:
-      path = os.path.join(cls_dir, name)
-      if os.path.isfile(path):
-        expect = os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-        items.append(Item(path, label, None, expect))
-  return items
-
-
 def folder_plans(root: str, splits_text: str, shards: int) -> tuple[list[str], list[SplitPlan]]:
   root, pairs = os.path.abspath(root), parse_splits(splits_text)
-  class_names = folder_class_names(root)
+  class_names = folders.class_names(root)
   pairs = pairs or [
       (s, s) for s in FOLDER_SPLITS if os.path.isdir(os.path.join(root, s))]
   plans = []
   for source, name in pairs:
-    if not os.path.isdir(os.path.join(root, source)):
-      raise DataError(f'image folder {os.path.join(root, source)} does not exist')
-    items = folder_items(root, source, class_names)
+    found = folders.scan_split(root, source, class_names)
+    items = [Item(path, label, None) for path, label in zip(found.paths, found.labels)]
     plans.append(SplitPlan(name, {'folder': root, 'split': source}, len(items),
-                           lambda items=items: iter(items), shards or default_shards(len(items))))
+                           lambda items=items: iter(items), shards or default_shards(len(items)),
+                           found.skipped))
   return class_names, plans
 
 
@@ -349,7 +299,7 @@ def tfds_items(dataset, name: str, split: str):
   """Items with the encoded image bytes, in the dataset's order."""
   import tensorflow_datasets as tfds
   for i, example in enumerate(tfds.as_numpy(dataset)):
-    yield Item(f'tfds:{name}:{split}:{i}', int(example['label']), bytes(example['image']), True)
+    yield Item(f'tfds:{name}:{split}:{i}', int(example['label']), bytes(example['image']))
 
 
 def tfds_plans(name: str, data_dir: str, splits_text: str,
@@ -366,7 +316,7 @@ def tfds_plans(name: str, data_dir: str, splits_text: str,
     source = {'tfds': name, 'data_dir': data_dir, 'split': split}
     plans.append(SplitPlan(out_name, source, count,
                            lambda d=dataset, s=split: tfds_items(d, name, s),
-                           shards or default_shards(count)))
+                           shards or default_shards(count), 0))
   return list(builder.info.features['label'].names), plans
 
 
@@ -494,12 +444,12 @@ def progress_bar(total: int):
 
 # --- The whole run. ---------------------------------------------------------------------------
 
-def merge_counts(split_results: list[dict]) -> dict:
+def merge_counts(plan: SplitPlan, split_results: list[dict]) -> dict:
   """A split's counts from its shards' (in shard order, so info.json is deterministic)."""
   ordered = sorted(split_results, key=lambda r: r['index'])
   return {'num_examples': sum(r['num_examples'] for r in ordered),
           'skipped_corrupt': [name for r in ordered for name in r['skipped_corrupt']],
-          'skipped_not_image': sum(r['skipped_not_image'] for r in ordered),
+          'skipped_not_image': plan.skipped,
           'reused_shards': sum(bool(r.get('reused')) for r in ordered)}
 
 
@@ -548,7 +498,7 @@ def prepare(out: str, class_names: list[str], plans: list[SplitPlan], max_short_
       bar.update(result['items'])
     run_steps(shard_steps(out, plans, max_short_side, on_corrupt), min(workers, pending),
               on_result)
-  counts = {name: merge_counts(rs) for name, rs in results.items()}
+  counts = {plan.name: merge_counts(plan, results[plan.name]) for plan in plans}
   write_infos(out, class_names, plans, counts, max_short_side)
   return summary_line(out, plans, counts, time.time() - began)
 
