@@ -89,7 +89,7 @@ def test_streaming_and_prepare_take_the_same_files(tmp_path):
   same images with the same labels and skip the same junk; TF decodes every image listed."""
   from PIL import Image
 
-  from bigkd.data import prepare
+  from bigkd.data import prepare_inputs
   image = Image.fromarray(np.zeros((6, 9, 3), np.uint8))
   for split in ('train', 'val'):
     for cls in ('cat', 'dog'):
@@ -103,7 +103,7 @@ def test_streaming_and_prepare_take_the_same_files(tmp_path):
   (tmp_path / 'train' / 'dog' / 'notes.txt').write_text('from the zoo')
   os.makedirs(tmp_path / 'train' / 'dog' / 'more.jpg')  # a sub-folder: ignored
   os.makedirs(tmp_path / 'train' / '.ipynb_checkpoints')  # hidden: no class
-  _, plans = prepare.folder_plans(str(tmp_path), '', 0)
+  _, plans = prepare_inputs.folder_plans(str(tmp_path), '')
   assert [plan.name for plan in plans] == ['train', 'val']
   for plan in plans:
     source = sources.FolderSource(str(tmp_path), plan.name)

@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from bigkd.data import prepare
+from bigkd.data.jpeg import to_jpeg
 from bigkd.data.records import RECORD_VERSION, RecordSplit, decode_record, encode_record
 from conftest import run_main
 
@@ -106,7 +106,7 @@ def test_other_images_become_jpegs_tf_reads(fmt, mode, stored_mode):
   image = wide if mode == 'I;16' else rgb.convert(mode)
   encoded = io.BytesIO()
   image.save(encoded, fmt)
-  data, height, width = prepare.to_jpeg(encoded.getvalue(), 0)
+  data, height, width = to_jpeg(encoded.getvalue(), 0)
   stored = Image.open(io.BytesIO(data))
   assert (stored.format, stored.mode, height, width) == ('JPEG', stored_mode, 30, 40)
   assert tf.io.decode_jpeg(data, channels=3).shape == (30, 40, 3)

@@ -39,52 +39,32 @@ info.json).
 Exit codes: 0 success; 2 bad command line or input (one line on stderr); 1 anything else.
 """
 import hashlib
-import io
 import itertools
 import json
 import multiprocessing
 import os
 import queue
-import re
 import sys
 import time
-import warnings
 from typing import NamedTuple, Optional
 
-import numpy as np
 from absl import flags
 
 from bigkd import cli
-from bigkd.data import folders
 from bigkd.data.errors import DataError
+from bigkd.data.jpeg import JPEG_QUALITY, JPEG_SUBSAMPLING, UndecodableImage, to_jpeg
+from bigkd.data.prepare_inputs import Item, SplitPlan, first_line, folder_plans, tfds_plans
 from bigkd.data.records import (RECORD_FORMAT, RECORD_VERSION, WRITER_OPTIONS, encode_record,
                                 read_info)
 
-JPEG_QUALITY = 95
-# 4:4:4 (no chroma subsampling): at the sizes of small datasets (CIFAR-like PNGs) 4:2:0 would
-# halve the colour resolution of every re-encoded image; it costs about 1.5x their bytes.
-JPEG_SUBSAMPLING = 0
 IMAGES_PER_SHARD = 1000
 SHARD_SUFFIX, STATS_SUFFIX, TMP_SUFFIX = '.array_record', '.stats.json', '.tmp'
-FOLDER_SPLITS = ('train', 'val', 'test')
 
 
-# --- One image: bytes in, the stored JPEG out (runs in the worker processes). ---------------
-
-class Item(NamedTuple):
-  """One input example. `name` is what error lines and info.json call it (a file path, or
-  tfds:NAME:SPLIT:INDEX); `data` is None for a file, read in the worker, or the encoded bytes."""
-  name: str
-  label: int
-  data: Optional[bytes]
-
+# --- One item: its bytes in, its record out (runs in the worker processes). ----------------
 
 class CorruptImage(Exception):
   """An input that is an image (by the folder rule, or a tfds image feature) but does not decode."""
-
-
-class UndecodableImage(Exception):
-  """Bytes that no image decoder accepts."""
 
 
 def read_item(item: Item) -> bytes:
@@ -93,56 +73,6 @@ def read_item(item: Item) -> bytes:
     return item.data
   with open(item.name, 'rb') as f:
     return f.read()
-
-
-def storable(image):
-  """The image in a mode that a baseline JPEG holds and every decoder reads: grey stays grey
-  ('L'), 16-bit grey is scaled to 8 bits, everything else (palette, alpha, CMYK) becomes RGB
-  (alpha dropped, as TF's decoders do)."""
-  from PIL import Image
-  if image.mode in ('RGB', 'L'):
-    return image
-  if image.mode in ('1', 'LA', 'La'):
-    return image.convert('L')
-  if image.mode.startswith('I'):
-    grey = np.clip(np.round(np.asarray(image, np.float64) / 257.0), 0, 255)
-    return Image.fromarray(grey.astype(np.uint8), 'L')
-  return image.convert('RGB')
-
-
-def capped_size(width: int, height: int, max_short_side: int) -> Optional[tuple[int, int]]:
-  """(width, height) with the short side at `max_short_side` and the aspect kept, or None when
-  the image is within the cap (or there is none, 0)."""
-  short = min(width, height)
-  if not max_short_side or short <= max_short_side:
-    return None
-  scale = max_short_side / short
-  if width <= height:
-    return max_short_side, max(1, round(height * scale))
-  return max(1, round(width * scale)), max_short_side
-
-
-def to_jpeg(data: bytes, max_short_side: int) -> tuple[bytes, int, int]:
-  """(JPEG bytes, height, width) to store for encoded image bytes. The image is decoded once in
-  full, so that a corrupt file stops preparation rather than a training run; a JPEG that needs
-  no change is returned as it was, byte for byte."""
-  from PIL import Image
-  try:
-    with warnings.catch_warnings():  # PIL warns about palettes, EXIF, big images: not our concern
-      warnings.simplefilter('ignore')
-      image = Image.open(io.BytesIO(data))
-      image.load()
-      kept = storable(image)
-      size = capped_size(kept.width, kept.height, max_short_side)
-      if size:
-        kept = kept.resize(size, Image.Resampling.BICUBIC)  # antialiased when shrinking
-  except Exception as e:  # noqa: BLE001  (PIL raises OSError, SyntaxError, ValueError, ...)
-    raise UndecodableImage(str(e)) from None
-  if image.format in ('JPEG', 'MPO') and kept is image:
-    return data, image.height, image.width
-  out = io.BytesIO()
-  kept.save(out, 'JPEG', quality=JPEG_QUALITY, subsampling=JPEG_SUBSAMPLING)
-  return out.getvalue(), kept.height, kept.width
 
 
 def item_record(item: Item, max_short_side: int) -> bytes:
@@ -220,108 +150,6 @@ def write_json(path: str, value) -> None:
 
 def stats_path(shard_path: str) -> str:
   return shard_path[:-len(SHARD_SUFFIX)] + STATS_SUFFIX
-
-
-# --- Sources: what the examples are, in their fixed order. -----------------------------------
-
-class SplitPlan(NamedTuple):
-  name: str       # output folder
-  source: dict    # where it comes from (info.json's 'source')
-  count: int      # input examples (images), before any corrupt one is skipped
-  items: object   # () -> iterator of Item, in order
-  shards: int
-  skipped: int    # files that are no image (folders.scan_split)
-
-
-def parse_splits(text: str) -> list[tuple[str, str]]:
-  """'train[:90%]=train,train[90%:]=val,test' -> [(source split, output name), ...]."""
-  pairs = []
-  for part in filter(None, (p.strip() for p in text.split(','))):
-    source, _, name = part.partition('=')
-    name = name or source
-    if not re.fullmatch(r'[A-Za-z0-9_][A-Za-z0-9_.-]*', name):
-      raise DataError(f'--splits: {part!r} needs an output name of letters, digits, _ . - '
-                      f'(e.g. {source}=train)')
-    pairs.append((source, name))
-  names = [name for _, name in pairs]
-  if len(set(names)) != len(names):
-    raise DataError(f'--splits: an output name appears twice ({",".join(names)})')
-  return pairs
-
-
-def folder_plans(root: str, splits_text: str, shards: int) -> tuple[list[str], list[SplitPlan]]:
-  root, pairs = os.path.abspath(root), parse_splits(splits_text)
-  class_names = folders.class_names(root)
-  pairs = pairs or [
-      (s, s) for s in FOLDER_SPLITS if os.path.isdir(os.path.join(root, s))]
-  plans = []
-  for source, name in pairs:
-    found = folders.scan_split(root, source, class_names)
-    items = [Item(path, label, None) for path, label in zip(found.paths, found.labels)]
-    plans.append(SplitPlan(name, {'folder': root, 'split': source}, len(items),
-                           lambda items=items: iter(items), shards or default_shards(len(items)),
-                           found.skipped))
-  return class_names, plans
-
-
-def tfds_builder(name: str, data_dir: str):
-  import tensorflow_datasets as tfds
-  try:
-    builder = tfds.builder(name, data_dir=data_dir or None)
-  except Exception as e:  # noqa: BLE001  (tfds raises several types for an unknown name)
-    raise DataError(f'tfds dataset {name!r}: {first_line(e)}') from None
-  features = builder.info.features
-  if 'image' not in features or 'label' not in features or not hasattr(features['label'], 'names'):
-    raise DataError(f"tfds dataset {name!r} has no 'image' and class 'label' features")
-  return builder
-
-
-def tfds_dataset(builder, name: str, data_dir: str, split: str):
-  """The split's examples with the images still encoded (nothing decoded, nothing downloaded)."""
-  import tensorflow_datasets as tfds
-  try:
-    return builder.as_dataset(split=split, decoders={'image': tfds.decode.SkipDecoding()},
-                              shuffle_files=False)
-  except Exception as e:  # noqa: BLE001  (not prepared in data_dir, bad split expression, ...)
-    raise DataError(f'tfds dataset {name!r} split {split!r} in data_dir {data_dir!r}: '
-                    f'{first_line(e)}') from None
-
-
-def tfds_count(builder, split: str, dataset) -> int:
-  """The split's size from the dataset's metadata, else (no metadata) by reading it once."""
-  try:
-    return int(builder.info.splits[split].num_examples)
-  except Exception:  # noqa: BLE001  (no recorded splits, e.g. tfds.testing.mock_data)
-    return sum(1 for _ in dataset)
-
-
-def tfds_items(dataset, name: str, split: str):
-  """Items with the encoded image bytes, in the dataset's order."""
-  import tensorflow_datasets as tfds
-  for i, example in enumerate(tfds.as_numpy(dataset)):
-    yield Item(f'tfds:{name}:{split}:{i}', int(example['label']), bytes(example['image']))
-
-
-def tfds_plans(name: str, data_dir: str, splits_text: str,
-               shards: int) -> tuple[list[str], list[SplitPlan]]:
-  builder = tfds_builder(name, data_dir)
-  pairs = parse_splits(splits_text) or [(s, s) for s in builder.info.splits]
-  if not pairs:
-    raise DataError(f'tfds dataset {name!r} records no splits in data_dir {data_dir!r}: '
-                    'give --splits')
-  plans = []
-  for split, out_name in pairs:
-    dataset = tfds_dataset(builder, name, data_dir, split)
-    count = tfds_count(builder, split, dataset)
-    source = {'tfds': name, 'data_dir': data_dir, 'split': split}
-    plans.append(SplitPlan(out_name, source, count,
-                           lambda d=dataset, s=split: tfds_items(d, name, s),
-                           shards or default_shards(count), 0))
-  return list(builder.info.features['label'].names), plans
-
-
-def first_line(error: Exception) -> str:
-  return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 # --- Shards: planned, reused when complete, written by a pool. -------------------------------
@@ -546,9 +374,10 @@ def main(argv=None):
   try:
     check_flags(fv)
     if fv.folder:
-      class_names, plans = folder_plans(fv.folder, fv.splits, fv.shards)
+      class_names, plans = folder_plans(fv.folder, fv.splits)
     else:
-      class_names, plans = tfds_plans(fv.tfds, fv.tfds_data_dir, fv.splits, fv.shards)
+      class_names, plans = tfds_plans(fv.tfds, fv.tfds_data_dir, fv.splits)
+    plans = [plan._replace(shards=fv.shards or default_shards(plan.count)) for plan in plans]
     line = prepare(os.path.abspath(fv.out), class_names, plans, fv.max_short_side, fv.workers,
                    fv.on_corrupt)
   except DataError as e:
