@@ -7,8 +7,9 @@ Modules follow the data flow, config -> plan -> build -> loop:
   build.py        stage plan -> data, params, optimiser state, teachers, jitted step, inputs, eval
   stages.py       the loop: steps, logging, evaluation, checkpoints, resume
   step.py         the pure train step (teacher + student on the same views) and eval step
-  data/           sources (digits, folder, records, tfds), prepare.py (-> ArrayRecord), batch
-                  sampling, augment.py and inception_crop.py (crop boxes, views)
+  data/           sources (digits, folder, records, tfds), prepare.py (-> ArrayRecord: records.py
+                  its format, folders.py the image-folder rule), batch sampling, augment.py and
+                  inception_crop.py (crop boxes, views)
   models/         registry name -> linen module (CNN, CIFAR ResNets, BiT and its .npz format)
   losses.py       KL at temperature, Hinton, pseudo-labels, logit L2, ensembles; feature and
                   relation losses (FitNet, AT, SP, PKT, RKD), DKD, DIST, CKA

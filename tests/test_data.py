@@ -82,3 +82,70 @@ def test_image_folder_names_a_corrupt_image(tmp_path):
   (tmp_path / 'train' / 'a' / 'bad.png').write_bytes(b'not an image')
   with pytest.raises(sources.DataError, match='bad.png'):
     sources.in_memory(sources.FolderSource(str(tmp_path), 'train'), 8)
+
+
+def test_streaming_and_prepare_take_the_same_files(tmp_path):
+  """One folder rule (bigkd/data/folders.py): training's FolderSource and bigkd.prepare list the
+  same images with the same labels and skip the same junk; TF decodes every image listed."""
+  from PIL import Image
+
+  from bigkd.data import prepare_inputs
+  image = Image.fromarray(np.zeros((6, 9, 3), np.uint8))
+  for split in ('train', 'val'):
+    for cls in ('cat', 'dog'):
+      os.makedirs(tmp_path / split / cls)
+      image.save(tmp_path / split / cls / 'a.png')
+  image.save(tmp_path / 'train' / 'cat' / 'b.webp')
+  image.save(tmp_path / 'train' / 'dog' / 'no_extension', 'JPEG')
+  image.save(tmp_path / 'train' / 'dog' / 'c.tif')  # TF reads no TIFF: skipped by both
+  (tmp_path / 'train' / 'cat' / '.DS_Store').write_bytes(b'\0\1')
+  (tmp_path / 'train' / 'cat' / '._b.webp').write_bytes(b'\0\5\x16\7 macOS AppleDouble')
+  (tmp_path / 'train' / 'dog' / 'notes.txt').write_text('from the zoo')
+  os.makedirs(tmp_path / 'train' / 'dog' / 'more.jpg')  # a sub-folder: ignored
+  os.makedirs(tmp_path / 'train' / '.ipynb_checkpoints')  # hidden: no class
+  _, plans = prepare_inputs.folder_plans(str(tmp_path), '')
+  assert [plan.name for plan in plans] == ['train', 'val']
+  for plan in plans:
+    source = sources.FolderSource(str(tmp_path), plan.name)
+    assert [(item.name, item.label) for item in plan.items()] == list(
+        zip(source.paths, source.labels.tolist()))
+    assert (plan.skipped, source.class_names) == (source.skipped, ['cat', 'dog'])
+  train = sources.FolderSource(str(tmp_path), 'train')
+  assert [os.path.relpath(p, tmp_path) for p in train.paths] == [
+      'train/cat/a.png', 'train/cat/b.webp', 'train/dog/a.png', 'train/dog/no_extension']
+  assert train.skipped == 4
+  assert sources.in_memory(train, 8).sizes.tolist() == [[5, 8]] * 4
+
+
+def test_image_folder_refuses_a_class_that_train_lacks(tmp_path):
+  for split, cls in (('train', 'cat'), ('val', 'cat'), ('val', 'fox')):
+    write_png(str(tmp_path / split / cls / '0.png'), np.zeros((8, 8, 3), np.uint8))
+  with pytest.raises(sources.DataError, match=r"'fox' of .*val is not a class of train/"):
+    sources.FolderSource(str(tmp_path), 'val')
+
+
+def data_imports(path: str) -> set[str]:
+  """The bigkd.data modules that a module imports anywhere (inside functions too)."""
+  import ast
+  found = set()
+  for node in ast.walk(ast.parse(open(path).read())):
+    if isinstance(node, ast.ImportFrom) and node.module == 'bigkd.data':
+      found.update(alias.name for alias in node.names)
+    elif isinstance(node, ast.ImportFrom) and (node.module or '').startswith('bigkd.data.'):
+      found.add(node.module.split('.')[2])
+    elif isinstance(node, ast.Import):
+      found.update(a.name.split('.')[2] for a in node.names if a.name.startswith('bigkd.data.'))
+  return found
+
+
+def test_data_modules_import_no_circle():
+  """Each bigkd.data module imports only modules below it (checked on the source: cheap)."""
+  folder = os.path.dirname(sources.__file__)
+  graph = {name[:-3]: data_imports(os.path.join(folder, name))
+           for name in os.listdir(folder) if name.endswith('.py') and name != '__init__.py'}
+  order = []
+  while len(order) < len(graph):
+    ready = sorted(m for m in graph if m not in order and graph[m] <= set(order))
+    assert ready, f'import circle among {sorted(set(graph) - set(order))}: {graph}'
+    order += ready
+  assert graph['records'] <= {'errors'}  # the format: writer and reader import it, not each other

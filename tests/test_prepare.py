@@ -13,7 +13,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from bigkd.data import prepare
+from bigkd.data.jpeg import to_jpeg
+from bigkd.data.records import RECORD_VERSION, RecordSplit, decode_record, encode_record
 from conftest import run_main
 
 CLASSES = ('cat', 'dog', 'emu')
@@ -88,11 +89,11 @@ def shard_files(out):
 
 
 def test_record_header_is_four_little_endian_int32s():
-  record = prepare.encode_record(b'\xff\xd8jpeg', 7, 30, 40)
-  assert record[:16] == struct.pack('<4i', prepare.RECORD_VERSION, 7, 30, 40)
-  assert prepare.decode_record(record) == (b'\xff\xd8jpeg', 7, 30, 40)
+  record = encode_record(b'\xff\xd8jpeg', 7, 30, 40)
+  assert record[:16] == struct.pack('<4i', RECORD_VERSION, 7, 30, 40)
+  assert decode_record(record) == (b'\xff\xd8jpeg', 7, 30, 40)
   with pytest.raises(ValueError, match='version'):
-    prepare.decode_record(struct.pack('<4i', 99, 7, 30, 40) + b'x')
+    decode_record(struct.pack('<4i', 99, 7, 30, 40) + b'x')
 
 
 @pytest.mark.parametrize('fmt, mode, stored_mode', [
@@ -105,7 +106,7 @@ def test_other_images_become_jpegs_tf_reads(fmt, mode, stored_mode):
   image = wide if mode == 'I;16' else rgb.convert(mode)
   encoded = io.BytesIO()
   image.save(encoded, fmt)
-  data, height, width = prepare.to_jpeg(encoded.getvalue(), 0)
+  data, height, width = to_jpeg(encoded.getvalue(), 0)
   stored = Image.open(io.BytesIO(data))
   assert (stored.format, stored.mode, height, width) == ('JPEG', stored_mode, 30, 40)
   assert tf.io.decode_jpeg(data, channels=3).shape == (30, 40, 3)
@@ -120,7 +121,7 @@ def test_folder_round_trip(tmp_path):
   assert 'train 13 written / 0 skipped corrupt / 2 skipped non-image' in line
   assert 'val 2 written / 0 skipped corrupt / 0 skipped non-image' in line
   for split, examples in expected.items():
-    records = prepare.RecordSplit(str(out), split)
+    records = RecordSplit(str(out), split)
     assert records.class_names == list(CLASSES) and records.num_classes == 3
     assert len(records) == len(examples)
     for i, (path, label) in enumerate(examples):
@@ -134,7 +135,7 @@ def test_folder_round_trip(tmp_path):
           assert data == f.read(), f'{path}: a JPEG within the cap is stored byte for byte'
       diff = np.abs(pixels(data) - np.asarray(original, np.int16))
       assert diff.mean() < 1.5 and diff.max() < 24, (path, diff.mean(), diff.max())
-  grey = prepare.RecordSplit(str(out), 'train')[3][0]
+  grey = RecordSplit(str(out), 'train')[3][0]
   assert tf.io.decode_jpeg(grey, channels=3).shape == (20, 30, 3)  # the reader's RGB
   info = json.loads((out / 'train' / 'info.json').read_text())
   assert info['shards'] == [f'train-0000{i}-of-00002.array_record' for i in range(2)]
@@ -143,7 +144,7 @@ def test_folder_round_trip(tmp_path):
   top = json.loads((out / 'info.json').read_text())
   assert top['class_names'] == list(CLASSES) and top['splits'] == {'train': 13, 'val': 2}
   # grain copies a source into its workers: it must pickle (paths only) and read again.
-  records = prepare.RecordSplit(str(out), 'train')
+  records = RecordSplit(str(out), 'train')
   assert records[-1][1] == 2
   copy = pickle.loads(pickle.dumps(records))
   assert copy._records is None and copy[12] == records[12] and copy[-1] == records[12]
@@ -159,7 +160,7 @@ def test_max_short_side_caps_the_short_side_keeping_aspect(tmp_path):
   line = ok(run('--folder', tmp_path / 'root', '--out', out, '--max_short_side', 25,
                 '--workers', 1))
   assert 'reused' not in line
-  records = prepare.RecordSplit(str(out), 'train')
+  records = RecordSplit(str(out), 'train')
   sizes = {(40, 30): (33, 25), (30, 40): (25, 33), (50, 50): (25, 25), (30, 20): (30, 20),
            (24, 36): (24, 36)}
   for i, (path, _) in enumerate(expected['train']):
@@ -229,7 +230,7 @@ def test_corrupt_image_stops_the_run_or_is_skipped(tmp_path):
   assert 'train 13 written / 2 skipped corrupt / 2 skipped non-image (2 of 3 shards reused)' in line
   info = json.loads((out / 'train' / 'info.json').read_text())
   assert info['skipped_corrupt'] == [bad, cut] and info['num_examples'] == 13
-  assert len(prepare.RecordSplit(str(out), 'train')) == 13
+  assert len(RecordSplit(str(out), 'train')) == 13
   # A shard that skipped them still counts as corrupt input for a run that does not skip.
   assert error_lines(run(*args, '--out', out)) == [
       f'bigkd: error: corrupt image {bad} (use --on_corrupt=skip to skip it)']
@@ -245,7 +246,7 @@ def test_tfds_source_keeps_order_labels_and_pixels(tmp_path):
     builder = tfds.builder('oxford_flowers102', data_dir=str(tmp_path / 'tfds'))
     reference = list(tfds.as_numpy(builder.as_dataset(split='test', shuffle_files=False)))
   assert 'train 6 written / 0 skipped corrupt / 0 skipped non-image' in line
-  records = prepare.RecordSplit(str(out), 'test')
+  records = RecordSplit(str(out), 'test')
   assert len(records) == 6 and records.class_names == builder.info.features['label'].names
   for i, example in enumerate(reference):
     data, label, height, width = records[i]
@@ -266,8 +267,8 @@ def test_tfds_prepared_dataset_splits_and_slices(tmp_path):
   line = ok(run(*args, '--out', tmp_path / 'all'))
   assert 'train 20 written' in line and 'test 20 written' in line
   ok(run(*args, '--out', tmp_path / 'cut', '--splits', 'train[:25%]=a,train[25%:]=b'))
-  train = prepare.RecordSplit(str(tmp_path / 'all'), 'train')
-  a, b = (prepare.RecordSplit(str(tmp_path / 'cut'), s) for s in 'ab')
+  train = RecordSplit(str(tmp_path / 'all'), 'train')
+  a, b = (RecordSplit(str(tmp_path / 'cut'), s) for s in 'ab')
   assert (len(a), len(b)) == (5, 15)
   assert [a[i] for i in range(5)] + [b[i] for i in range(15)] == [train[i] for i in range(20)]
   reference = tfds.builder('dummy_mnist', data_dir=data_dir).as_dataset(
@@ -279,6 +280,15 @@ def test_tfds_prepared_dataset_splits_and_slices(tmp_path):
     assert np.abs(pixels(data) - example['image'][..., 0]).mean() < 3
   assert train.class_names == [str(d) for d in range(10)]
 
+
+def test_a_class_that_train_lacks_is_one_error_line(tmp_path):
+  """Its images would drop out of the evaluation unseen: refused, as training refuses it."""
+  make_folder(tmp_path / 'root')
+  save(smooth_image(20, 20, 'RGB', 0), str(tmp_path / 'root' / 'val' / 'fox' / 'f.png'))
+  errors = error_lines(run('--folder', tmp_path / 'root', '--out', tmp_path / 'out'))
+  assert errors == [f"bigkd: error: class folder 'fox' of {tmp_path / 'root' / 'val'} is not a "
+                    'class of train/: its images would be left out (add it to train/ or remove it)']
+  assert not os.path.exists(tmp_path / 'out')
 
 @pytest.mark.parametrize('args, fragment', [
     (['--folder', '/no/such/folder'], 'image folder /no/such/folder does not exist'),

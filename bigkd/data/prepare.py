@@ -14,7 +14,9 @@ with one read, where a tfrecord can only be scanned and a folder of many small f
 network disks; capping the short side once (--max_short_side) saves decoding time every epoch.
 
 Inputs: --folder reads ROOT/{split}/{class}/*, the classes being the sorted folder names of
-ROOT/train (a split may lack some); default splits: those of train, val, test that exist.
+ROOT/train (a split may lack some, not add one); default splits: those of train, val, test that
+exist. Its images are those that training streams (bigkd/data/folders.py): .jpg .jpeg .jpe .jfif
+.png .bmp .gif .webp, or a file without an extension whose bytes are one of these.
 --tfds reads a tfds dataset already prepared in --tfds_data_dir (nothing is downloaded), its
 'image' and 'label' features; --splits lists tfds split expressions, each =NAME for its output
 folder, e.g. 'train[:90%]=train,train[90%:]=val,test' (default: every split, under its name).
@@ -24,208 +26,62 @@ class names, shard files, skipped files) and OUT/info.json. Shard i holds a cont
 the examples, which come in a fixed order (classes sorted, files sorted), so the same input gives
 the same bytes. A record is a 16-byte header of little-endian int32s (format version, label,
 height, width) followed by a JPEG: JPEGs within the size cap are kept byte for byte; every other
-image (PNG, BMP, GIF's first frame, a CMYK JPEG, one above the cap) is re-encoded (quality 95, no
-chroma subsampling). Grey stays grey. Read a split with `RecordSplit(OUT, split)`.
+image (PNG, BMP, WebP, GIF's first frame, a CMYK JPEG, one above the cap) is re-encoded (quality
+95, no chroma subsampling). Grey stays grey. Read a split with
+bigkd.data.records.RecordSplit(OUT, split).
 
 Re-running the same command skips complete shards: each shard is written under a temporary name
 and renamed once complete (its counts beside it in {shard}.stats.json), so a killed run loses
-only the shards in flight. Files that are no image (.DS_Store, notes.txt) are skipped and
-counted; a corrupt image stops the run (--on_corrupt=skip skips it and lists it in info.json).
+only the shards in flight. Files that are no image (.DS_Store, notes.txt, hidden ones) are
+skipped and counted; a corrupt image stops the run (--on_corrupt=skip skips it and lists it in
+info.json).
 
 Exit codes: 0 success; 2 bad command line or input (one line on stderr); 1 anything else.
 """
 import hashlib
-import io
 import itertools
 import json
 import multiprocessing
 import os
 import queue
-import re
-import struct
 import sys
 import time
-import warnings
 from typing import NamedTuple, Optional
 
-import numpy as np
 from absl import flags
 
 from bigkd import cli
-from bigkd.data.sources import DataError
+from bigkd.data.errors import DataError
+from bigkd.data.jpeg import JPEG_QUALITY, JPEG_SUBSAMPLING, UndecodableImage, to_jpeg
+from bigkd.data.prepare_inputs import Item, SplitPlan, first_line, folder_plans, tfds_plans
+from bigkd.data.records import (RECORD_FORMAT, RECORD_VERSION, WRITER_OPTIONS, encode_record,
+                                read_info)
 
-RECORD_VERSION = 1
-HEADER = struct.Struct('<4i')  # version, label, height, width
-JPEG_QUALITY = 95
-# 4:4:4 (no chroma subsampling): at the sizes of small datasets (CIFAR-like PNGs) 4:2:0 would
-# halve the colour resolution of every re-encoded image; it costs about 1.5x their bytes.
-JPEG_SUBSAMPLING = 0
-# One record per chunk, so reading record i reads only record i; JPEGs do not compress further.
-WRITER_OPTIONS = 'group_size:1,uncompressed'
 IMAGES_PER_SHARD = 1000
 SHARD_SUFFIX, STATS_SUFFIX, TMP_SUFFIX = '.array_record', '.stats.json', '.tmp'
-IMAGE_EXTENSIONS = frozenset(('.jpg', '.jpeg', '.jpe', '.jfif', '.png', '.bmp', '.gif', '.webp',
-                              '.tif', '.tiff'))
-IMAGE_MAGIC = (b'\xff\xd8\xff', b'\x89PNG\r\n\x1a\n', b'GIF87a', b'GIF89a', b'BM', b'II*\x00',
-               b'MM\x00*')
-FOLDER_SPLITS = ('train', 'val', 'test')
 
 
-# --- The record format. ----------------------------------------------------------------------
-
-def encode_record(image_bytes: bytes, label: int, height: int, width: int) -> bytes:
-  """One example as one record. The fixed header comes first so that a reader knows the label
-  and the image size without decoding the image; the version guards against stale files."""
-  return HEADER.pack(RECORD_VERSION, label, height, width) + bytes(image_bytes)
-
-
-def decode_record(record: bytes) -> tuple[bytes, int, int, int]:
-  """(image_bytes, label, height, width) of a record written by `encode_record`."""
-  version, label, height, width = HEADER.unpack_from(record)
-  if version != RECORD_VERSION:
-    raise DataError(f'record format version {version}, expected {RECORD_VERSION}: prepare the '
-                    'data again with this version of bigkd')
-  return bytes(record[HEADER.size:]), label, height, width
-
-
-class RecordSplit:
-  """A prepared split, `OUT/{split}`: record i -> (image_bytes, label, height, width), the index
-  running over the shards in order. Pickles as its paths alone (grain copies sources into its
-  workers), and opens the shards on first access."""
-
-  def __init__(self, out_dir: str, split: str):
-    split_dir = os.path.join(out_dir, split)
-    with open(os.path.join(split_dir, 'info.json')) as f:  # OSError: not prepared
-      self.info = json.load(f)
-    self.paths = [os.path.join(split_dir, name) for name in self.info['shards']]
-    self.class_names = list(self.info['class_names'])
-    self.num_classes = int(self.info['num_classes'])
-    self._records = None
-
-  def __len__(self):
-    return int(self.info['num_examples'])
-
-  def __getitem__(self, i):
-    i = int(i)
-    if not -len(self) <= i < len(self):
-      raise IndexError(f'record {i} of a split of {len(self)}')
-    return decode_record(self.records()[i % len(self)])
-
-  def records(self):
-    """grain's reader over the shards, opened once per process."""
-    if self._records is None:
-      import grain
-      self._records = grain.sources.ArrayRecordDataSource(self.paths)
-      if len(self._records) != len(self):
-        raise DataError(f'{os.path.dirname(self.paths[0])}: {len(self._records)} records, '
-                        f'info.json says {len(self)}')
-    return self._records
-
-  def __getstate__(self):
-    return {**self.__dict__, '_records': None}
-
-  def __repr__(self):
-    return f'RecordSplit({len(self)} records in {len(self.paths)} shards)'
-
-
-# --- One image: bytes in, the stored JPEG out (runs in the worker processes). ---------------
-
-class Item(NamedTuple):
-  """One input example. `name` is what error lines and info.json call it (a file path, or
-  tfds:NAME:SPLIT:INDEX); `data` is None for a file, read in the worker, or the encoded bytes."""
-  name: str
-  label: int
-  data: Optional[bytes]
-  expect_image: bool  # an image by its name (extension) or its source (a tfds image feature)
-
-
-class NotAnImage(Exception):
-  """An input that is no image by name nor content: skipped and counted, never an error."""
-
+# --- One item: its bytes in, its record out (runs in the worker processes). ----------------
 
 class CorruptImage(Exception):
-  """An input that should be an image (by name or source) but does not decode."""
-
-
-class UndecodableImage(Exception):
-  """Bytes that no image decoder accepts."""
-
-
-def looks_like_image(head: bytes) -> bool:
-  """Whether a file's first bytes are an image format's signature: the content decides for a
-  name without an image extension (a JPEG saved without one is still an image)."""
-  return head.startswith(IMAGE_MAGIC) or (head[:4] == b'RIFF' and head[8:12] == b'WEBP')
+  """An input that is an image (by the folder rule, or a tfds image feature) but does not decode."""
 
 
 def read_item(item: Item) -> bytes:
-  """The item's encoded bytes. A file whose name and first bytes both say 'no image' is
-  NotAnImage, found without reading the rest of it (a stray archive costs nothing)."""
+  """The item's encoded bytes: its own, or its file's."""
   if item.data is not None:
     return item.data
   with open(item.name, 'rb') as f:
-    head = f.read(16)
-    if not item.expect_image and not looks_like_image(head):
-      raise NotAnImage(item.name)
-    return head + f.read()
-
-
-def storable(image):
-  """The image in a mode that a baseline JPEG holds and every decoder reads: grey stays grey
-  ('L'), 16-bit grey is scaled to 8 bits, everything else (palette, alpha, CMYK) becomes RGB
-  (alpha dropped, as TF's decoders do)."""
-  from PIL import Image
-  if image.mode in ('RGB', 'L'):
-    return image
-  if image.mode in ('1', 'LA', 'La'):
-    return image.convert('L')
-  if image.mode.startswith('I'):
-    grey = np.clip(np.round(np.asarray(image, np.float64) / 257.0), 0, 255)
-    return Image.fromarray(grey.astype(np.uint8), 'L')
-  return image.convert('RGB')
-
-
-def capped_size(width: int, height: int, max_short_side: int) -> Optional[tuple[int, int]]:
-  """(width, height) with the short side at `max_short_side` and the aspect kept, or None when
-  the image is within the cap (or there is none, 0)."""
-  short = min(width, height)
-  if not max_short_side or short <= max_short_side:
-    return None
-  scale = max_short_side / short
-  if width <= height:
-    return max_short_side, max(1, round(height * scale))
-  return max(1, round(width * scale)), max_short_side
-
-
-def to_jpeg(data: bytes, max_short_side: int) -> tuple[bytes, int, int]:
-  """(JPEG bytes, height, width) to store for encoded image bytes. The image is decoded once in
-  full, so that a corrupt file stops preparation rather than a training run; a JPEG that needs
-  no change is returned as it was, byte for byte."""
-  from PIL import Image
-  try:
-    with warnings.catch_warnings():  # PIL warns about palettes, EXIF, big images: not our concern
-      warnings.simplefilter('ignore')
-      image = Image.open(io.BytesIO(data))
-      image.load()
-      kept = storable(image)
-      size = capped_size(kept.width, kept.height, max_short_side)
-      if size:
-        kept = kept.resize(size, Image.Resampling.BICUBIC)  # antialiased when shrinking
-  except Exception as e:  # noqa: BLE001  (PIL raises OSError, SyntaxError, ValueError, ...)
-    raise UndecodableImage(str(e)) from None
-  if image.format in ('JPEG', 'MPO') and kept is image:
-    return data, image.height, image.width
-  out = io.BytesIO()
-  kept.save(out, 'JPEG', quality=JPEG_QUALITY, subsampling=JPEG_SUBSAMPLING)
-  return out.getvalue(), kept.height, kept.width
+    return f.read()
 
 
 def item_record(item: Item, max_short_side: int) -> bytes:
-  """The record of one item; NotAnImage or CorruptImage when there is none to write."""
+  """The record of one item; CorruptImage when there is none to write."""
   data = read_item(item)
   try:
     jpeg, height, width = to_jpeg(data, max_short_side)
   except UndecodableImage:
-    raise (CorruptImage if item.expect_image else NotAnImage)(item.name) from None
+    raise CorruptImage(item.name) from None
   return encode_record(jpeg, item.label, height, width)
 
 
@@ -250,13 +106,11 @@ def corrupt_message(name: str) -> str:
 
 def write_records(writer, task: ShardTask) -> dict:
   """Writes the records of `task.items`, returning the counts; ShardError stops it."""
-  counts = {'num_examples': 0, 'skipped_corrupt': [], 'skipped_not_image': 0}
+  counts = {'num_examples': 0, 'skipped_corrupt': []}
   for item in task.items:
     try:
       writer.write(item_record(item, task.settings['max_short_side']))
       counts['num_examples'] += 1
-    except NotAnImage:
-      counts['skipped_not_image'] += 1
     except CorruptImage:
       if task.on_corrupt == 'error':
         raise ShardError(corrupt_message(item.name)) from None
@@ -296,142 +150,6 @@ def write_json(path: str, value) -> None:
 
 def stats_path(shard_path: str) -> str:
   return shard_path[:-len(SHARD_SUFFIX)] + STATS_SUFFIX
-
-
-# --- Sources: what the examples are, in their fixed order. -----------------------------------
-
-class SplitPlan(NamedTuple):
-  name: str       # output folder
-  source: dict    # where it comes from (info.json's 'source')
-  count: int      # input examples (files) before any is skipped
-  items: object   # () -> iterator of Item, in order
-  shards: int
-
-
-def parse_splits(text: str) -> list[tuple[str, str]]:
-  """'train[:90%]=train,train[90%:]=val,test' -> [(source split, output name), ...]."""
-  pairs = []
-  for part in filter(None, (p.strip() for p in text.split(','))):
-    source, _, name = part.partition('=')
-    name = name or source
-    if not re.fullmatch(r'[A-Za-z0-9_][A-Za-z0-9_.-]*', name):
-      raise DataError(f'--splits: {part!r} needs an output name of letters, digits, _ . - '
-                      f'(e.g. {source}=train)')
-    pairs.append((source, name))
-  names = [name for _, name in pairs]
-  if len(set(names)) != len(names):
-    raise DataError(f'--splits: an output name appears twice ({",".join(names)})')
-  return pairs
-
-
-def folder_class_names(root: str) -> list[str]:
-  """The sorted folder names of ROOT/train (as the trainer's folder source reads them)."""
-  train_dir = os.path.join(root, 'train')
-  if not os.path.isdir(root):
-    raise DataError(f'image folder {root} does not exist')
-  if not os.path.isdir(train_dir):
-    raise DataError(f'image folder {root} has no train/ folder (its class folders name the '
-                    'classes)')
-  names = sorted(c for c in os.listdir(train_dir) if os.path.isdir(os.path.join(train_dir, c)))
-  if not names:
-    raise DataError(f'image folder {train_dir} has no class folders')
-  return names
-
-
-def folder_items(root: str, split: str, class_names: list[str]) -> list[Item]:
-  """Every file under ROOT/split/{class}/, classes in sorted order, files in sorted order
-  (sub-folders of a class folder are ignored). A class folder unknown to train is an error:
-  its images would otherwise vanish silently."""
-  split_dir = os.path.join(root, split)
-  extra = sorted(set(d for d in os.listdir(split_dir)
-                     if os.path.isdir(os.path.join(split_dir, d))) - set(class_names))
-  if extra:
-    raise DataError(f'class folder {os.path.join(split_dir, extra[0])} is not a class of '
-                    f'{os.path.join(root, "train")}')
-  items = []
-  for label, cls in enumerate(class_names):
-    cls_dir = os.path.join(split_dir, cls)
-    for name in sorted(os.listdir(cls_dir)) if os.path.isdir(cls_dir) else []:
-      path = os.path.join(cls_dir, name)
-      if os.path.isfile(path):
-        expect = os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-        items.append(Item(path, label, None, expect))
-  return items
-
-
-def folder_plans(root: str, splits_text: str, shards: int) -> tuple[list[str], list[SplitPlan]]:
-  root, pairs = os.path.abspath(root), parse_splits(splits_text)
-  class_names = folder_class_names(root)
-  pairs = pairs or [
-      (s, s) for s in FOLDER_SPLITS if os.path.isdir(os.path.join(root, s))]
-  plans = []
-  for source, name in pairs:
-    if not os.path.isdir(os.path.join(root, source)):
-      raise DataError(f'image folder {os.path.join(root, source)} does not exist')
-    items = folder_items(root, source, class_names)
-    plans.append(SplitPlan(name, {'folder': root, 'split': source}, len(items),
-                           lambda items=items: iter(items), shards or default_shards(len(items))))
-  return class_names, plans
-
-
-def tfds_builder(name: str, data_dir: str):
-  import tensorflow_datasets as tfds
-  try:
-    builder = tfds.builder(name, data_dir=data_dir or None)
-  except Exception as e:  # noqa: BLE001  (tfds raises several types for an unknown name)
-    raise DataError(f'tfds dataset {name!r}: {first_line(e)}') from None
-  features = builder.info.features
-  if 'image' not in features or 'label' not in features or not hasattr(features['label'], 'names'):
-    raise DataError(f"tfds dataset {name!r} has no 'image' and class 'label' features")
-  return builder
-
-
-def tfds_dataset(builder, name: str, data_dir: str, split: str):
-  """The split's examples with the images still encoded (nothing decoded, nothing downloaded)."""
-  import tensorflow_datasets as tfds
-  try:
-    return builder.as_dataset(split=split, decoders={'image': tfds.decode.SkipDecoding()},
-                              shuffle_files=False)
-  except Exception as e:  # noqa: BLE001  (not prepared in data_dir, bad split expression, ...)
-    raise DataError(f'tfds dataset {name!r} split {split!r} in data_dir {data_dir!r}: '
-                    f'{first_line(e)}') from None
-
-
-def tfds_count(builder, split: str, dataset) -> int:
-  """The split's size from the dataset's metadata, else (no metadata) by reading it once."""
-  try:
-    return int(builder.info.splits[split].num_examples)
-  except Exception:  # noqa: BLE001  (no recorded splits, e.g. tfds.testing.mock_data)
-    return sum(1 for _ in dataset)
-
-
-def tfds_items(dataset, name: str, split: str):
-  """Items with the encoded image bytes, in the dataset's order."""
-  import tensorflow_datasets as tfds
-  for i, example in enumerate(tfds.as_numpy(dataset)):
-    yield Item(f'tfds:{name}:{split}:{i}', int(example['label']), bytes(example['image']), True)
-
-
-def tfds_plans(name: str, data_dir: str, splits_text: str,
-               shards: int) -> tuple[list[str], list[SplitPlan]]:
-  builder = tfds_builder(name, data_dir)
-  pairs = parse_splits(splits_text) or [(s, s) for s in builder.info.splits]
-  if not pairs:
-    raise DataError(f'tfds dataset {name!r} records no splits in data_dir {data_dir!r}: '
-                    'give --splits')
-  plans = []
-  for split, out_name in pairs:
-    dataset = tfds_dataset(builder, name, data_dir, split)
-    count = tfds_count(builder, split, dataset)
-    source = {'tfds': name, 'data_dir': data_dir, 'split': split}
-    plans.append(SplitPlan(out_name, source, count,
-                           lambda d=dataset, s=split: tfds_items(d, name, s),
-                           shards or default_shards(count)))
-  return list(builder.info.features['label'].names), plans
-
-
-def first_line(error: Exception) -> str:
-  return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 # --- Shards: planned, reused when complete, written by a pool. -------------------------------
@@ -554,12 +272,12 @@ def progress_bar(total: int):
 
 # --- The whole run. ---------------------------------------------------------------------------
 
-def merge_counts(split_results: list[dict]) -> dict:
+def merge_counts(plan: SplitPlan, split_results: list[dict]) -> dict:
   """A split's counts from its shards' (in shard order, so info.json is deterministic)."""
   ordered = sorted(split_results, key=lambda r: r['index'])
   return {'num_examples': sum(r['num_examples'] for r in ordered),
           'skipped_corrupt': [name for r in ordered for name in r['skipped_corrupt']],
-          'skipped_not_image': sum(r['skipped_not_image'] for r in ordered),
+          'skipped_not_image': plan.skipped,
           'reused_shards': sum(bool(r.get('reused')) for r in ordered)}
 
 
@@ -576,13 +294,11 @@ def write_infos(out: str, class_names: list[str], plans: list[SplitPlan], counts
         'shards': [shard_name(plan.name, i, plan.shards) for i in range(plan.shards)]})
   splits = {}
   for name in sorted(os.listdir(out)):
-    path = os.path.join(out, name, 'info.json')
-    if os.path.isfile(path):
-      with open(path) as f:
-        splits[name] = json.load(f)['num_examples']
+    if os.path.isfile(os.path.join(out, name, 'info.json')):
+      splits[name] = read_info(os.path.join(out, name))['num_examples']
   write_json(os.path.join(out, 'info.json'), {
       'class_names': class_names, 'num_classes': len(class_names), 'splits': splits,
-      'record_format': "'<4i' header (version, label, height, width), then JPEG bytes"})
+      'record_format': RECORD_FORMAT})
 
 
 def summary_line(out: str, plans: list[SplitPlan], counts: dict, seconds: float) -> str:
@@ -610,7 +326,7 @@ def prepare(out: str, class_names: list[str], plans: list[SplitPlan], max_short_
       bar.update(result['items'])
     run_steps(shard_steps(out, plans, max_short_side, on_corrupt), min(workers, pending),
               on_result)
-  counts = {name: merge_counts(rs) for name, rs in results.items()}
+  counts = {plan.name: merge_counts(plan, results[plan.name]) for plan in plans}
   write_infos(out, class_names, plans, counts, max_short_side)
   return summary_line(out, plans, counts, time.time() - began)
 
@@ -658,9 +374,10 @@ def main(argv=None):
   try:
     check_flags(fv)
     if fv.folder:
-      class_names, plans = folder_plans(fv.folder, fv.splits, fv.shards)
+      class_names, plans = folder_plans(fv.folder, fv.splits)
     else:
-      class_names, plans = tfds_plans(fv.tfds, fv.tfds_data_dir, fv.splits, fv.shards)
+      class_names, plans = tfds_plans(fv.tfds, fv.tfds_data_dir, fv.splits)
+    plans = [plan._replace(shards=fv.shards or default_shards(plan.count)) for plan in plans]
     line = prepare(os.path.abspath(fv.out), class_names, plans, fv.max_short_side, fv.workers,
                    fv.on_corrupt)
   except DataError as e:

@@ -5,9 +5,6 @@ Examples are visited epoch by epoch, each epoch in its own random order (a permu
 `device_batch_indices` runs inside the jitted step (device-resident data: the host does nothing
 per step); `host_batch_indices` is its numpy twin for streamed data.
 """
-import queue
-import threading
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,27 +45,3 @@ def step_batch_indices(plan, step: int, num_examples: int) -> np.ndarray:
   draws them (on device for resident data, on the host for streamed data)."""
   draw = device_batch_indices if plan.device_resident else host_batch_indices
   return np.asarray(draw(plan.step_seed, step - 1, plan.batch_size, num_examples))
-
-
-def prefetch(iterator, size=2):
-  """Runs `iterator` in a background thread, `size` items ahead (double-buffered by default).
-
-  Items should already be on the device (jax.device_put is asynchronous), so the transfer of the
-  next batch overlaps the current step.
-  """
-  buffer = queue.Queue(maxsize=size)
-  done = object()
-
-  def worker():
-    try:
-      for item in iterator:
-        buffer.put(item)
-    except BaseException as e:  # surface the worker's error in the consumer
-      buffer.put(e)
-    buffer.put(done)
-
-  threading.Thread(target=worker, daemon=True).start()
-  while (item := buffer.get()) is not done:
-    if isinstance(item, BaseException):
-      raise item
-    yield item

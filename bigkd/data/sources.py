@@ -18,18 +18,14 @@ split 1,197 train / 300 val / 300 test. The split is part of the data's definiti
 depends on the run's seed.
 """
 import functools
-import os
 import threading
 from typing import NamedTuple
 
 import numpy as np
 
-
-class DataError(ValueError):
-  """Bad data input: a missing folder, a corrupt image, an unknown split."""
-
-
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
+from bigkd.data import folders
+from bigkd.data.errors import DataError  # noqa: F401  (re-exported: bigkd.data.sources.DataError)
+from bigkd.data.records import RecordSplit
 
 
 class Split(NamedTuple):
@@ -90,7 +86,7 @@ def fit_to_canvas(image, size: int):
 
 
 def decode_to_canvas(data, size: int, what=''):
-  """`fit_to_canvas` of encoded bytes (JPEG, PNG, BMP, GIF) or of an already decoded array."""
+  """`fit_to_canvas` of encoded bytes (JPEG, PNG, BMP, GIF, WebP) or of a decoded array."""
   if not isinstance(data, (bytes, np.bytes_)):
     return fit_to_canvas(data, size)
   try:
@@ -134,33 +130,14 @@ def load_digits(split: str, base_size: int) -> Split:
 # --- Random-access sources: (encoded image or array, label) per index. ---------------------
 
 class FolderSource:
-  """Images under `root/{split}/{class}/*`; classes are the sorted folder names of the train
-  split. Files that are not images (by extension: `.DS_Store`, notes) are skipped and counted."""
+  """Images under `root/{split}/{class}/*`, chosen by `folders.scan_split` (the rule that
+  bigkd.prepare follows too); `skipped` counts the files that are no image."""
 
   def __init__(self, root: str, split: str):
-    train_dir, split_dir = os.path.join(root, 'train'), os.path.join(root, split)
-    for d in (train_dir, split_dir):
-      if not os.path.isdir(d):
-        raise DataError(f'image folder {d!r} does not exist')
-    self.class_names = sorted(c for c in os.listdir(train_dir)
-                              if os.path.isdir(os.path.join(train_dir, c)))
-    self.paths, labels, self.skipped = [], [], 0
-    for label, cls in enumerate(self.class_names):
-      cls_dir = os.path.join(split_dir, cls)
-      found = 0
-      for name in sorted(os.listdir(cls_dir)) if os.path.isdir(cls_dir) else []:
-        if name.lower().endswith(IMAGE_EXTENSIONS):
-          self.paths.append(os.path.join(cls_dir, name))
-          labels.append(label)
-          found += 1
-        else:
-          self.skipped += 1
-      # A train class without images would still get a label and a head unit, never trained.
-      if not found and split_dir == train_dir:
-        raise DataError(f'class folder {cls_dir!r} has no images ({", ".join(IMAGE_EXTENSIONS)})')
-    if not self.paths:
-      raise DataError(f'no images under {split_dir!r}')
-    self.labels = np.asarray(labels, np.int32)
+    self.class_names = folders.class_names(root)
+    found = folders.scan_split(root, split, self.class_names)
+    self.paths, self.skipped = found.paths, found.skipped
+    self.labels = np.asarray(found.labels, np.int32)
 
   def __len__(self):
     return len(self.paths)
@@ -189,9 +166,8 @@ class RecordSource:
   """ArrayRecord files written by `python -m bigkd.prepare` (`root/{split}/*.array_record`)."""
 
   def __init__(self, root: str, split: str):
-    from bigkd.data import prepare
     try:
-      self.records = prepare.RecordSplit(root, split)
+      self.records = RecordSplit(root, split)
     except (OSError, ValueError, KeyError) as e:
       raise DataError(f'prepared data {root!r} split {split!r}: {e}') from None
     self.class_names = list(self.records.class_names)
@@ -294,7 +270,7 @@ def load_split(data_cfg, split_key: str):
   source = open_source(data_cfg, split)
   if getattr(source, 'skipped', 0):
     print(f'bigkd: {split_key} {split!r}: skipped {source.skipped} files that are not images '
-          f'({", ".join(IMAGE_EXTENSIONS)})', flush=True)
+          f'({", ".join(folders.IMAGE_EXTENSIONS)})', flush=True)
   if data_cfg.device_resident:
     return in_memory(source, data_cfg.base_size)
   return StreamedSplit(source, data_cfg.base_size)
