@@ -82,7 +82,7 @@ def make_setup(teacher_dir, workdir, steps):
   config.stages.student.teachers.teacher.source = os.path.abspath(teacher_dir)
   config.stages.student.steps = steps
   config.stage_order = 'student'
-  mesh, data, (plan,) = build.prepare(config, workdir)
+  mesh, data, (plan,) = build.setup(config, workdir)
   return Setup(dataclasses.replace(plan, index=demo_index), data, mesh)
 
 
