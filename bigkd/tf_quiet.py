@@ -24,3 +24,10 @@ def import_tensorflow():
     os.close(saved)
     os.close(devnull)
   return tensorflow
+
+
+def import_tfds():
+  """The `tensorflow_datasets` module, TensorFlow imported quietly first."""
+  import_tensorflow()
+  import tensorflow_datasets
+  return tensorflow_datasets

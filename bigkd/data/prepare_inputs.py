@@ -7,6 +7,7 @@ from typing import NamedTuple, Optional
 
 from bigkd.data import folders
 from bigkd.data.errors import DataError
+from bigkd.tf_quiet import import_tfds
 
 FOLDER_SPLITS = ('train', 'val', 'test')  # --folder's default splits (those that exist)
 
@@ -60,7 +61,7 @@ def folder_plans(root: str, splits_text: str) -> tuple[list[str], list[SplitPlan
 
 
 def tfds_builder(name: str, data_dir: str):
-  import tensorflow_datasets as tfds
+  tfds = import_tfds()
   try:
     builder = tfds.builder(name, data_dir=data_dir or None)
   except Exception as e:  # noqa: BLE001  (tfds raises several types for an unknown name)
@@ -73,7 +74,7 @@ def tfds_builder(name: str, data_dir: str):
 
 def tfds_dataset(builder, name: str, data_dir: str, split: str):
   """The split's examples with the images still encoded (nothing decoded, nothing downloaded)."""
-  import tensorflow_datasets as tfds
+  tfds = import_tfds()
   try:
     return builder.as_dataset(split=split, decoders={'image': tfds.decode.SkipDecoding()},
                               shuffle_files=False)
@@ -92,7 +93,7 @@ def tfds_count(builder, split: str, dataset) -> int:
 
 def tfds_items(dataset, name: str, split: str):
   """Items with the encoded image bytes, in the dataset's order."""
-  import tensorflow_datasets as tfds
+  tfds = import_tfds()
   for i, example in enumerate(tfds.as_numpy(dataset)):
     yield Item(f'tfds:{name}:{split}:{i}', int(example['label']), bytes(example['image']))
 

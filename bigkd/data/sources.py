@@ -26,6 +26,7 @@ import numpy as np
 from bigkd.data import folders
 from bigkd.data.errors import DataError  # noqa: F401  (re-exported: bigkd.data.sources.DataError)
 from bigkd.data.records import RecordSplit
+from bigkd.tf_quiet import import_tensorflow, import_tfds
 
 
 class Split(NamedTuple):
@@ -45,7 +46,7 @@ class Split(NamedTuple):
 def _canvas_functions(size: int):
   """(fit, decode_and_fit) for canvases of side `size`, compiled once as TF graphs: a streamed
   batch calls them once per image, without eager op-by-op dispatch."""
-  import tensorflow as tf  # lazy: TF import costs seconds and only data loading needs it
+  tf = import_tensorflow()
 
   def fit(image):
     h, w = tf.shape(image)[0], tf.shape(image)[1]
@@ -120,7 +121,7 @@ def load_digits(split: str, base_size: int) -> Split:
     start += DIGITS_SPLIT_SIZES[name]
   idx = order[start:start + DIGITS_SPLIT_SIZES[split]]
   grey = (digits.images[idx] * (255.0 / 16.0)).round().astype(np.uint8)  # values 0..16
-  import tensorflow as tf
+  tf = import_tensorflow()
   images = tf.image.resize(grey[..., None], (base_size, base_size), method='bilinear')
   images = np.repeat(np.asarray(tf.round(images), np.uint8), 3, axis=-1)
   sizes = np.full((len(idx), 2), base_size, np.int32)
@@ -184,7 +185,7 @@ class TfdsSource:
   """A tfds dataset prepared in ArrayRecord format (`tfds.data_source`: random access)."""
 
   def __init__(self, name: str, split: str, data_dir: str):
-    import tensorflow_datasets as tfds
+    tfds = import_tfds()
     try:
       self.source = tfds.data_source(name, split=split, data_dir=data_dir or None,
                                      download=False)
@@ -225,7 +226,7 @@ class StreamedSplit:
 
 def load_tfds(name: str, split: str, data_dir: str, base_size: int) -> Split:
   """A tfds dataset the user already has under `data_dir` (no download), decoded into memory."""
-  import tensorflow_datasets as tfds
+  tfds = import_tfds()
   try:
     # Not as_supervised: some datasets (sun397) define no supervised keys; all have these two.
     ds = tfds.load(name, split=split, data_dir=data_dir or None, download=False,
@@ -282,7 +283,7 @@ def class_names(data_cfg, train) -> list[str]:
   if data_cfg.source == 'digits':
     return [str(d) for d in range(10)]
   if data_cfg.source == 'tfds' and isinstance(train, Split):
-    import tensorflow_datasets as tfds
+    tfds = import_tfds()
     try:
       info = tfds.builder(data_cfg.name, data_dir=data_cfg.data_dir or None).info
       return list(getattr(info.features['label'], 'names', []))
