@@ -28,9 +28,11 @@ import time
 # threads against each other (benchmarks/README.md). Read when jax loads LAPACK, after this.
 os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
 
+from bigkd.cli import config_module  # noqa: E402
 from bigkd.config import comma_list  # noqa: E402
-from bigkd.configs import study as study_configs  # noqa: E402
-from bigkd.configs.study import PARTS  # noqa: E402
+
+study_configs = config_module('study')
+PARTS = study_configs.PARTS
 
 MODE_TAGS = {'fixed_teacher': 'ft', 'independent_noise': 'in', 'consistent': 'cs',
              'function_matching': 'fm'}
@@ -66,8 +68,7 @@ def base_size(study) -> int:
 
 def trainer_config(study, seed: int):
   """The trainer's settings shared by every run: the digits demo's (batch, crops, decay)."""
-  from bigkd.configs import digits
-  c = digits.get_config()
+  c = config_module('digits').get_config()
   c.seed = seed
   c.batch_size = study.batch_size
   c.data.base_size = base_size(study)

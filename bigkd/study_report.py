@@ -194,7 +194,8 @@ def shampoo_options_part(results) -> dict:
     return {}
   runs = results['seeds']['0']['runs']
   adam = curve(results, '0', 'adam', c['optimizer']['adam_budgets'], chosen)
-  from bigkd.configs.study import SHAMPOO_VARIANTS
+  from bigkd.cli import config_module
+  SHAMPOO_VARIANTS = config_module('study').SHAMPOO_VARIANTS
   out = {}
   for variant in comma_list(c['shampoo_options']['variants']):
     options = SHAMPOO_VARIANTS.get(variant, {})

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from bigkd import study, study_report
-from bigkd.configs import study as study_configs
+from bigkd.cli import config_module
 from bigkd.study_report import budget_ratio, matched_budget
 from conftest import REPO, Job, early_job, subprocess_env
 
@@ -47,16 +47,16 @@ def test_budget_ratio_is_the_adam_budget_over_the_shampoo_budget():
 
 
 def test_study_config_variants():
-  assert study_configs.get_config().seeds == 3
-  assert study_configs.get_config('fast').parts == 'modes,patience'
+  assert config_module('study').get_config().seeds == 3
+  assert config_module('study').get_config('fast').parts == 'modes,patience'
   with pytest.raises(ValueError, match=r"unknown variant 'fats' \(known: none, fast\)"):
-    study_configs.get_config('fats')
+    config_module('study').get_config('fats')
 
 
 def test_runs_are_shared_between_parts():
   """Patience, modes and the optimizer's Adam grid name the same folder for the same run, so it
   is trained once."""
-  c = study_configs.get_config()
+  c = config_module('study').get_config()
   names = lambda part, seed=0: {r.name for r in study.part_runs(c, part, seed, {})}
   fm_1000 = study.Run('function_matching', 1000).name
   assert fm_1000 == 'fm_t16_adam_lr0.003_b1000'
@@ -113,6 +113,6 @@ def test_fast_study_guards_function_matching(fast_study):
   assert improvement > MIN_FM_IMPROVEMENT, (improvement, printed)
   for name in ('study.md', 'patience.png', 'modes.png'):
     assert os.path.getsize(os.path.join(root, name)) > 0
-  rerun = study.Study(study_configs.get_config('fast'), root, out=print)
+  rerun = study.Study(config_module('study').get_config('fast'), root, out=print)
   rerun.run(['modes', 'patience'])
   assert rerun.trained == []  # a re-run reads every finished run back, trains nothing
