@@ -53,8 +53,8 @@ SHAMPOO_OPTIONS = dict(block_size=288, precondition_every=10, start_precondition
 
 
 def load_digits_config():
-  from bigkd.configs import digits
-  return digits.get_config()
+  from bigkd.cli import config_module
+  return config_module('digits').get_config()
 
 
 def ensure_teacher(teacher_dir, workdir):

@@ -19,6 +19,7 @@ Modules follow the data flow, config -> plan -> build -> loop:
   evaluate.py     accuracy, agreement, KL on val/test
   inspect.py      the notebook API: load_run, a stage's model at any step, views of a step
   plots.py        matplotlib figures of a run;  report.py: WORKDIR/report.html
-  configs/        the bundled configs (digits demo, your own image folder, the paper's BiT runs)
   bench.py        step throughput and MFU;  cli.py: --help, --fields, one-line errors
+The bundled configs (digits demo, your own image folder, the paper's BiT runs) are in configs/
+beside this package (installed inside it, as bigkd.configs).
 """

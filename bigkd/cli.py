@@ -4,12 +4,24 @@ Exit codes: 0 success; 2 bad command line, config or input (one `bigkd: error:` 
 before any work); 3 the loss or gradients went NaN/Inf (nothing bad saved); 75 preempted by
 SIGTERM/SIGINT after a checkpoint at the current step (re-run to resume); 1 anything else.
 """
+import importlib.util
 import os
 import sys
 
 from absl import flags
 
-BUNDLED_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs')
+
+def _bundled_configs() -> str:
+  """The bundled configs: bigkd/configs/ in an installed package (pyproject.toml maps the
+  top-level configs/ there), configs/ beside bigkd/ in a checkout."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  packaged = os.path.join(here, 'configs')
+  if os.path.isfile(os.path.join(packaged, '__init__.py')):
+    return packaged
+  return os.path.join(os.path.dirname(here), 'configs')
+
+
+BUNDLED_CONFIGS = _bundled_configs()
 
 
 def fail(message: str, code: int = 2):
@@ -34,6 +46,19 @@ def bundled_config_path(value: str) -> str:
       and os.path.isfile(bundled)):
     return bundled + colon + variant
   return value
+
+
+def config_module(name: str):
+  """The bundled config `configs/NAME.py` as a module (its `get_config` and constants), loaded
+  by path: configs import the library, the library never imports configs."""
+  module_name = f'bigkd_config_{name}'
+  if module_name not in sys.modules:
+    spec = importlib.util.spec_from_file_location(module_name,
+                                                  os.path.join(BUNDLED_CONFIGS, f'{name}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[module_name] = module
+  return sys.modules[module_name]
 
 
 def with_bundled_configs(argv: list) -> list:

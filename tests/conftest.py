@@ -376,8 +376,9 @@ def install_package(root) -> str:
       [python, '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])'], text=True)
   with open(os.path.join(purelib.strip(), 'dependencies.pth'), 'w') as f:
     f.write('\n'.join(site.getsitepackages()) + '\n')
-  shutil.copytree(os.path.join(REPO, 'bigkd'), os.path.join(src, 'bigkd'),
-                  ignore=shutil.ignore_patterns('__pycache__'))
+  for folder in ('bigkd', 'configs'):
+    shutil.copytree(os.path.join(REPO, folder), os.path.join(src, folder),
+                    ignore=shutil.ignore_patterns('__pycache__'))
   for name in ('pyproject.toml', 'README.md', 'requirements.txt'):
     shutil.copy(os.path.join(REPO, name), src)
   subprocess.run([python, '-m', 'pip', 'install', '-q', '--no-deps', '--no-build-isolation',

@@ -12,11 +12,11 @@ import time
 import jax
 import pytest
 
-from bigkd import bench
+from bigkd import bench, cli
 from bigkd.plan import plan_stages
 from conftest import REPO, Job, early_job, subprocess_env
 
-CONFIG = os.path.join(REPO, 'bigkd', 'configs', 'digits.py')
+CONFIG = os.path.join(REPO, 'configs', 'digits.py')
 # The digits demo's supervised `baseline` stage (12 px, batch 64, no mixup) as a cnn_tiny.
 TINY_BASELINE = ['--config', f'{CONFIG}:fast', '--stage=baseline',
                  '--config.stages.baseline.model=cnn_tiny', '--steps=2', '--warmup=1',
@@ -119,8 +119,7 @@ def test_unknown_stage_exits_2(capsys):
 
 
 def test_default_stage_is_the_last_with_teachers():
-  import importlib
-  config = importlib.import_module('bigkd.configs.digits').get_config('fast')
+  config = cli.config_module('digits').get_config('fast')
   plans = plan_stages(config, '/nonexistent', 1197, 10)
   assert bench.pick_plan(plans, '').name == 'student'  # teacher, student, baseline
   assert bench.pick_plan(plans, 'teacher').name == 'teacher'

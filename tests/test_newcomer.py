@@ -18,8 +18,7 @@ from conftest import (JPEG_CLASSES, REPO, Job, early_job, installed_env, random_
 from bigkd import build, inspect
 from bigkd.step import logged_means
 
-BUNDLED = sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO, 'bigkd', 'configs',
-                                                                     '*.py'))
+BUNDLED = sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO, 'configs', '*.py'))
                  if not p.endswith('__init__.py'))
 
 
@@ -46,6 +45,17 @@ def test_installed_package_runs_the_demo_from_elsewhere(demo_run):
   summary = json.load(open(os.path.join(workdir, 'summary.json')))
   assert set(summary['stages']) == {'teacher', 'student', 'baseline'}
   assert f'{workdir}/report.html' in demo_run.stdout  # where the report goes, said at the end
+
+
+def test_pyproject_lists_every_package():
+  """pyproject.toml names the packages (it maps configs/ to bigkd.configs): a new folder of
+  bigkd missing there would be missing from the installed package."""
+  import tomllib
+  with open(os.path.join(REPO, 'pyproject.toml'), 'rb') as f:
+    listed = set(tomllib.load(f)['tool']['setuptools']['packages'])
+  found = {os.path.relpath(os.path.dirname(p), REPO).replace(os.sep, '.')
+           for p in glob.glob(os.path.join(REPO, 'bigkd', '**', '__init__.py'), recursive=True)}
+  assert listed == found | {'bigkd.configs'}
 
 
 def test_help_teaches_flags_an_example_and_the_fields():

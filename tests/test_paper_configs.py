@@ -16,7 +16,6 @@ batch 4 and resolutions scaled down from the config's (a teacher resolution that
 student's still differs). The `slow` tests train every other variant, and one variant at the real
 BiT depth (tiny width only).
 """
-import importlib
 import json
 import math
 import os
@@ -26,7 +25,7 @@ import sys
 import numpy as np
 import pytest
 
-from bigkd import checkpoint, plan, stages
+from bigkd import checkpoint, cli, plan, stages
 from bigkd.config import ConfigError
 from bigkd.plan import check_config, plan_stages
 from conftest import Job, early_job
@@ -113,7 +112,7 @@ SLOW_SMOKE = [key for key in EXPECTED
 
 
 def load(config_name, variant):
-  return importlib.import_module(f'bigkd.configs.{config_name}').get_config(variant)
+  return cli.config_module(config_name).get_config(variant)
 
 
 # --- Resolution: every variant, no training. -------------------------------------------------

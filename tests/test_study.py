@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from bigkd import study, study_report
-from bigkd.configs import study as study_configs
-from bigkd.study_report import budget_ratio, matched_budget
+from bigkd.cli import config_module
+from bigkd.study import analysis, command, runs
+from bigkd.study.analysis import budget_ratio, matched_budget
 from conftest import REPO, Job, early_job, subprocess_env
 
 BUDGETS = [100, 300, 1000, 3000]
@@ -43,34 +43,34 @@ def test_budget_ratio_is_the_adam_budget_over_the_shampoo_budget():
   ratio, bound = budget_ratio(BUDGETS, [0.20, 0.10, 0.05, 0.04], 100, 0.075)
   assert bound == '' and ratio == pytest.approx(5.477226, rel=1e-6)
   assert budget_ratio(BUDGETS, [0.20, 0.10, 0.05, 0.04], 1000, 0.03) == (3.0, '>')
-  assert study_report.fmt_ratio(3.0, '>') == '≥3.00×'
+  assert analysis.fmt_ratio(3.0, '>') == '≥3.00×'
 
 
 def test_study_config_variants():
-  assert study_configs.get_config().seeds == 3
-  assert study_configs.get_config('fast').parts == 'modes,patience'
+  assert config_module('study').get_config().seeds == 3
+  assert config_module('study').get_config('fast').parts == 'modes,patience'
   with pytest.raises(ValueError, match=r"unknown variant 'fats' \(known: none, fast\)"):
-    study_configs.get_config('fats')
+    config_module('study').get_config('fats')
 
 
 def test_runs_are_shared_between_parts():
   """Patience, modes and the optimizer's Adam grid name the same folder for the same run, so it
   is trained once."""
-  c = study_configs.get_config()
-  names = lambda part, seed=0: {r.name for r in study.part_runs(c, part, seed, {})}
-  fm_1000 = study.Run('function_matching', 1000).name
+  c = config_module('study').get_config()
+  names = lambda part, seed=0: {r.name for r in runs.part_runs(c, part, seed, {})}
+  fm_1000 = runs.Run('function_matching', 1000).name
   assert fm_1000 == 'fm_t16_adam_lr0.003_b1000'
   assert fm_1000 in names('modes') & names('patience') & names('optimizer') & names('resolution')
   # seeds after the grid seeds run only the chosen lr, and nothing without a choice
   assert names('optimizer', 1) == set()
   chosen = {('adam', b): 1e-2 for b in c.optimizer.adam_budgets}
-  assert {r.lr for r in study.part_runs(c, 'optimizer', 1, chosen)} == {1e-2}
+  assert {r.lr for r in runs.part_runs(c, 'optimizer', 1, chosen)} == {1e-2}
 
 
 def test_cli_refuses_unknown_parts_and_variants(capsys):
-  assert study.main(['unused', '--only', 'modes,patiense']) == 2
+  assert command.main(['unused', '--only', 'modes,patiense']) == 2
   assert 'patiense: unknown part (known: modes' in capsys.readouterr().err
-  assert study.main(['unused', '--config', 'quick']) == 2
+  assert command.main(['unused', '--config', 'quick']) == 2
   assert "unknown variant 'quick'" in capsys.readouterr().err
 
 
@@ -113,6 +113,6 @@ def test_fast_study_guards_function_matching(fast_study):
   assert improvement > MIN_FM_IMPROVEMENT, (improvement, printed)
   for name in ('study.md', 'patience.png', 'modes.png'):
     assert os.path.getsize(os.path.join(root, name)) > 0
-  rerun = study.Study(study_configs.get_config('fast'), root, out=print)
+  rerun = runs.Study(config_module('study').get_config('fast'), root, out=print)
   rerun.run(['modes', 'patience'])
   assert rerun.trained == []  # a re-run reads every finished run back, trains nothing

@@ -20,7 +20,9 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from bigkd.configs.digits_methods import CKA_PAIRS, METHODS  # noqa: E402
+from bigkd.cli import config_module  # noqa: E402
+
+CKA_PAIRS, METHODS = (getattr(config_module('digits_methods'), n) for n in ('CKA_PAIRS', 'METHODS'))
 
 # (column title, summary key, scale): accuracy and agreement in %.
 COLUMNS = (('test accuracy (%)', 'test_accuracy', 100), ('agreement (%)', 'test_agreement', 100),

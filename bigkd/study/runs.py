@@ -1,36 +1,16 @@
-"""The paper's claims in miniature: one command that runs its four experiments on the digits.
-
-  python -m bigkd.study WORKDIR [--seeds N] [--only modes,patience,resolution,optimizer]
-                                [--config default|fast]
-
-Runs, for each seed, from teachers trained once per seed (configs/study.py says what and why):
-the four teaching modes at one budget; function matching and the fixed teacher at budgets
-spaced x3 (patience); students of teachers at 12, 16 and 24 px (resolution); Adam and Shampoo at
-several budgets, each with its own schedule and its best learning rate, and the Adam budget that
-matches each Shampoo budget's final val KL (optimizer). Writes WORKDIR/study.json (every number,
-per seed), WORKDIR/study.md (the tables) and WORKDIR/*.png (the figures, `bigkd.study_report`).
-
-Every run is one stage in its own workdir, WORKDIR/seed_S/RUN (`bigkd.stages.run`): a run that
-finished is read back, not trained again, and an interrupted one resumes from its checkpoint,
-so re-running the command (with more seeds, or other parts) only computes what is missing. The
-report is always made from everything finished on disk, whichever parts this call ran.
-"""
-import argparse
+"""The study's runs: what each part runs for a seed, their trainer configs, training each run
+in its own workdir (a finished one is read back) and collecting everything finished on disk."""
 import contextlib
 import dataclasses
 import json
 import os
-import platform
-import sys
 import time
 
-# Shampoo's inverse roots call LAPACK; a multi-threaded OpenBLAS on a small, busy CPU spins its
-# threads against each other (benchmarks/README.md). Read when jax loads LAPACK, after this.
-os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
+from bigkd.cli import config_module
+from bigkd.config import comma_list
 
-from bigkd.config import comma_list  # noqa: E402
-from bigkd.configs import study as study_configs  # noqa: E402
-from bigkd.configs.study import PARTS  # noqa: E402
+study_configs = config_module('study')
+PARTS = study_configs.PARTS
 
 MODE_TAGS = {'fixed_teacher': 'ft', 'independent_noise': 'in', 'consistent': 'cs',
              'function_matching': 'fm'}
@@ -66,8 +46,7 @@ def base_size(study) -> int:
 
 def trainer_config(study, seed: int):
   """The trainer's settings shared by every run: the digits demo's (batch, crops, decay)."""
-  from bigkd.configs import digits
-  c = digits.get_config()
+  c = config_module('digits').get_config()
   c.seed = seed
   c.batch_size = study.batch_size
   c.data.base_size = base_size(study)
@@ -320,119 +299,3 @@ def collect(study, root: str) -> dict:
           runs[run.name] = run_record(run, done)
     seeds[str(seed)] = dict(teachers=teachers, runs=runs, parts=parts)
   return dict(seeds=seeds, chosen_lrs={f'{o}/{b}': lr for (o, b), lr in chosen.items()})
-
-
-def machine() -> dict:
-  import jax
-  load = os.getloadavg() if hasattr(os, 'getloadavg') else None
-  return dict(platform=platform.platform(), cpus=os.cpu_count(), python=platform.python_version(),
-              jax=jax.__version__, device=jax.devices()[0].device_kind,
-              load_average=[round(x, 2) for x in load] if load else None)
-
-
-def calls(root: str) -> list[dict]:
-  """Every call of the command on this workdir (study_calls.jsonl): when, how long, what."""
-  path = os.path.join(root, 'study_calls.jsonl')
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
-# ----------------------------------------------------------------------------- command line
-def load_study(name: str):
-  return study_configs.get_config('' if name in ('', 'default') else name)
-
-
-def parse_args(argv):
-  parser = argparse.ArgumentParser(
-      prog='python -m bigkd.study', description=__doc__.split('\n')[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter,
-      epilog='example: python -m bigkd.study runs/study   (46 min measured on 2 CPU cores shared '
-      'with other jobs; docs/study.md)')
-  parser.add_argument('workdir', help='where the runs, study.json, study.md and the PNGs go')
-  parser.add_argument('--seeds', type=int, default=0, help='seeds 0..N-1 (default: the config)')
-  parser.add_argument('--only', default='',
-                      help=f'comma-separated parts to run (known: {", ".join(PARTS)}); default: '
-                      'the config\'s (modes,patience,resolution,optimizer). The report covers '
-                      'every part finished on disk')
-  parser.add_argument('--config', default='default', help='configs/study.py variant: '
-                      'default | fast')
-  parser.add_argument('--compile_cache', default='WORKDIR/jax_cache',
-                      help="jax's persistent compilation cache ('' for none): each run compiles "
-                      'its own train step, but init, evaluation and reruns hit the cache')
-  return parser.parse_args(argv)
-
-
-def enable_compile_cache(path: str) -> None:
-  import jax
-  jax.config.update('jax_compilation_cache_dir', path)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
-  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
-
-
-def single_threaded_blas() -> None:
-  """OpenBLAS to one thread once jax has loaded LAPACK (see OPENBLAS_NUM_THREADS above), for a
-  caller that imported numpy before this module."""
-  try:
-    import jax.numpy as jnp
-    import threadpoolctl
-  except ImportError:
-    return
-  jnp.linalg.eigh(jnp.eye(2))
-  threadpoolctl.threadpool_limits(1, user_api='blas')
-
-
-def main(argv=None) -> int:
-  args = parse_args(sys.argv[1:] if argv is None else argv)
-  try:
-    study = load_study(args.config)
-  except ValueError as e:
-    print(f'bigkd.study: error: {e}', file=sys.stderr)
-    return 2
-  if args.seeds:
-    study.seeds = args.seeds
-  parts = comma_list(args.only or study.parts)
-  unknown = [p for p in parts if p not in PARTS]
-  if unknown or args.seeds < 0:
-    print(f'bigkd.study: error: --only {",".join(unknown)}: unknown part (known: '
-          f'{", ".join(PARTS)})' if unknown else 'bigkd.study: error: --seeds must be >= 1',
-          file=sys.stderr)
-    return 2
-  root = os.path.abspath(args.workdir)
-  os.makedirs(root, exist_ok=True)
-  if args.compile_cache:
-    enable_compile_cache(args.compile_cache.replace('WORKDIR', root))
-  single_threaded_blas()
-  from bigkd import study_report
-  start = time.time()
-  print(f'bigkd.study: {study.seeds} seed(s), parts {",".join(parts)} in {root}', flush=True)
-  runner = Study(study, root, out=lambda line: print(line, flush=True))
-  from bigkd import stages
-  from bigkd.checkpoint import CheckpointError
-  from bigkd.config import ConfigError
-  from bigkd.data.sources import DataError
-  try:
-    runner.run(parts)
-  except (ConfigError, CheckpointError, DataError) as e:  # e.g. a run made by another study
-    print(f'bigkd.study: error: {str(e).splitlines()[0]}', file=sys.stderr)
-    return 2
-  except stages.Preempted as e:
-    print(f'bigkd.study: preempted: {e}', file=sys.stderr)
-    return stages.PREEMPTED_EXIT_CODE
-  elapsed = time.time() - start
-  call = dict(started=time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(start)),
-              wall_s=round(elapsed, 1), parts=parts, seeds=study.seeds,
-              trained=len(runner.trained), load_average_at_end=machine()['load_average'])
-  with open(os.path.join(root, 'study_calls.jsonl'), 'a') as f:
-    f.write(json.dumps(call) + '\n')
-  results = collect(study, root)
-  results.update(config=study.to_dict(), machine=machine(),
-                 timing=study_report.timing(results, elapsed, parts, calls(root)))
-  report = study_report.write_report(results, root)
-  print(f'bigkd.study: {elapsed / 60:.1f} min; wrote {", ".join(report)}', flush=True)
-  return 0
-
-
-if __name__ == '__main__':
-  sys.exit(main())

@@ -1,1 +1,0 @@
-"""The bundled configs (`--config configs/NAME.py[:variant]` finds them from any directory)."""
