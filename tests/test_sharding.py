@@ -14,8 +14,8 @@ import pytest
 from bigkd import checkpoint
 from bigkd.config import ConfigError
 from bigkd.models import get_model
-from bigkd.plan import check_config, mesh_shape
-from bigkd.sharding import gather_rows, make_mesh, param_spec, put_rows_sharded
+from bigkd.plan import check_config
+from bigkd.sharding import gather_rows, make_mesh, mesh_shape, param_spec, put_rows_sharded
 from bigkd.step import Objective, StepSpec, Teacher, TrainState, make_train_step, summed_metrics
 from conftest import (Job, assert_same_run, early_job, random_params, start_runs,
                       started, tiny_config)

@@ -182,8 +182,8 @@ def train(config, workdir: str, stage: str) -> tuple[dict, bool]:
   trainer's own output goes to WORKDIR/train.log; a run that goes non-finite is recorded as
   diverged (a learning rate too high for its optimiser), not retried."""
   from bigkd import stages
-  from bigkd.plan import check_workdir_config
-  check_workdir_config(config, workdir)
+  from bigkd import workdir as workdir_guard
+  workdir_guard.check_config(config, workdir)
   done = finished(workdir, stage)
   if done is not None:
     return done, False
