@@ -15,7 +15,7 @@ import functools
 import flax.linen as nn
 import jax.numpy as jnp
 
-from bigkd.models import register
+from bigkd.models.registry import register
 
 
 def _norm(channels: int, dtype) -> nn.Module:
