@@ -15,6 +15,15 @@ class ConfigError(ValueError):
   """A bad config or input, reported as one line and exit code 2."""
 
 
+# Fields that may differ from a workdir's config.json on a re-run (`bigkd.workdir`): they change
+# how a run is watched, saved or laid out, never what it computes (N devices = 1 device is
+# tested; the data may move). A prefix ('mesh') covers every field under it. `--fields` marks
+# them; anything else needs config.allowed_changes.
+SAFE_TO_CHANGE = ('log_every', 'log_views', 'eval_every', 'checkpoint_every',
+                  'keep_checkpoints', 'eval_batch_size', 'data.data_dir', 'data.reader_threads',
+                  'mesh', 'allowed_changes')
+
+
 SHAMPOO = 'SHAMPOO'  # stands for `optim.shampoo.default_shampoo_options()` in RUN_FIELDS
 
 # (field, default, meaning): the run's fields, a stage's and a stage's teacher's.
@@ -94,10 +103,8 @@ RUN_FIELDS = (
     ('stage_order', '', 'comma-separated stage names, run in this order'),
     ('allowed_changes', '',
      "comma-separated fields (or prefixes: 'optimizer') that may differ from the workdir's "
-     'config.json on a re-run. Without it only log_every, log_views, eval_every, '
-     'checkpoint_every, keep_checkpoints, eval_batch_size, data.data_dir, data.reader_threads '
-     "and mesh.* may (bigkd.workdir.SAFE_TO_CHANGE); a started stage's model and a finished "
-     "stage's steps never change, even when listed (use a new workdir)"),
+     "config.json on a re-run, besides those marked [safe to change]; a started stage's "
+     "model and a finished stage's steps never change, even when listed (use a new workdir)"),
 )
 
 STAGE_FIELDS = (
@@ -304,5 +311,7 @@ def describe_fields(config: ConfigDict) -> str:
     shown = f'{path} = {value!r}' + ('' if default in (value, MISSING) else
                                      f'  (default {default!r})')
     doc = field_doc(path, docs)
+    if any(path == n or path.startswith(n + '.') for n in SAFE_TO_CHANGE):
+      doc = f'[safe to change] {doc}'
     lines.append(f'{shown:<58} {("# " + doc) if doc else ""}'.rstrip())
   return '\n'.join(lines)

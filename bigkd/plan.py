@@ -155,6 +155,15 @@ def _check_pair(where, key, value):
   _need(ok, f'{where}: augment.{key}={value!r} must be a (min, max) pair of numbers')
 
 
+def stage_groups(config, name) -> tuple[dict, dict]:
+  """(optimizer, augment) of stage `name`: the run's groups with the stage's overrides, which
+  may only name existing fields (tuples as tuples, whatever JSON made of them)."""
+  stage, where = config.stages[name], f'stages.{name}'
+  opt = merged(config.optimizer, stage.optimizer, f'{where}.optimizer')
+  aug = merged(config.augment, stage.augment, f'{where}.augment')
+  return opt, {k: tuple(v) if isinstance(v, list) else v for k, v in aug.items()}
+
+
 def _check_stage(config, name, earlier, num_devices):
   stage, where, base_size = config.stages[name], f'stages.{name}', config.data.base_size
   _need(stage.model in model_names(), f'{where}.model={stage.model!r}: unknown model')
@@ -179,8 +188,7 @@ def _check_stage(config, name, earlier, num_devices):
         f'{where}.ensemble={stage.ensemble!r}: one of {ENSEMBLE_MODES}')
   _need(stage.temperature > 0, f'{where}.temperature must be positive')
   _need(0.0 <= stage.label_weight <= 1.0, f'{where}.label_weight must be in [0, 1]')
-  opt = merged(config.optimizer, stage.optimizer, f'{where}.optimizer')
-  aug = merged(config.augment, stage.augment, f'{where}.augment')
+  opt, aug = stage_groups(config, name)
   _need(aug['crop_sampler'] in CROP_SAMPLERS,
         f'{where}: augment.crop_sampler={aug["crop_sampler"]!r}: one of {", ".join(CROP_SAMPLERS)}')
   _need(aug['crop_attempts'] > 0, f'{where}: augment.crop_attempts must be positive')
@@ -407,11 +415,9 @@ def plan_stages(config, workdir: str, num_train_examples: int, num_classes: int,
           f'stages.{name}: batch size x examples >= 2^31; use data.device_resident=False')
     steps_per_epoch = num_train_examples / batch
     steps = round(stage.epochs * steps_per_epoch) if stage.epochs > 0 else stage.steps
-    opt = merged(config.optimizer, stage.optimizer, f'stages.{name}.optimizer')
+    opt, aug = stage_groups(config, name)
     warmup = (round(opt['warmup_epochs'] * steps_per_epoch) if opt['warmup_epochs'] > 0
               else opt['warmup_steps'])
-    aug = merged(config.augment, stage.augment, f'stages.{name}.augment')
-    aug = {k: tuple(v) if isinstance(v, list) else v for k, v in aug.items()}
     teachers = _teacher_plans(name, stage, workdir, plans, config.data.base_size)
     plans[name] = StagePlan(
         name=name, index=index, seed=config.seed, model=stage.model,

@@ -9,15 +9,9 @@ import json
 import os
 import time
 
-from bigkd.config import ConfigError, comma_list, flatten
+from bigkd.config import SAFE_TO_CHANGE, ConfigError, comma_list, flatten
 from bigkd.checkpoint import read_stage_info
 
-# Fields that may differ from the workdir's config.json: they change how a run is watched, saved
-# or laid out, never what it computes (N devices = 1 device is tested; the data may move). A
-# prefix ('mesh') covers every field under it. Anything else needs config.allowed_changes.
-SAFE_TO_CHANGE = ('log_every', 'log_views', 'eval_every', 'checkpoint_every',
-                  'keep_checkpoints', 'eval_batch_size', 'data.data_dir', 'data.reader_threads',
-                  'mesh', 'allowed_changes')
 ABSENT = '(absent)'
 
 

@@ -75,15 +75,6 @@ def test_a_run_caught_mid_write_is_read_as_it_was(demo_run, tmp_path):
   assert os.path.isdir(tmp)
 
 
-def test_metrics_accept_the_old_kl_name(tmp_path):
-  path = tmp_path / 'metrics.jsonl'
-  path.write_text('{"step": 1, "loss": 2.0, "kl": 0.5}\n{"step": 2, "loss": 1.0, "kl": 0.25}\n')
-  frame = inspect.read_metrics(str(path))
-  assert frame['kl_T1'].tolist() == [0.5, 0.25] and 'kl' not in frame
-  path.write_text('{"step": 1, "loss": 2.0, "kl_T1": 0.5}\n')
-  assert inspect.read_metrics(str(path))['kl_T1'].tolist() == [0.5]
-
-
 def test_a_stage_predicts_and_evaluates_like_the_run(run):
   """At the final step, `evaluate` gives back summary.json's numbers and `predict` (the same
   evaluation view, batched and padded) its accuracy; an earlier step has other parameters."""
