@@ -1,43 +1,15 @@
-"""Shared pieces of the configs reproducing Beyer et al. 2022, "Knowledge distillation: A good
-teacher is patient and consistent" (arXiv:2106.05237): BiT-M-R152x2 teachers distilled into a
-BiT-R50x1 student by function matching.
+"""Shared pieces of the configs reproducing Beyer et al. 2022 (arXiv:2106.05237): BiT-M-R152x2
+teachers distilled into a BiT-R50x1 student by function matching.
 
-Where the numbers come from. The paper (Sec. 3) fixes the recipe: Adam with default betas, cosine
-learning-rate decay after a linear warmup, global-norm gradient clipping at 1.0, batch 512 (4096
-on ImageNet), inception crops with flips, mixup (function matching), KL loss. The per-dataset
-learning rate, weight decay, temperature and epochs are the settings the authors released with
-the paper (big_vision `configs/proj/distill/*.py`, which state they are the recommended settings
-of the paper's Fig. 3 / Tab. 4, best on a 10% minival), as are the warmup lengths (1500 steps;
-5000 on ImageNet), Adam's bfloat16 first moment, the mixup Beta(1, 1) with one weight per batch,
-the train/val/test splits and the teacher checkpoints (`R152x2_T_*.npz`).
-
-Weight decay. The released configs use big_vision's decoupled weight decay, whose per-step decay
-is `wd · schedule(t)` with the schedule normalised to 1 at its peak: it is NOT multiplied by the
-base learning rate. The configs store the paper's value as is, `optimizer.weight_decay = wd`,
-with `optimizer.weight_decay_scaled_by_lr = False`; bigkd.optim converts it for its optimisers
-(optax.adamw's `lr(t) · weight_decay`) from the lr actually used, so overriding `optimizer.lr`
-keeps the paper's decay.
-
-Variant strings (the part after ':' in `--config configs/bit_x.py:VARIANT`):
-  configs/bit_imagenet.py:  [PRESET][,epochs=N][,init[=PATH.npz]]
-  configs/bit_transfer.py:  DATASET[,BUDGET][,epochs=N][,init[=PATH.npz]]
-PRESET picks the ImageNet experiment, DATASET the transfer dataset and BUDGET its released
-settings (see each config file); `epochs=N` replaces the training length; `init` starts the
-student from a pretrained BiT-R50x1 .npz (the paper's comparison with a transfer-initialised
-student) instead of random weights. Its head is re-initialised (zeros) for the dataset's class
-count when loaded (bigkd.checkpoint.load_params(..., new_head_classes=...)), so the public
-21,843-class BiT-M-R50x1.npz can be given as is. A bare `init` uses a placeholder path that the
-trainer rejects until you override `--config.stages.student.init=/path/to/file.npz`. A wrong
-name or option is a ValueError naming the allowed ones (the trainer exits with code 2).
-
-Teacher and init paths default to placeholders under `/path/to/bit_models/`, which fail with the
-trainer's "checkpoint file ... does not exist" error; set the real ones with overrides, e.g.
-  --config.stages.student.teachers.teacher.source=/data/bit/R152x2_T_384.npz
-
-These configs start from teachers already fine-tuned on their dataset (the paper's released
-files). For your own images there is no such file: `configs/folder.py:bit` fine-tunes the public
-BiT-M-R152x2.npz on them first (a supervised stage whose `init` is the .npz, re-headed for your
-classes) and then distils it into BiT-R50x1 with this recipe (README: "Your own images").
+The paper (Sec. 3) fixes the recipe: Adam, cosine decay after a linear warmup, clipping at 1.0,
+batch 512 (4096 on ImageNet), inception crops, flips, mixup, KL. Per-dataset learning rates,
+weight decays, temperatures, epochs and warmups are those released with the paper (big_vision
+`configs/proj/distill/*.py`). Their weight decay is big_vision's, `wd · schedule(t)`, not scaled
+by the base learning rate: the configs keep `weight_decay = wd` with
+`weight_decay_scaled_by_lr = False`, so overriding `optimizer.lr` keeps the paper's decay.
+Variant strings (`[PRESET|DATASET][,BUDGET][,epochs=N][,init[=PATH.npz]]`) are parsed here; each
+config's docstring lists its own. Teacher and init paths are placeholders that the trainer
+refuses until overridden (e.g. `--config.stages.student.teachers.teacher.source=/data/x.npz`).
 """
 import math
 
