@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bigkd import inspect, plots
+from bigkd import inspect, plots, views
 from bigkd import step as step_module
 from bigkd.data import augment
 from bigkd.data.sampling import step_batch_indices
@@ -170,12 +170,12 @@ def test_teaching_mode_views(run):
   np.testing.assert_allclose(teacher, whole, atol=1e-5)
   np.testing.assert_allclose(modes['consistent'][0], student, atol=1e-6)
   assert not np.allclose(modes['independent_noise'][1], modes['consistent'][1])
-  grid = plots.views_grid_image(spec, v.images, v.sizes, v.labels, 3, examples=4, cell=32)
-  cell, gap, pair_gap = 32, plots.GAP, plots.PAIR_GAP
+  grid = views.views_grid_image(spec, v.images, v.sizes, v.labels, 3, examples=4, cell=32)
+  cell, gap, pair_gap = 32, views.GAP, views.PAIR_GAP
   assert grid.dtype == np.uint8 and grid.shape == (4 * cell + 3 * pair_gap,
                                                    4 * (2 * cell + gap) + 3 * pair_gap, 3)
   np.testing.assert_array_equal(grid[:cell, cell + gap:2 * cell + gap],
-                                plots._cell(student[0], cell))
+                                views._cell(student[0], cell))
 
 
 # --- Figures, on inputs whose answers are known. ---------------------------------------------
