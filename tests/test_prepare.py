@@ -14,7 +14,7 @@ import tensorflow as tf
 from PIL import Image
 
 from bigkd.data import prepare
-from conftest import run_main
+from support import run_main
 
 CLASSES = ('cat', 'dog', 'emu')
 # (file name, width, height, mode): JPEGs and PNGs, landscape, portrait, square, one grey.
