@@ -5,7 +5,6 @@ import json
 import math
 import os
 import re
-import subprocess
 import sys
 import time
 
@@ -14,7 +13,7 @@ import pytest
 
 from bigkd import bench, cli
 from bigkd.plan import plan_stages
-from conftest import REPO, Job, early_job, subprocess_env
+from support import REPO, finish, start
 
 CONFIG = os.path.join(REPO, 'configs', 'digits.py')
 # The digits demo's supervised `baseline` stage (12 px, batch 64, no mixup) as a cnn_tiny.
@@ -89,21 +88,13 @@ def test_bench_json_and_report_hold_the_measured_step(tmp_path, capsys, monkeypa
     assert_printed(text, value)
 
 
-def start_two_device_bench(folder):
-  return Job(folder, subprocess.Popen(
-      [sys.executable, '-m', 'bigkd.bench', *TINY_BASELINE, '--config.grad_accum_steps=2',
-       f'--json={os.path.join(folder, "bench.json")}'], cwd=REPO,
-      env=subprocess_env(devices=2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-
-
-two_device_bench = early_job('two_device_bench', start_two_device_bench)
-
-
-def test_flops_per_image_do_not_depend_on_devices_or_accumulation(two_device_bench):
+@pytest.mark.integration
+def test_flops_per_image_do_not_depend_on_devices_or_accumulation(tmp_path):
   """On 2 devices XLA's cost analysis counts one device's share of the batch, and a scan (the
   microbatches of gradient accumulation) once: the count per image must undo both."""
-  two_device_bench.outputs()
-  with open(os.path.join(two_device_bench.folder, 'bench.json')) as f:
+  finish(start([sys.executable, '-m', 'bigkd.bench', *TINY_BASELINE, '--config.grad_accum_steps=2',
+                f'--json={tmp_path / "bench.json"}'], devices=2))
+  with open(tmp_path / 'bench.json') as f:
     r = json.load(f)
   assert (r['devices'], r['mesh'], r['grad_accum_steps']) == (2, {'data': 2, 'fsdp': 1}, 2)
   assert r['flops_per_image'] == pytest.approx(cnn_tiny_train_flops(12), rel=0.25)

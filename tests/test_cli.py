@@ -7,7 +7,7 @@ import pytest
 
 from bigkd.config import ConfigError
 from bigkd.plan import check_config
-from conftest import run_cli, run_main, tiny_config
+from support import run_cli, run_main, tiny_config
 
 DIGITS = ['--config', 'configs/digits.py:fast']
 
@@ -105,7 +105,7 @@ def snapshot(root):
 
 def empty_class_folder(tmp_path, monkeypatch):
   """A JPEG folder whose train/cross holds no image (only a stray note)."""
-  from conftest import write_jpeg_folder
+  from support import write_jpeg_folder
   root = write_jpeg_folder(str(tmp_path / 'jpegs'), per_class={'train': 2, 'val': 1, 'test': 1})
   for name in os.listdir(tmp_path / 'jpegs' / 'train' / 'cross'):
     os.remove(tmp_path / 'jpegs' / 'train' / 'cross' / name)

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, read_metrics, run_cli, signal_when
+from support import REPO, read_metrics, run_cli, signal_when
 
 ARGS = ['--config', 'configs/digits.py:fast', '--config.stage_order=teacher',
         '--config.stages.teacher.model=cnn_small', '--config.stages.teacher.resolution=12',
@@ -17,6 +17,7 @@ ARGS = ['--config', 'configs/digits.py:fast', '--config.stage_order=teacher',
         '--config.stages.teacher.steps=240', '--config.checkpoint_every=40']
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize('data', ['resident', 'streamed'])
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, data, request):
   args = ARGS

@@ -7,7 +7,7 @@ import pytest
 
 from bigkd import stages
 from bigkd.config import stage_config
-from conftest import tiny_config
+from support import tiny_config
 
 
 def read_metrics(stage_dir):

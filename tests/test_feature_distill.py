@@ -15,7 +15,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 
 import jax
@@ -25,8 +24,7 @@ import pytest
 from bigkd import checkpoint, inspect, report, stages
 from bigkd.config import ConfigError, stage_config
 from bigkd.plan import check_config, plan_stages
-from conftest import REPO, final_params, finish, random_stage, read_metrics, subprocess_env, \
-    tiny_config
+from support import final_params, finish, random_stage, read_metrics, start, tiny_config
 
 STEPS, LOG_EVERY = 60, 20
 SPATIAL = (('student.stage1', 'teacher.stage1'),)
@@ -63,9 +61,7 @@ class MethodRuns:
 
   def __init__(self, teacher_dir, root):
     self.teacher_dir, self.one, self.eight = teacher_dir, root / 'one', root / 'eight'
-    self._proc = subprocess.Popen([sys.executable, '-c', RUNNER, teacher_dir, str(self.eight)],
-                                  cwd=REPO, env=subprocess_env(8), stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)
+    self._proc = start([sys.executable, '-c', RUNNER, teacher_dir, str(self.eight)], devices=8)
     try:
       self.summary = stages.run(methods_config(teacher_dir), str(self.one))['stages']
     except BaseException:
@@ -73,9 +69,7 @@ class MethodRuns:
       raise
 
   def eight_devices(self):
-    if self._proc is not None:
-      finish(self._proc)
-      self._proc = None
+    finish(self._proc)
     return self.eight
 
 
@@ -86,6 +80,7 @@ def runs(trained_teacher, tmp_path_factory):
   runs.eight_devices()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize('method', METHODS)
 def test_each_method_trains_end_to_end(runs, method):
   log = read_metrics(runs.one / 'student')
@@ -98,6 +93,7 @@ def test_each_method_trains_end_to_end(runs, method):
                                       rel=1e-6)
 
 
+@pytest.mark.integration
 def test_student_learns_the_teacher_and_cka_is_reported(runs):
   log, summary = read_metrics(runs.one / 'student'), runs.summary['student']
   assert log[-1]['kl_T1'] < 0.9 * log[0]['kl_T1'] and summary['test_agreement'] > 0.4, summary
@@ -124,6 +120,7 @@ def saved_adapters(stage_dir, step=None):
   return meta, jax.device_get(restored)
 
 
+@pytest.mark.integration
 def test_adapter_is_saved_apart_exported_never_and_resumes_bitwise(runs, tmp_path, capsys):
   stage_dir = runs.one / 'student'
   meta, adapters = saved_adapters(stage_dir)
@@ -228,6 +225,7 @@ def test_plan_holds_plain_values_and_adapters_only_where_shapes_differ(random_te
   assert (default.loss_terms, default.feature_pairs, default.cka_pairs) == ((('kl', 1.0),), (), ())
 
 
+@pytest.mark.integration
 def test_eight_devices_give_the_same_metrics(runs):  # after the others: they overlap its run
   """Every method, every logged metric and the final evaluation (CKA included): 8 CPU devices
   (the batch and the relation losses' Gram matrices split over them) as 1."""

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import random_params
+from support import random_params
 from bigkd.models import bit, cifar, feature_shapes, features, get_model, model_names, param_shapes
 
 CLASSES = 5

@@ -7,8 +7,10 @@ once, and their sharded checkpoint (each process writing its own shards) restore
 import os
 import socket
 
-from conftest import (DISTILL_STEPS, Job, assert_same_run, early_job, read_metrics, start_runs,
-                      started, streamed_overrides)
+import pytest
+
+from support import DISTILL_STEPS, assert_same_run, finish, read_metrics, start_runs, \
+    streamed_overrides
 
 
 def free_port():
@@ -20,25 +22,20 @@ def free_port():
 RESIDENT = {'data.shard_resident': True, 'mesh.data': 1, 'mesh.fsdp': 4}
 
 
-def start_multihost_runs(folder):
-  """Two processes (2 devices each) run the resident and the streamed config of the reference
-  runs."""
-  reference = started('reference_run')
-  runs = [(f'{folder}/two_resident', RESIDENT),
-          (f'{folder}/two_streamed', streamed_overrides(reference.jpegs))]
+@pytest.mark.integration
+def test_two_processes_equal_one(reference_run, tmp_path):
+  # Two processes (2 devices each) run the resident and the streamed config of the reference runs.
+  two_resident, two_streamed = f'{tmp_path}/two_resident', f'{tmp_path}/two_streamed'
+  runs = [(two_resident, RESIDENT), (two_streamed, streamed_overrides(reference_run.jpegs))]
   address = f'127.0.0.1:{free_port()}'
-  return Job(folder, *(start_runs(reference.teacher, runs, 2, dict(
-      coordinator_address=address, num_processes=2, process_id=i)) for i in range(2)))
-
-
-multihost_runs = early_job('multihost_runs', start_multihost_runs)
-
-
-def test_two_processes_equal_one(reference_run, multihost_runs):
-  out0, out1 = multihost_runs.outputs()
-  (out_one,) = reference_run.outputs()  # both 1-device runs
-  two_resident, two_streamed = (f'{multihost_runs.folder}/{name}'
-                                for name in ('two_resident', 'two_streamed'))
+  procs = [start_runs(reference_run.teacher, runs, 2, dict(
+      coordinator_address=address, num_processes=2, process_id=i)) for i in range(2)]
+  try:
+    out0, out1 = (finish(p) for p in procs)
+  finally:
+    for p in procs:  # the other one, when one failed
+      p.kill()
+  out_one = reference_run.stdout  # both 1-device runs
   stage_dir = os.path.join(two_resident, 'student')
   assert_same_run(reference_run.stage_dir(), stage_dir, 'two processes')  # restored in 1 process
   assert [m['step'] for m in read_metrics(stage_dir)] == [3, 6]  # logged once, by process 0

@@ -12,8 +12,8 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import (JPEG_CLASSES, REPO, Job, early_job, installed_env, random_params, run_cli,
-                      run_main, subprocess_env, tiny_config, write_jpeg_folder)
+from support import (JPEG_CLASSES, REPO, finish, installed_env, random_params, run_cli, run_main,
+                     start, tiny_config, write_jpeg_folder)
 
 from bigkd import build, inspect
 from bigkd.step import logged_means
@@ -124,11 +124,14 @@ def test_own_folder_with_junk_files_small_split_and_class_names(tmp_path):
   assert not os.path.exists(tmp_path / 'w2')
 
 
-def start_bit_recipe(folder):
+@pytest.mark.integration
+def test_bit_recipe_fine_tunes_a_21k_head_npz_then_distils(tmp_path):
   """configs/folder.py:bit, the README's own-data recipe, with bit_tiny standing in for
-  BiT-M-R152x2 (and cnn_tiny for BiT-R50x1, to keep the test short), in a subprocess started
-  with the session: the teacher stage starts from an .npz with a 21,843-class head."""
+  BiT-M-R152x2 (and cnn_tiny for BiT-R50x1, to keep the test short), in a subprocess: the
+  teacher stage starts from an .npz with a 21,843-class head. The teacher is re-headed for the
+  folder's 3 classes, its body starts from the .npz, and the student is distilled from it."""
   from bigkd.models import bit
+  folder = str(tmp_path)
   root = write_jpeg_folder(os.path.join(folder, 'images'))
   npz = os.path.join(folder, 'BiT-M-tiny.npz')
   bit.save_npz(random_params('bit_tiny', 16, num_classes=21843), npz)
@@ -139,28 +142,17 @@ def start_bit_recipe(folder):
           '--config.stages.teacher.steps=3', '--config.stages.teacher.optimizer.warmup_steps=1',
           '--config.stages.student.model=cnn_tiny', '--config.stages.student.resolution=12',
           '--config.stages.student.steps=3', '--config.stages.student.optimizer.warmup_steps=1']
-  return Job(folder, subprocess.Popen([sys.executable, '-m', 'bigkd.train', *args], cwd=REPO,
-                                      env=subprocess_env(1), stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-
-
-bit_recipe = early_job('bit_recipe', start_bit_recipe)
-
-
-def test_bit_recipe_fine_tunes_a_21k_head_npz_then_distils(bit_recipe):
-  """The teacher is re-headed for the folder's 3 classes, its body starts from the .npz, and the
-  student is distilled from it."""
-  bit_recipe.outputs()
-  with np.load(os.path.join(bit_recipe.folder, 'BiT-M-tiny.npz')) as f:
-    start = f['resnet/root_block/standardized_conv2d/kernel']
-  workdir = os.path.join(bit_recipe.folder, 'w')
+  finish(start([sys.executable, '-m', 'bigkd.train', *args]))
+  with np.load(npz) as f:
+    start_stem = f['resnet/root_block/standardized_conv2d/kernel']
+  workdir = os.path.join(folder, 'w')
   run = inspect.load_run(workdir)
   teacher = run.stage('teacher', step=run.checkpoints['teacher'][0])
   head = teacher.params['head']['conv2d']['kernel']
   assert head.shape[-1] == 3 and teacher.class_names == list(JPEG_CLASSES)
   # The body came from the .npz: after 3 small SGD steps the stem is still close to it.
   stem = np.asarray(teacher.params['root_block']['standardized_conv2d']['kernel'])
-  assert np.abs(stem - start).max() < 0.05 * np.abs(start).max()
+  assert np.abs(stem - start_stem).max() < 0.05 * np.abs(start_stem).max()
   assert {'test_agreement', 'test_kl'} <= set(run.summary['stages']['student'])
   assert run.config['stages']['student']['teachers']['teacher']['source'] == 'teacher'
 

@@ -28,7 +28,7 @@ import pytest
 from bigkd import checkpoint, cli, plan, stages
 from bigkd.config import ConfigError
 from bigkd.plan import check_config, plan_stages
-from conftest import Job, early_job
+from support import finish
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEACHER, STUDENT = 'bit_r152x2', 'bit_r50x1'
@@ -343,14 +343,10 @@ def start_smoke(root, runs, model_kwargs):
                           text=True)
 
 
-def smoke_results_of(job, timeout):
-  job.outputs(timeout)
-  with open(os.path.join(job.folder, 'results.json')) as f:
-    return json.load(f)
-
-
 def run_smoke(root, runs, model_kwargs, timeout):
-  return smoke_results_of(Job(root, start_smoke(root, runs, model_kwargs)), timeout)
+  finish(start_smoke(root, runs, model_kwargs), timeout)
+  with open(os.path.join(root, 'results.json')) as f:
+    return json.load(f)
 
 
 def check_two_steps(result, model_kwargs):
@@ -367,14 +363,12 @@ def check_two_steps(result, model_kwargs):
     assert math.isfinite(m['loss']) and m['kl_T1'] > 0 and math.isfinite(m['grad_norm']), m
 
 
-smoke_job = early_job('smoke_job', lambda folder: Job(folder, start_smoke(folder, SMOKE, TINY_BIT)))
-
-
 @pytest.fixture(scope='module')
-def smoke_results(smoke_job):
-  return smoke_results_of(smoke_job, timeout=600)
+def smoke_results(tmp_path_factory):
+  return run_smoke(str(tmp_path_factory.mktemp('smoke')), SMOKE, TINY_BIT, timeout=600)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize('config_name, variant', SMOKE, ids=ids(SMOKE))
 def test_two_steps_on_mock_data(smoke_results, config_name, variant):
   result = smoke_results[f'{config_name}:{variant}']

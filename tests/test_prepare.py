@@ -15,7 +15,7 @@ from PIL import Image
 
 from bigkd.data.jpeg import to_jpeg
 from bigkd.data.records import RECORD_VERSION, RecordSplit, decode_record, encode_record
-from conftest import run_main
+from support import run_main
 
 CLASSES = ('cat', 'dog', 'emu')
 # (file name, width, height, mode): JPEGs and PNGs, landscape, portrait, square, one grey.

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, run_main
+from support import REPO, run_main
 
 CHROMIUM = '/usr/bin/chromium'
 NOTEBOOK = os.path.join(REPO, 'notebooks', 'inspect_run.ipynb')

@@ -15,11 +15,10 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, final_params, read_metrics, run_cli, signal_when, tiny_config
+from support import REPO, final_params, read_metrics, run_cli, signal_when, tiny_config
 
 # cnn_small at 12 px on the digits (fast compile); one stage, 30 steps, checkpoints at 10, 20, 30.
 ARGS = ['--config', 'configs/digits.py:fast', '--config.stage_order=teacher',
@@ -49,6 +48,7 @@ def bigkd_lines(text):
 
 # --- Preemption ------------------------------------------------------------------------------
 
+@pytest.mark.integration
 def test_sigterm_saves_at_the_current_step_and_a_rerun_resumes_bitwise(tmp_path):
   args = [*ARGS, '--config.stages.teacher.steps=200', '--config.checkpoint_every=1000']
   workdir = tmp_path / 'preempted'

@@ -1,7 +1,5 @@
 """Tests of bigkd.optim.shampoo: roots, layout, grafting, failure fallback, checkpoints, sharding,
 convergence on an ill-conditioned Kronecker-structured quadratic, and the conv-aware Muon."""
-import os
-import subprocess
 import sys
 import textwrap
 
@@ -14,7 +12,7 @@ import pytest
 
 from bigkd.optim.shampoo import (default_shampoo_options, from_blocks, inverse_pth_root,
                                  make_layout, merge_dims, muon, shampoo, to_blocks)
-from conftest import REPO, Job, early_job, subprocess_env
+from support import finish, start
 
 
 def rotated_spd(rng, n, cond):
@@ -218,17 +216,9 @@ SHARDED = textwrap.dedent('''
 ''')
 
 
-def start_sharded_update(folder):
-  return Job(folder, subprocess.Popen([sys.executable, '-c', SHARDED], cwd=REPO,
-                                      env=subprocess_env(8), stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-
-
-sharded_update = early_job('sharded_update', start_sharded_update)  # a subprocess: 8 devices
-
-
-def test_update_under_jit_on_sharded_8_device_mesh(sharded_update):
-  (out,) = sharded_update.outputs()
+@pytest.mark.integration
+def test_update_under_jit_on_sharded_8_device_mesh():
+  out = finish(start([sys.executable, '-c', SHARDED], devices=8))  # a subprocess: 8 devices
   line = [l for l in out.splitlines() if l.startswith('SHARDED_OK')][-1]
   _, devices, diff = line.split()
   assert int(devices) == 8 and float(diff) < 1e-5, line

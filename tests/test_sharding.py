@@ -17,8 +17,7 @@ from bigkd.models import get_model
 from bigkd.plan import check_config
 from bigkd.sharding import gather_rows, make_mesh, mesh_shape, param_spec, put_rows_sharded
 from bigkd.step import Objective, StepSpec, Teacher, TrainState, make_train_step, summed_metrics
-from conftest import (Job, assert_same_run, early_job, random_params, start_runs,
-                      started, tiny_config)
+from support import assert_same_run, finish, random_params, start_runs, tiny_config
 
 
 def saved_specs(stage_dir, item):
@@ -101,19 +100,12 @@ MESHES = {'8x1': {'mesh.data': 8, 'mesh.fsdp': 1},
                   'data.shard_resident': True}}
 
 
-def start_mesh_runs(folder):
-  teacher = started('reference_run').teacher
-  runs = [(f'{folder}/{name}', overrides) for name, overrides in MESHES.items()]
-  return Job(folder, start_runs(teacher, runs, 8))
-
-
-mesh_runs = early_job('mesh_runs', start_mesh_runs)
-
-
-def test_meshes_give_the_run_of_one_device(reference_run, mesh_runs):
-  (log,) = mesh_runs.outputs()
+@pytest.mark.integration
+def test_meshes_give_the_run_of_one_device(reference_run, tmp_path):
+  runs = [(f'{tmp_path}/{name}', overrides) for name, overrides in MESHES.items()]
+  log = finish(start_runs(reference_run.teacher, runs, 8))
   for name, overrides in MESHES.items():
-    stage_dir = f'{mesh_runs.folder}/{name}/student'
+    stage_dir = f'{tmp_path}/{name}/student'
     assert_same_run(reference_run.stage_dir(), stage_dir, name)
     fsdp = 8 // overrides['mesh.data'] if overrides['mesh.data'] > 0 else overrides['mesh.fsdp']
     params, opt = saved_specs(stage_dir, 'params'), saved_specs(stage_dir, 'opt_state')

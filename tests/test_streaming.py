@@ -6,7 +6,7 @@ import pytest
 
 from bigkd import stages
 from bigkd.data import augment, sources
-from conftest import folder_config, read_metrics, run_cli, write_jpeg_folder
+from support import folder_config, read_metrics, run_cli, write_jpeg_folder
 
 
 def test_trains_streamed_from_a_jpeg_folder(tmp_path, jpeg_folder):
@@ -84,7 +84,7 @@ def test_eval_view_is_resize_small_then_central_crop():
 def test_prepared_records_train_exactly_like_the_folder(tmp_path, jpeg_folder):
   """bigkd.prepare stores the JPEGs byte for byte: streaming its ArrayRecord files gives the
   very batches, and so the very run, of streaming the folder."""
-  from conftest import run_main
+  from support import run_main
   out = str(tmp_path / 'records')
   result = run_main('bigkd.prepare', ['--folder', jpeg_folder, '--out', out, '--workers', '1'])
   assert result.returncode == 0, result.stderr[-3000:]

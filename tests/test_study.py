@@ -3,7 +3,6 @@ variant: function matching against the fixed teacher at two budgets, one seed)."
 import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
@@ -11,7 +10,7 @@ import pytest
 from bigkd.cli import config_module
 from bigkd.study import analysis, command, runs
 from bigkd.study.analysis import budget_ratio, matched_budget
-from conftest import REPO, Job, early_job, subprocess_env
+from support import finish, start
 
 BUDGETS = [100, 300, 1000, 3000]
 
@@ -85,22 +84,14 @@ MIN_FM_IMPROVEMENT = 4.0
 MAX_FM_OVER_FT = 1.5
 
 
-def start_fast_study(folder):
-  """`python -m bigkd.study W --config fast` in a subprocess, as a user runs it: its compilation
-  cache (in W) compiles the initialisation and evaluation once for the teacher and the runs."""
-  return Job(folder, subprocess.Popen(
-      [sys.executable, '-m', 'bigkd.study', os.path.join(folder, 'study'), '--config', 'fast'],
-      cwd=REPO, env=subprocess_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-      text=True))
-
-
-fast_study = early_job('fast_study', start_fast_study)
-
-
-def test_fast_study_guards_function_matching(fast_study):
-  """The fast study: function matching improves with budget and is not behind the fixed teacher
-  at the longer budget, within bounds measured over seeds; a re-run trains nothing again."""
-  (printed,), root = fast_study.outputs(), os.path.join(fast_study.folder, 'study')
+@pytest.mark.integration
+def test_fast_study_guards_function_matching(tmp_path):
+  """The fast study (`python -m bigkd.study W --config fast` in a subprocess, as a user runs it:
+  its compilation cache, in W, compiles the initialisation and evaluation once for the teacher
+  and the runs): function matching improves with budget and is not behind the fixed teacher at
+  the longer budget, within bounds measured over seeds; a re-run trains nothing again."""
+  root = str(tmp_path / 'study')
+  printed = finish(start([sys.executable, '-m', 'bigkd.study', root, '--config', 'fast']))
   with open(os.path.join(root, 'study.json')) as f:
     analysis = json.load(f)['analysis']
   modes, patience = analysis['modes']['modes'], analysis['patience']

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from conftest import run_cli
+from support import run_cli
 from test_cli import assert_bad_config, snapshot
 
 TINY = ['--config', 'configs/digits.py:fast', '--config.stage_order=teacher,student',
