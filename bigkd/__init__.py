@@ -28,6 +28,7 @@ what reads a run's outputs (training never imports those).
   stages.py       the loop: steps, logging, evaluation, checkpoints, resume
   train.py        command line: bigkd-train (python -m bigkd.train) --config configs/x.py --workdir DIR
   bench.py        step throughput and MFU (bigkd-bench)
+  launch_plan.py  bigkd-plan: the train step compiled for a TPU slice; memory, FLOPs, run length
   inspect.py      the notebook API: load_run, a stage's model at any step, views of a step
   plots.py        matplotlib figures of a run
   report.py       WORKDIR/report.html (bigkd-report)

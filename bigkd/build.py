@@ -264,39 +264,55 @@ class Stage:
   evaluate: Callable  # (params, splits=('val', 'test')) -> {'val_accuracy': ..., ...}
 
 
+def stage_optimizer(plan: StagePlan):
+  """(optax transformation, learning-rate schedule) of a stage."""
+  tx, lr_schedule = build_optimizer(plan.optimizer, plan.steps, plan.warmup_steps)
+  if plan.optimizer.get('skip_nonfinite_updates'):
+    tx = optax.apply_if_finite(tx, MAX_SKIPPED_IN_A_ROW)
+  return tx, lr_schedule
+
+
+def stage_spec(plan: StagePlan, student, teachers, pairs) -> StepSpec:
+  objective = Objective(plan.loss_terms, plan.loss, plan.temperature, plan.label_weight,
+                        plan.ensemble, tuple(sorted(plan.loss_options.items())), pairs)
+  return StepSpec(student, plan.resolution, teachers, plan.num_classes,
+                  tuple(sorted(plan.augment.items())), plan.teaching_mode, objective,
+                  plan.step_seed)
+
+
+def fed_step(plan: StagePlan, spec: StepSpec, raw_step, mesh):
+  """The step as the loop calls it: on device-resident data it gathers its own batch (the
+  resident images split by rows over devices with `shard_resident`); streamed, it takes one."""
+  if not plan.device_resident:
+    return raw_step
+  return with_device_batches(raw_step, spec.seed, plan.batch_size, batch_sharding(mesh),
+                             functools.partial(gather_rows, mesh) if plan.shard_resident
+                             else None)
+
+
 def build_stage(plan: StagePlan, data: RunData, mesh, random_params=False) -> Stage:
   """Everything the loop of `plan` needs, at step 0. `random_params`: random student and
   teachers, no checkpoint read (the benchmark: speed does not depend on weights)."""
   student = get_model(plan.model, plan.num_classes, **plan.model_kwargs)
   teachers, teacher_params = load_teachers(plan, mesh, random_init=random_params)
-  tx, lr_schedule = build_optimizer(plan.optimizer, plan.steps, plan.warmup_steps)
-  if plan.optimizer.get('skip_nonfinite_updates'):
-    tx = optax.apply_if_finite(tx, MAX_SKIPPED_IN_A_ROW)
+  tx, lr_schedule = stage_optimizer(plan)
   pairs = step_pairs(plan)
   state = initial_state(dataclasses.replace(plan, init='') if random_params else plan, student,
                         tx, mesh, pairs)
-  objective = Objective(plan.loss_terms, plan.loss, plan.temperature, plan.label_weight,
-                        plan.ensemble, tuple(sorted(plan.loss_options.items())), pairs)
-  spec = StepSpec(student, plan.resolution, teachers, plan.num_classes,
-                  tuple(sorted(plan.augment.items())), plan.teaching_mode, objective,
-                  plan.step_seed)
+  spec = stage_spec(plan, student, teachers, pairs)
   raw_step = make_train_step(spec, tx, lr_schedule, plan.grad_accum_steps,
                              fsdp_compute_sharding(mesh), plan.log_every)
   batches = batch_sharding(mesh)
   if plan.device_resident:
-    rows_sharded = plan.shard_resident  # each device (process) holds only its rows of images
-    fed_step = with_device_batches(raw_step, spec.seed, plan.batch_size, batches,
-                                   functools.partial(gather_rows, mesh) if rows_sharded else None)
-    resident = (put_rows_sharded(data.train.images, mesh) if rows_sharded
+    resident = (put_rows_sharded(data.train.images, mesh) if plan.shard_resident
                 else put_global(data.train.images, replicated(mesh)),
                 put_global(data.train.sizes, replicated(mesh)),
                 put_global(data.train.labels, replicated(mesh)))
     inputs = lambda start_step, stop_step=None: itertools.repeat(resident)
   else:
-    fed_step = raw_step
     inputs = functools.partial(streamed_inputs, data.train, spec.seed, plan.batch_size, batches,
                                num_threads=plan.reader_threads)
-  train_step = jit_step(fed_step, state, mesh)
+  train_step = jit_step(fed_step(plan, spec, raw_step, mesh), state, mesh)
   eval_step = jax.jit(make_eval_step(student, plan.resolution, teachers, plan.ensemble,
                                      plan.eval_crop_fraction, eval_cka_pairs(plan)))
   if teachers and not random_params:
@@ -313,3 +329,47 @@ def build_stage(plan: StagePlan, data: RunData, mesh, random_params=False) -> St
 
   return Stage(plan, mesh, student, teachers, teacher_params, tx, lr_schedule, spec, state,
                raw_step, train_step, inputs, evaluate_splits)
+
+
+def _abstract(shapes, shardings):
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      shapes, shardings)
+
+
+def abstract_stage(plan: StagePlan, mesh, num_train_examples: int, canvas: int):
+  """(jitted train step, its arguments as ShapeDtypeStructs carrying their shardings): the step
+  `build_stage` makes, without data, checkpoints or any array, so that it can be compiled ahead
+  of time for devices this machine does not have (`bigkd.launch_plan`)."""
+  student = get_model(plan.model, plan.num_classes, **plan.model_kwargs)
+  dtype = jnp.dtype(plan.teacher_dtype)
+  teachers = tuple(Teacher(get_model(t.model, plan.num_classes, dtype=dtype, **t.model_kwargs),
+                           t.resolution) for t in plan.teachers)
+  teacher_params = [param_targets(t.model, t.model_kwargs, plan.num_classes, t.resolution, dtype,
+                                  mesh, plan.min_fsdp_size) for t in plan.teachers]
+  tx, lr_schedule = stage_optimizer(plan)
+  pairs = step_pairs(plan)
+  params = param_targets(plan.model, plan.model_kwargs, plan.num_classes, plan.resolution,
+                         jnp.float32, mesh, plan.min_fsdp_size)
+  shapes = jax.eval_shape(lambda: initial_adapters(plan, pairs, mesh))
+  aux_params = _abstract(shapes, tree_shardings(mesh, shapes, plan.min_fsdp_size))
+  shapes = jax.eval_shape(tx.init, optimized_tree(params, aux_params))
+  opt_state = _abstract(shapes, tree_shardings(mesh, shapes, plan.min_fsdp_size))
+  scalar = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated(mesh))
+  state = TrainState.create(params, opt_state, summed_metrics(bool(plan.teachers),
+                                                              plan.loss_terms),
+                            aux_params, put=lambda x: jax.tree.map(scalar, x))
+  spec = stage_spec(plan, student, teachers, pairs)
+  raw_step = make_train_step(spec, tx, lr_schedule, plan.grad_accum_steps,
+                             fsdp_compute_sharding(mesh), plan.log_every)
+  if plan.device_resident:  # the whole train split (images padded when split by rows)
+    n = num_train_examples
+    rows = -(-n // mesh.size) * mesh.size if plan.shard_resident else n
+    images = (rows, batch_sharding(mesh) if plan.shard_resident else replicated(mesh))
+    per_example = (n, replicated(mesh))
+  else:
+    images = per_example = (plan.batch_size, batch_sharding(mesh))
+  inputs = (jax.ShapeDtypeStruct((images[0], canvas, canvas, 3), jnp.uint8, sharding=images[1]),
+            jax.ShapeDtypeStruct((per_example[0], 2), jnp.int32, sharding=per_example[1]),
+            jax.ShapeDtypeStruct((per_example[0],), jnp.int32, sharding=per_example[1]))
+  return jit_step(fed_step(plan, spec, raw_step, mesh), state, mesh), (
+      state, teacher_params, *inputs)

@@ -399,10 +399,11 @@ def auto_base_size(config, median_long_side: int) -> int:
 
 
 def plan_stages(config, workdir: str, num_train_examples: int, num_classes: int,
-                num_devices: int = 1) -> list[StagePlan]:
+                num_devices: int = 1, check_checkpoints: bool = True) -> list[StagePlan]:
   """The stages of a checked config (see `check_config`), in order. Fits the batch to the
   train split and checks that every checkpoint from outside this run (teachers, `init`)
-  exists and fits its model; shapes only, so nothing is loaded twice."""
+  exists and fits its model (shapes only, so nothing is loaded twice); `check_checkpoints`
+  False: they need not exist here (`bigkd.launch_plan` compiles with their shapes alone)."""
   plans, cache = {}, {}
   model_shapes = lambda model, resolution, model_kwargs: _cached_feature_shapes(
       model, num_classes, resolution, model_kwargs, cache)
@@ -437,7 +438,8 @@ def plan_stages(config, workdir: str, num_train_examples: int, num_classes: int,
         checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
         **_objective(name, stage, teachers, model_shapes))
   plans = list(plans.values())
-  check_external_checkpoints(plans, workdir)
+  if check_checkpoints:
+    check_external_checkpoints(plans, workdir)
   return plans
 
 

@@ -1,4 +1,4 @@
-"""TensorFlow, imported once with its C++ start-up notices silenced.
+"""TensorFlow (and libtpu's topology query), with their C++ start-up notices silenced.
 
 Only the modules that read data (`bigkd.data`) or write TensorBoard events (the loop, through
 clu) need TensorFlow; `import bigkd`, `bigkd-train --help` and the notebook API do not pay for it.
@@ -6,8 +6,23 @@ TF writes its notices (oneDNN, CPU features) straight to file descriptor 2 befor
 set up, so neither TF_CPP_MIN_LOG_LEVEL nor Python logging hides them: descriptor 2 points at
 /dev/null during the import; an import error still surfaces as a Python exception.
 """
+import contextlib
 import os
 import sys
+
+
+@contextlib.contextmanager
+def stderr_to_devnull():
+  """File descriptor 2 pointed at /dev/null (C++ writes there directly); Python exceptions
+  still surface."""
+  saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+  try:
+    os.dup2(devnull, 2)
+    yield
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)
 
 
 def import_tensorflow():
@@ -15,14 +30,8 @@ def import_tensorflow():
   if 'tensorflow' in sys.modules:
     return sys.modules['tensorflow']
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-  try:
-    os.dup2(devnull, 2)
+  with stderr_to_devnull():
     import tensorflow
-  finally:
-    os.dup2(saved, 2)
-    os.close(saved)
-    os.close(devnull)
   return tensorflow
 
 

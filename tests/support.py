@@ -349,7 +349,7 @@ def install_package(root) -> str:
   for folder in ('bigkd', 'configs'):
     shutil.copytree(os.path.join(REPO, folder), os.path.join(src, folder),
                     ignore=shutil.ignore_patterns('__pycache__'))
-  for name in ('pyproject.toml', 'README.md', 'requirements.txt'):
+  for name in ('pyproject.toml', 'README.md', 'requirements.txt', 'requirements-plan.txt'):
     shutil.copy(os.path.join(REPO, name), src)
   subprocess.run([python, '-m', 'pip', 'install', '-q', '--no-deps', '--no-build-isolation',
                   '--disable-pip-version-check', src], check=True, cwd=root)

@@ -31,7 +31,7 @@ def test_installed_package_runs_the_demo_from_elsewhere(demo_run):
                           cwd=demo_run.root, env=installed_env(), capture_output=True, text=True)
   assert result.returncode == 0 and 'bigkd-report' in result.stdout, result.stderr
   for name, module in (('train', 'train'), ('bench', 'bench'), ('prepare', 'data.prepare'),
-                       ('report', 'report')):
+                       ('report', 'report'), ('plan', 'launch_plan')):
     script = open(os.path.join(demo_run.bin, f'bigkd-{name}')).read()
     assert f'from bigkd.{module} import main' in script, script
   assert script.startswith(f'#!{os.path.join(demo_run.bin, "python")}')

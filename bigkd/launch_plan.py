@@ -1,0 +1,255 @@
+"""Plan: compile a config's real train step for a TPU slice this machine does not have, and tell
+per chip whether it fits, how many FLOPs a step takes and how long the run will last.
+
+  bigkd-plan --config configs/NAME.py[:variant] --target SLICE [--config.a.b=v ...]
+             [--stage NAME] [--train_examples N] [--mfu 0.4] [--out plan.json]
+
+Example (the paper's T384 -> S224 student at batch 4096 on a v5e-16 slice):
+  bigkd-plan --config configs/bit_imagenet.py:t384_s224 --target v5e-16 --train_examples 1255544
+
+SLICE is a slice name (v2-8, v3-32, v4-32, v5p-32, v5e-16, v6e-16: the number counts TensorCores
+for v2-v5p and chips for v5e/v6e, as Cloud TPU names them) or a topology as libtpu names it
+(v5e:4x4, v4:2x2x4). The step is the trainer's own (`build.abstract_stage`: teachers' forward,
+the student's forward and backward, the optimiser update, the config's mesh laid onto the
+slice's chips), compiled by the pinned libtpu with JAX_PLATFORMS=cpu (`pip install -r
+requirements-plan.txt`); teachers and data need not exist here, only their shapes. Every number
+printed says where it comes from: XLA's memory and cost analyses of the compiled step, the chip's
+published HBM and peak bfloat16 FLOP/s, and a stated MFU. A JSON copy goes to --out.
+
+Exit codes: 0 planned; 2 bad config, target or flag (one line on stderr); 1 anything else.
+"""
+import json
+import math
+import os
+import re
+import sys
+import time
+
+from absl import flags
+from ml_collections import config_flags
+
+from bigkd import cli
+
+GIB = 2 ** 30
+# Published per-chip HBM (GiB) and peak dense bfloat16 TFLOP/s. A chip may be several devices
+# (TensorCores) in libtpu's topology: its memory and FLOP/s are shared between them.
+CHIPS = {'v2': (16, 45), 'v3': (32, 123), 'v4': (32, 275), 'v5e': (16, 197), 'v5p': (95, 459),
+         'v6e': (32, 918)}
+THREE_D = ('v4', 'v5p')  # torus generations: AxBxC topologies
+
+
+def topology_of(target: str) -> tuple[str, str]:
+  """(generation, libtpu topology name) of a slice name ('v4-32') or a topology ('v4:2x2x4')."""
+  from bigkd.config import ConfigError
+  match = re.fullmatch(r'(v2|v3|v4|v5e|v5p|v6e)(?::(\d+(?:x\d+){1,2})|-(\d+))', target)
+  if not match:
+    raise ConfigError(f'--target={target!r}: a TPU slice such as v5e-16, v4-32, v5p-32 or a '
+                      f'topology such as v5e:4x4, v4:2x2x4 ({", ".join(CHIPS)})')
+  generation, topology, count = match.groups()
+  if topology:
+    return generation, f'{generation}:{topology}'
+  cores_per_chip = 1 if generation in ('v5e', 'v6e') else 2
+  chips = int(count) // cores_per_chip
+  dims = 3 if generation in THREE_D else 2
+  shape = [1] * dims
+  for i in range(chips.bit_length() - 1):  # the power of two spread over the axes, last first
+    shape[(dims - 1 - i) % dims] *= 2
+  if chips < 1 or chips & (chips - 1) or int(count) % cores_per_chip:
+    raise ConfigError(f'--target={target!r}: {count} is not a slice size of {generation} '
+                      '(a power of two)')
+  return generation, f'{generation}:{"x".join(map(str, sorted(shape)))}'
+
+
+def tpu_devices(topology: str):
+  """The abstract devices of a TPU topology (no TPU needed: libtpu compiles for them)."""
+  from jax.experimental import topologies
+  from bigkd.config import ConfigError
+  from bigkd.tf_quiet import stderr_to_devnull
+  try:
+    with stderr_to_devnull():  # libtpu's notices about the TPU host this machine is not
+      return topologies.get_topology_desc(topology_name=topology, platform='tpu').devices
+  except Exception as e:  # libtpu missing, or a topology it refuses
+    raise ConfigError(f'--target: libtpu cannot describe {topology!r} ({cli.one_line(e)}); '
+                      'planning needs `pip install -r requirements-plan.txt`') from None
+
+
+def shard_bytes(tree) -> int:
+  """Bytes of one device's shard of every array (ShapeDtypeStruct with a sharding) of `tree`."""
+  import jax
+  import numpy as np
+  return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
+             for x in jax.tree.leaves(tree))
+
+
+def compile_stage(plan, mesh, num_train_examples: int, canvas: int) -> dict:
+  """Compiles the stage's step for `mesh`; its per-device bytes and FLOPs, from XLA."""
+  from bigkd import build
+  step, args = build.abstract_stage(plan, mesh, num_train_examples, canvas)
+  state, teacher_params, *inputs = args
+  start = time.perf_counter()
+  compiled = step.lower(*args).compile()
+  seconds = time.perf_counter() - start
+  memory = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+          - memory.alias_size_in_bytes + memory.temp_size_in_bytes
+          + memory.generated_code_size_in_bytes)
+  return dict(
+      compile_seconds=round(seconds, 1),
+      params_bytes=shard_bytes(state.params) + shard_bytes(state.aux_params),
+      opt_state_bytes=shard_bytes(state.opt_state),
+      teacher_bytes=shard_bytes(teacher_params),
+      input_bytes=shard_bytes(inputs),
+      argument_bytes=memory.argument_size_in_bytes,
+      temp_bytes=memory.temp_size_in_bytes,
+      output_bytes=memory.output_size_in_bytes,
+      alias_bytes=memory.alias_size_in_bytes,
+      code_bytes=memory.generated_code_size_in_bytes,
+      peak_bytes=peak,
+      flops=float(cost.get('flops', 0.0)),
+      xla_seconds=float(cost.get('optimal_seconds', -1.0)))
+
+
+def estimates(result: dict, plan, device_memory: float, device_tflops: float, mfu: float) -> dict:
+  """Fits or not against the device's HBM, and step / run time at `mfu` of the peak; XLA's
+  own step-time estimate where it gives a positive one."""
+  step_seconds = result['flops'] / (device_tflops * 1e12 * mfu)
+  xla = result['xla_seconds'] if result['xla_seconds'] > 0 else None
+  return dict(fits=result['peak_bytes'] <= device_memory, steps=plan.steps,
+              step_seconds_at_mfu=step_seconds, run_hours_at_mfu=step_seconds * plan.steps / 3600,
+              xla_step_seconds=xla, run_hours_xla=xla * plan.steps / 3600 if xla else None)
+
+
+def size(nbytes: float) -> str:
+  for unit, scale in (('GiB', GIB), ('MiB', 2 ** 20), ('KiB', 2 ** 10)):
+    if nbytes >= scale:
+      return f'{nbytes / scale:.2f} {unit}'
+  return f'{nbytes:.0f} B'
+
+
+def duration(seconds: float) -> str:
+  return f'{seconds / 86400:.2f} days' if seconds >= 86400 else f'{seconds / 3600:.2f} h'
+
+
+def report_lines(name: str, r: dict, device_memory: float, mfu: float) -> list[str]:
+  gib = size
+  xla = (f'{r["xla_step_seconds"]:.4g} s/step, {duration(3600 * r["run_hours_xla"])}'
+         if r['xla_step_seconds'] else 'not given')
+  return [
+      f'[{name}] per device: params {gib(r["params_bytes"])}, optimiser state '
+      f'{gib(r["opt_state_bytes"])}, teachers {gib(r["teacher_bytes"])}, inputs '
+      f'{gib(r["input_bytes"])} (shard shapes)',
+      f'[{name}] XLA memory analysis: arguments {gib(r["argument_bytes"])}, temporaries '
+      f'{gib(r["temp_bytes"])}, outputs {gib(r["output_bytes"])} (aliased '
+      f'{gib(r["alias_bytes"])}), code {gib(r["code_bytes"])}: peak {gib(r["peak_bytes"])} of '
+      f'{gib(device_memory)} -> {"fits" if r["fits"] else "DOES NOT FIT"}',
+      f'[{name}] XLA cost analysis: {r["flops"] / 1e9:.4g} GFLOP per device per step; at '
+      f'{mfu:.0%} MFU of the peak {r["step_seconds_at_mfu"]:.4g} s/step, {r["steps"]} steps = '
+      f'{duration(3600 * r["run_hours_at_mfu"])}; XLA\'s own estimate: {xla}']
+
+
+def train_examples(config, given: int) -> tuple[int, int]:
+  """(train examples, classes): from the data when it is readable here, else --train_examples
+  and data.num_classes."""
+  from bigkd.config import ConfigError
+  from bigkd.data import sources
+  if given:
+    if not config.data.num_classes:
+      raise ConfigError('--train_examples needs data.num_classes (the class count) set')
+    return given, config.data.num_classes
+  try:
+    train = sources.load_split(config.data, 'train_split')
+  except Exception as e:
+    raise ConfigError(f'the train split is not readable here ({cli.one_line(e)}); give its '
+                      'size with --train_examples') from None
+  return len(train), sources.num_classes(config.data, train)
+
+
+def plan(config, target: str, stage: str = '', num_train: int = 0, mfu: float = 0.4,
+         out=print) -> dict:
+  """Compiles every stage of `config` (or `stage`) for `target`; prints and returns the plan."""
+  import jax
+  from bigkd.config import ConfigError
+  from bigkd.plan import check_config, plan_stages
+  from bigkd.sharding import make_mesh, mesh_shape
+  generation, topology = topology_of(target)
+  devices = tpu_devices(topology)
+  memory_gib, chip_tflops = CHIPS[generation]
+  chips = math.prod(int(d) for d in topology.split(':')[1].split('x'))
+  per_chip = len(devices) // chips
+  device_memory, device_tflops = memory_gib * GIB / per_chip, chip_tflops / per_chip
+  check_config(config, len(devices))
+  n, classes = train_examples(config, num_train)
+  plans = plan_stages(config, '/nonexistent', n, classes, len(devices), check_checkpoints=False)
+  if stage and stage not in [p.name for p in plans]:
+    raise ConfigError(f'--stage={stage!r}: not a stage of this run '
+                      f'({", ".join(p.name for p in plans)})')
+  mesh = make_mesh(*mesh_shape(config.mesh.data, config.mesh.fsdp, len(devices)),
+                   devices=devices)
+  out(f'bigkd-plan: {topology} ({chips} chips, {len(devices)} x {devices[0].device_kind}; '
+      f'{memory_gib} GiB HBM and {chip_tflops} bf16 TFLOP/s per chip, published), mesh data={mesh.shape["data"]} '
+      f'fsdp={mesh.shape["fsdp"]}, {n} train examples')
+  stages = {}
+  for p in plans:
+    if stage and p.name != stage:
+      continue
+    out(f'[{p.name}] compiling: {p.model} at {p.resolution} px, batch {p.batch_size}'
+        + ''.join(f', teacher {t.model} at {t.resolution} px' for t in p.teachers) + ' ...')
+    result = compile_stage(p, mesh, n, config.data.base_size)
+    result.update(estimates(result, p, device_memory, device_tflops, mfu))
+    for line in report_lines(p.name, result, device_memory, mfu):
+      out(line)
+    stages[p.name] = result
+  return dict(target=target, topology=topology, devices=len(devices),
+              device_kind=devices[0].device_kind, device_memory_bytes=device_memory,
+              device_peak_tflops=device_tflops, mfu=mfu, train_examples=n,
+              mesh=dict(mesh.shape), jax=jax.__version__, libtpu=libtpu_version(), stages=stages)
+
+
+def libtpu_version() -> str:
+  from importlib import metadata
+  try:
+    return metadata.version('libtpu')
+  except metadata.PackageNotFoundError:
+    return ''
+
+
+def define_flags(argv) -> flags.FlagValues:
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, 'Config file (configs/x.py[:variant]).',
+                                  lock_config=True, flag_values=fv, sys_argv=argv)
+  flags.DEFINE_string('target', '', 'TPU slice (v5e-16, v4-32, ...) or topology (v5e:4x4).',
+                      flag_values=fv)
+  flags.DEFINE_string('stage', '', 'Plan this stage only.', flag_values=fv)
+  flags.DEFINE_integer('train_examples', 0, 'Size of the train split when it is not readable '
+                       'here (needs data.num_classes).', flag_values=fv)
+  flags.DEFINE_float('mfu', 0.4, 'Model FLOP utilisation assumed for the time estimates.',
+                     flag_values=fv)
+  flags.DEFINE_string('out', '', 'Write the plan as JSON to this file.', flag_values=fv)
+  return fv
+
+
+def main(argv=None):
+  os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # compile for the slice, run nothing here
+  argv = cli.with_bundled_configs(argv or sys.argv)
+  fv = define_flags(argv)
+  cli.parse(fv, argv, __doc__)
+  if not fv.target:
+    cli.fail('--target is required (e.g. v5e-16, v4-32, v5e:2x2)')
+  if not 0 < fv.mfu <= 1:
+    cli.fail(f'--mfu={fv.mfu} must be in (0, 1]')
+  from bigkd.config import ConfigError
+  from bigkd.data.sources import DataError
+  try:
+    result = plan(fv.config, fv.target, fv.stage, fv.train_examples, fv.mfu)
+  except (ConfigError, DataError) as e:
+    cli.fail(str(e).splitlines()[0])
+  if fv.out:
+    with open(fv.out, 'w') as f:
+      json.dump(result, f, indent=1)
+    print(f'bigkd-plan: wrote {fv.out}')
+
+
+if __name__ == '__main__':
+  main()
