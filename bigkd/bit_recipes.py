@@ -128,7 +128,7 @@ def distill_config(*, dataset, num_classes, splits, base_size, device_resident, 
       teachers={name: dict(source=path, model=TEACHER_MODEL, resolution=res)
                 for name, (path, res) in teachers.items()},
       teaching_mode='function_matching', loss='kl', temperature=temperature,
-      label_weight=0.0, ensemble=ensemble)
+      label_weight=0.0, ensemble=ensemble, compute_dtype='bfloat16')
   c.stage_order = 'student'
   return c
 

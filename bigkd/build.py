@@ -264,6 +264,12 @@ class Stage:
   evaluate: Callable  # (params, splits=('val', 'test')) -> {'val_accuracy': ..., ...}
 
 
+def student_model(plan: StagePlan):
+  """The stage's model, computing in its compute dtype (its parameters are float32)."""
+  return get_model(plan.model, plan.num_classes, dtype=jnp.dtype(plan.compute_dtype),
+                   **plan.model_kwargs)
+
+
 def stage_optimizer(plan: StagePlan):
   """(optax transformation, learning-rate schedule) of a stage."""
   tx, lr_schedule = build_optimizer(plan.optimizer, plan.steps, plan.warmup_steps)
@@ -293,7 +299,7 @@ def fed_step(plan: StagePlan, spec: StepSpec, raw_step, mesh):
 def build_stage(plan: StagePlan, data: RunData, mesh, random_params=False) -> Stage:
   """Everything the loop of `plan` needs, at step 0. `random_params`: random student and
   teachers, no checkpoint read (the benchmark: speed does not depend on weights)."""
-  student = get_model(plan.model, plan.num_classes, **plan.model_kwargs)
+  student = student_model(plan)
   teachers, teacher_params = load_teachers(plan, mesh, random_init=random_params)
   tx, lr_schedule = stage_optimizer(plan)
   pairs = step_pairs(plan)
@@ -340,7 +346,7 @@ def abstract_stage(plan: StagePlan, mesh, num_train_examples: int, canvas: int):
   """(jitted train step, its arguments as ShapeDtypeStructs carrying their shardings): the step
   `build_stage` makes, without data, checkpoints or any array, so that it can be compiled ahead
   of time for devices this machine does not have (`bigkd.launch_plan`)."""
-  student = get_model(plan.model, plan.num_classes, **plan.model_kwargs)
+  student = student_model(plan)
   dtype = jnp.dtype(plan.teacher_dtype)
   teachers = tuple(Teacher(get_model(t.model, plan.num_classes, dtype=dtype, **t.model_kwargs),
                            t.resolution) for t in plan.teachers)

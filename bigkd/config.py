@@ -111,6 +111,9 @@ STAGE_FIELDS = (
     ('model', '', 'registry name of the model this stage trains'),
     ('model_kwargs', {}, 'extra model arguments (e.g. remat=True for BiT)'),
     ('resolution', 0, 'its input resolution'),
+    ('compute_dtype', 'float32',
+     "dtype of this stage's convolutions and matmuls (bfloat16 on accelerators); parameters, "
+     'optimiser state, logits, losses and normalisation statistics stay float32'),
     ('init', '', "'' (random), a bigkd stage folder, or a .npz to start from"),
     ('steps', 0, 'training length in steps ...'),
     ('epochs', 0.0, '... or in epochs (used when > 0)'),

@@ -194,9 +194,12 @@ def plan(config, target: str, stage: str = '', num_train: int = 0, mfu: float = 
   for p in plans:
     if stage and p.name != stage:
       continue
-    out(f'[{p.name}] compiling: {p.model} at {p.resolution} px, batch {p.batch_size}'
-        + ''.join(f', teacher {t.model} at {t.resolution} px' for t in p.teachers) + ' ...')
-    result = compile_stage(p, mesh, n, config.data.base_size)
+    out(f'[{p.name}] compiling: {p.model} ({p.compute_dtype}) at {p.resolution} px, batch '
+        f'{p.batch_size}'
+        + ''.join(f', teacher {t.model} ({p.teacher_dtype}) at {t.resolution} px'
+                  for t in p.teachers) + ' ...')
+    result = dict(compute_dtype=p.compute_dtype, teacher_dtype=p.teacher_dtype,
+                  **compile_stage(p, mesh, n, config.data.base_size))
     result.update(estimates(result, p, device_memory, device_tflops, mfu))
     for line in report_lines(p.name, result, device_memory, mfu):
       out(line)

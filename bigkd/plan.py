@@ -57,6 +57,7 @@ class StagePlan:
   model: str
   model_kwargs: dict
   resolution: int
+  compute_dtype: str    # the student's convolutions and matmuls; its parameters stay float32
   init: str             # '' (random), a bigkd stage folder, or a .npz (head re-initialised)
   steps: int
   warmup_steps: int
@@ -167,6 +168,8 @@ def stage_groups(config, name) -> tuple[dict, dict]:
 def _check_stage(config, name, earlier, num_devices):
   stage, where, base_size = config.stages[name], f'stages.{name}', config.data.base_size
   _need(stage.model in model_names(), f'{where}.model={stage.model!r}: unknown model')
+  _need(stage.compute_dtype in DTYPES,
+        f'{where}.compute_dtype={stage.compute_dtype!r}: one of {", ".join(DTYPES)}')
   _need(0 < stage.resolution <= base_size,
         f'{where}.resolution={stage.resolution} is above the stored image size '
         f'data.base_size={base_size}' if stage.resolution > 0 else
@@ -422,7 +425,8 @@ def plan_stages(config, workdir: str, num_train_examples: int, num_classes: int,
     teachers = _teacher_plans(name, stage, workdir, plans, config.data.base_size)
     plans[name] = StagePlan(
         name=name, index=index, seed=config.seed, model=stage.model,
-        model_kwargs=stage.model_kwargs.to_dict(), resolution=stage.resolution, init=stage.init,
+        model_kwargs=stage.model_kwargs.to_dict(), resolution=stage.resolution,
+        compute_dtype=stage.compute_dtype, init=stage.init,
         steps=max(1, steps), warmup_steps=warmup, batch_size=batch,
         grad_accum_steps=accum, optimizer=opt,
         augment=aug,

@@ -182,3 +182,34 @@ def test_former_weighted_path(batch, case):
       f'loss_{t}' for t, _ in terms)
   total = sum(w * float(metrics[f'loss_{t}']) for t, w in terms)
   np.testing.assert_allclose(float(metrics['loss']), total, rtol=1e-5)
+
+
+def relative_error(got, want):
+  diff = jax.tree.map(lambda a, b: a.astype(jnp.float32) - b, got, want)
+  return float(optax_norm(diff) / optax_norm(want))
+
+
+def test_a_bfloat16_student_keeps_float32_parameters_loss_and_gradient(batch):
+  """Convolutions and matmuls in bfloat16, everything else in float32: the loss, its gradient
+  (float32, for float32 master parameters) and the logits agree with the float32 student's
+  within bfloat16's precision (8 significand bits: each rounding is relative 2^-8; a tolerance
+  of 16 of them covers the few layers of cnn_tiny), and differ by far more than float32's
+  rounding, so the computation really is in bfloat16."""
+  eps_bf16, eps_f32 = 2.0 ** -8, 2.0 ** -24
+
+  def loss_and_grad(dtype):
+    student = get_model('cnn_tiny', CLASSES, dtype=dtype)
+    spec = spec_of(dict(batch, student=student), 1, Objective((('kl', 1.0),)))
+    loss_fn = make_loss_fn(spec)
+    return jax.value_and_grad(lambda p: loss_fn(p, batch['teacher_params'][:1], 0,
+                                                batch['view'], batch['views'],
+                                                batch['targets']), has_aux=True)(batch['params'])
+
+  (loss32, metrics32), grads32 = loss_and_grad(jnp.float32)
+  (loss16, metrics16), grads16 = loss_and_grad(jnp.bfloat16)
+  assert loss16.dtype == metrics16['kl_T1'].dtype == jnp.float32
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads16))
+  for got, want in ((loss16, loss32), (metrics16['kl_T1'], metrics32['kl_T1']),
+                    (grads16, grads32)):
+    error = relative_error(got, want)
+    assert 100 * eps_f32 < error < 16 * eps_bf16, error

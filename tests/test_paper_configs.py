@@ -131,6 +131,7 @@ def test_variant_resolves_to_the_paper_settings(config_name, variant, monkeypatc
   assert (c.data.train_split, c.data.val_split, c.data.test_split) == want['splits']
   assert c.data.base_size == want['base'] and c.data.device_resident == (not want['streamed'])
   assert c.teacher_dtype == 'bfloat16' and c.batch_size == want['batch']
+  assert c.stages.student.compute_dtype == 'bfloat16'  # the student's convs and matmuls
   opt = c.optimizer
   assert (opt.name, opt.schedule, opt.clip_norm) == ('adam', 'cosine', 1.0)
   assert opt.mu_dtype == 'bfloat16'
