@@ -97,22 +97,29 @@ def random_params(model, resolution, key, targets):
   return jax.jit(init, out_shardings=jax.tree.map(lambda t: t.sharding, targets))(key)
 
 
+def teacher_targets(plan: StagePlan, mesh):
+  """(Teachers, ShapeDtypeStructs of their parameters): modules and shapes in the teacher
+  dtype, with the shardings of the parameter rule."""
+  dtype = jnp.dtype(plan.teacher_dtype)
+  teachers = tuple(Teacher(get_model(t.model, plan.num_classes, dtype=dtype, **t.model_kwargs),
+                           t.resolution) for t in plan.teachers)
+  targets = [param_targets(t.model, t.model_kwargs, plan.num_classes, t.resolution, dtype, mesh,
+                           plan.min_fsdp_size) for t in plan.teachers]
+  return teachers, targets
+
+
 def load_teachers(plan: StagePlan, mesh, random_init=False):
   """(Teachers, their parameters) in the teacher dtype, sharded like the student's.
   `random_init`: random weights instead of the checkpoints (the benchmark: speed only)."""
-  dtype = jnp.dtype(plan.teacher_dtype)
-  teachers, params = [], []
-  for i, t in enumerate(plan.teachers):
-    model = get_model(t.model, plan.num_classes, dtype=dtype, **t.model_kwargs)
-    targets = param_targets(t.model, t.model_kwargs, plan.num_classes, t.resolution, dtype, mesh,
-                            plan.min_fsdp_size)
-    teachers.append(Teacher(model, t.resolution))
+  teachers, targets = teacher_targets(plan, mesh)
+  params = []
+  for i, (t, teacher, target) in enumerate(zip(plan.teachers, teachers, targets)):
     what = f'stages.{plan.name}.teachers.{t.name}'
-    params.append(random_params(model, t.resolution, jax.random.key(plan.seed + 1 + i), targets)
-                  if random_init else checked_finite(checkpoint.load_params(t.source, targets,
-                                                                            what),
-                                                     f'{what} ({t.source})'))
-  return tuple(teachers), params
+    params.append(random_params(teacher.model, t.resolution, jax.random.key(plan.seed + 1 + i),
+                                target) if random_init else
+                  checked_finite(checkpoint.load_params(t.source, target, what),
+                                 f'{what} ({t.source})'))
+  return teachers, params
 
 
 @jax.jit
@@ -347,11 +354,7 @@ def abstract_stage(plan: StagePlan, mesh, num_train_examples: int, canvas: int):
   `build_stage` makes, without data, checkpoints or any array, so that it can be compiled ahead
   of time for devices this machine does not have (`bigkd.launch_plan`)."""
   student = student_model(plan)
-  dtype = jnp.dtype(plan.teacher_dtype)
-  teachers = tuple(Teacher(get_model(t.model, plan.num_classes, dtype=dtype, **t.model_kwargs),
-                           t.resolution) for t in plan.teachers)
-  teacher_params = [param_targets(t.model, t.model_kwargs, plan.num_classes, t.resolution, dtype,
-                                  mesh, plan.min_fsdp_size) for t in plan.teachers]
+  teachers, teacher_params = teacher_targets(plan, mesh)
   tx, lr_schedule = stage_optimizer(plan)
   pairs = step_pairs(plan)
   params = param_targets(plan.model, plan.model_kwargs, plan.num_classes, plan.resolution,

@@ -140,6 +140,11 @@ def optimized_tree(params, aux_params):
   return {'student': params, 'adapters': aux_params} if aux_params else params
 
 
+def split_trainable(trainable, has_adapters: bool):
+  """(student params, adapter params) of an `optimized_tree`."""
+  return (trainable['student'], trainable['adapters']) if has_adapters else (trainable, {})
+
+
 def make_loss_fn(spec: StepSpec, gather_params=None):
   """`loss_fn(trainable, teacher_params, step, student_view, views, targets) -> (loss,
   metrics)`: the forward passes and the stage's objective on one augmented batch. `trainable`:
@@ -156,8 +161,7 @@ def make_loss_fn(spec: StepSpec, gather_params=None):
       trainable, teacher_params = jax.lax.with_sharding_constraint(
           (trainable, teacher_params),
           jax.tree.map(lambda _: gather_params, (trainable, teacher_params)))
-    params, aux_params = ((trainable['student'], trainable['adapters']) if has_adapters
-                          else (trainable, {}))
+    params, aux_params = split_trainable(trainable, has_adapters)
     s_logits, s_feats = forward(spec.student, params, student_view, student_taps)
     t_logits, t_feats = None, []
     if spec.teachers:
@@ -207,8 +211,7 @@ def make_train_step(spec: StepSpec, tx: optax.GradientTransformation, lr_schedul
                                        augmented_batch(spec, images, sizes, labels, key))
     updates, opt_state = tx.update(grads, state.opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
-    params, aux_params = ((trainable['student'], trainable['adapters']) if state.aux_params
-                          else (trainable, {}))
+    params, aux_params = split_trainable(trainable, bool(state.aux_params))
     metrics['grad_norm'] = optax.global_norm(grads)
     metrics['lr'] = lr_schedule(state.step)
     skipped = skipped_update(opt_state)
