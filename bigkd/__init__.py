@@ -4,6 +4,7 @@ Modules, listed so that each imports only modules above it (tests/test_layers.py
 the formulas, models and optimisers; then the data flow, config -> plan -> build -> loop; then
 what reads a run's outputs (training never imports those).
   tf_quiet.py     TensorFlow imported once, quietly, by the modules that read data or write events
+  paths.py        local or bucket (gs://) paths, one type (etils.epath): files written whole, moves
   losses.py       the formulas: KL at temperature, Hinton, ensembles; FitNet, AT, SP, PKT, RKD,
                   DKD, DIST, CKA
   models/         registry name -> linen module (CNN, CIFAR ResNets, BiT and its .npz format),

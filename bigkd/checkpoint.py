@@ -5,15 +5,14 @@ model), `checkpoints/<step>/{params,opt_state[,metric_sums,aux_params]}` and, on
 `summary.json`. The teacher is never saved with the student: a stage's checkpoint holds only its
 own parameters (and, apart from them, the feature adapters that trained with it).
 """
-import json
-import os
-import shutil
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+from bigkd import paths
 
 
 class CheckpointError(ValueError):
@@ -22,7 +21,7 @@ class CheckpointError(ValueError):
 
 def manager(stage_dir: str, keep: int = 2) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
-      os.path.abspath(os.path.join(stage_dir, 'checkpoints')),
+      paths.absolute(stage_dir) / 'checkpoints',
       # Temporary folders of saves cut short (a killed run) are removed when a manager opens.
       options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            cleanup_tmp_directories=True),
@@ -127,16 +126,16 @@ def restore_newest_good(mngr: ocp.CheckpointManager, state, stage: str):
     except Exception as e:  # orbax raises many types (ValueError, OSError, KeyError, ...)
       restored, error = None, e
     if agreed(error is None):
-      for bad in damaged:
-        move_aside(mngr, bad)
+      for bad, reason in damaged:
+        move_aside(mngr, bad, reason)
       return restored, step
     fallback = f'falling back to step {steps[i + 1]}' if i + 1 < len(steps) else 'none left'
     reason = short_reason(error) if error else 'unreadable on another process'
     warn(f'checkpoint {step} of stage {stage} is unreadable ({reason}); {fallback}')
-    damaged.append(step)
+    damaged.append((step, reason))
   if damaged:
     raise CheckpointError(f'stage {stage}: no readable checkpoint in {mngr.directory} '
-                          f'(step(s) {", ".join(map(str, damaged))} damaged); move the folder '
+                          f'(step(s) {", ".join(str(d) for d, _ in damaged)} damaged); move the folder '
                           'away to start the stage again')
   return state, 0
 
@@ -150,14 +149,14 @@ def agreed(ok: bool) -> bool:
   return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
 
 
-def move_aside(mngr: ocp.CheckpointManager, step: int) -> None:
-  """Moves a damaged step to `damaged_checkpoints/<step>` (replacing an older one there)."""
-  directory = str(mngr.directory)
+def move_aside(mngr: ocp.CheckpointManager, step: int, reason: str) -> None:
+  """Moves a damaged step to `damaged_checkpoints/<step>` (replacing an older one there), with
+  why in `damaged_checkpoints/<step>.txt`."""
+  directory = paths.Path(mngr.directory)
   if jax.process_index() == 0:
-    aside = os.path.join(os.path.dirname(directory), 'damaged_checkpoints', str(step))
-    shutil.rmtree(aside, ignore_errors=True)
-    os.makedirs(os.path.dirname(aside), exist_ok=True)
-    shutil.move(os.path.join(directory, str(step)), aside)
+    aside = directory.parent / 'damaged_checkpoints'
+    paths.write_text(aside / f'{step}.txt', reason + '\n')
+    paths.move(directory / str(step), aside / str(step))
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(f'bigkd: moved damaged checkpoint {step}')
@@ -188,23 +187,21 @@ def write_stage_info(stage_dir, model, model_kwargs, resolution, num_classes,
                      class_names=()) -> None:
   """stage.json: what a stage's parameters are (enough to load them without the config) and the
   names of its classes by label (so predictions read as names)."""
-  os.makedirs(stage_dir, exist_ok=True)
-  with open(os.path.join(stage_dir, 'stage.json'), 'w') as f:
-    json.dump(dict(model=model, model_kwargs=model_kwargs, resolution=resolution,
-                   num_classes=num_classes, class_names=list(class_names)), f)
+  paths.write_json(paths.Path(stage_dir) / 'stage.json', dict(
+      model=model, model_kwargs=model_kwargs, resolution=resolution, num_classes=num_classes,
+      class_names=list(class_names)), indent=None)
 
 
 def read_stage_info(stage_dir: str) -> dict:
-  path = os.path.join(stage_dir, 'stage.json')
-  if not os.path.isfile(path):
+  path = paths.Path(stage_dir) / 'stage.json'
+  if not path.is_file():
     raise CheckpointError(f'{stage_dir!r} is not a bigkd stage folder (no stage.json)')
-  with open(path) as f:
-    return json.load(f)
+  return paths.read_json(path)
 
 
 def _latest_step(source: str, what: str):
   """(manager, latest step) of a bigkd stage folder; CheckpointError when it has none."""
-  if not os.path.isdir(os.path.join(source, 'checkpoints')):
+  if not (paths.Path(source) / 'checkpoints').is_dir():
     raise CheckpointError(f'{what}: no checkpoints in {source!r}')
   mngr = manager(source)
   step = mngr.latest_step()
@@ -215,7 +212,7 @@ def _latest_step(source: str, what: str):
 
 
 def _read_npz(source: str, what: str, new_head_classes, shapes_only=False):
-  if not os.path.isfile(source):
+  if not paths.Path(source).is_file():
     raise CheckpointError(f'{what}: checkpoint file {source!r} does not exist')
   from bigkd.models import bit
   return bit.load_npz(source, num_classes=new_head_classes, shapes_only=shapes_only)

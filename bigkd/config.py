@@ -19,7 +19,7 @@ class ConfigError(ValueError):
 # how a run is watched, saved or laid out, never what it computes (N devices = 1 device is
 # tested; the data may move). A prefix ('mesh') covers every field under it. `--fields` marks
 # them; anything else needs config.allowed_changes.
-SAFE_TO_CHANGE = ('log_every', 'log_views', 'eval_every', 'checkpoint_every',
+SAFE_TO_CHANGE = ('log_every', 'log_views', 'tensorboard', 'eval_every', 'checkpoint_every',
                   'keep_checkpoints', 'eval_batch_size', 'data.data_dir', 'data.reader_threads',
                   'mesh', 'allowed_changes')
 
@@ -36,6 +36,8 @@ RUN_FIELDS = (
     ('log_views', True,
      'distilled stages: TensorBoard image `views`, the teacher and student views of step 1 '
      'under each teaching mode (about a second of compile on a CPU)'),
+    ('tensorboard', True, "TensorBoard event files in each stage folder (written by "
+     "TensorFlow's file system: local or gs://; metrics.jsonl is always written)"),
     ('grad_accum_steps', 1, 'microbatches per step (same update, 1/k activation memory)'),
     ('eval_every', 0, 'steps between val/test evaluations; 0: only at the end'),
     ('checkpoint_every', 500, 'steps between checkpoints (and always at the end)'),

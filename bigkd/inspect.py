@@ -19,7 +19,6 @@ so they use the run's own data, evaluation protocol and augmentation, on whateve
 import dataclasses
 import functools
 import json
-import os
 from typing import NamedTuple
 
 import jax
@@ -28,7 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pandas as pd
 
-from bigkd import build, checkpoint
+from bigkd import build, checkpoint, paths
 from bigkd.config import ConfigError, stage_names
 from bigkd.data.sampling import step_batch_indices
 from bigkd.data.sources import Split
@@ -40,35 +39,32 @@ from bigkd.step import augmented_batch
 from bigkd.views import step_key, teaching_mode_views, teaching_modes  # noqa: F401 (for notebooks)
 
 
-def read_json(path: str):
-  """A JSON file's content; None while it does not exist or is being written (the loop writes
-  config.json, stage.json and summary.json in place, so a reader can catch one half-written)."""
+def read_json(path):
+  """A JSON file's content; None while it does not exist (or, written by an older bigkd in
+  place, is half-written)."""
   try:
-    with open(path) as f:
-      return json.load(f)
+    return paths.read_json(path)
   except (FileNotFoundError, json.JSONDecodeError):
     return None
 
 
-def read_metrics(path: str) -> pd.DataFrame:
+def read_metrics(path) -> pd.DataFrame:
   """`metrics.jsonl` as a DataFrame, one row per logged step. Only lines that end in a newline
   count: the last one may be half-written by a running training."""
   try:
-    with open(path) as f:
-      text = f.read()
+    text = paths.Path(path).read_text()
   except FileNotFoundError:
     text = ''
   lines = [line for line in text.split('\n')[:-1] if line.strip()]
   return pd.DataFrame([json.loads(line) for line in lines])
 
 
-def complete_steps(stage_dir: str) -> list[int]:
+def complete_steps(stage_dir) -> list[int]:
   """The stage's finalised checkpoint steps, ascending (temporary folders are not listed)."""
-  return sorted(ocp.step.checkpoint_steps(os.path.join(os.path.abspath(stage_dir),
-                                                       'checkpoints')))
+  return sorted(ocp.step.checkpoint_steps(paths.absolute(stage_dir) / 'checkpoints'))
 
 
-def read_item(path: str, handler, args):
+def read_item(path, handler, args):
   """One item of a checkpoint (e.g. `<step>/params`), read by a plain orbax Checkpointer."""
   checkpointer = ocp.Checkpointer(handler)
   try:
@@ -77,14 +73,14 @@ def read_item(path: str, handler, args):
     checkpointer.close()
 
 
-def restore_params(stage_dir: str, step: int, targets):
+def restore_params(stage_dir, step: int, targets):
   """The parameters saved at `step`, placed like `targets`, read without a CheckpointManager
   and checked against the checksum saved with them (when the checkpoint has one)."""
-  path = os.path.join(os.path.abspath(stage_dir), 'checkpoints', str(step))
-  params = read_item(os.path.join(path, 'params'), ocp.StandardCheckpointHandler(),
+  path = paths.absolute(stage_dir) / 'checkpoints' / str(step)
+  params = read_item(path / 'params', ocp.StandardCheckpointHandler(),
                      ocp.args.StandardRestore(targets))
-  if os.path.isdir(os.path.join(path, 'integrity')):
-    saved = read_item(os.path.join(path, 'integrity'), ocp.JsonCheckpointHandler(),
+  if (path / 'integrity').is_dir():
+    saved = read_item(path / 'integrity', ocp.JsonCheckpointHandler(),
                       ocp.args.JsonRestore())
     if int(checkpoint.checksum(params)) != saved['params']:
       raise checkpoint.CheckpointError(f'{path}: params do not match their checksum')
@@ -182,28 +178,31 @@ class Run:
     return TrainedStage(self, name, step)
 
 
-def started_stages(workdir: str, config: dict | None) -> list[str]:
+def started_stages(workdir, config: dict | None) -> list[str]:
   """The run's stages that have started (their stage.json is written), in the run's order."""
+  workdir = paths.Path(workdir)
   if config is not None:
     order = stage_names(ml_collections.ConfigDict(config))
   else:
-    order = sorted(n for n in os.listdir(workdir) if os.path.isdir(os.path.join(workdir, n)))
-  return [n for n in order if read_json(os.path.join(workdir, n, 'stage.json')) is not None]
+    order = sorted(p.name for p in workdir.iterdir() if p.is_dir())
+  return [n for n in order if read_json(workdir / n / 'stage.json') is not None]
 
 
 def load_run(workdir: str) -> Run:
-  """The run in `workdir` as it is now: safe while it trains (see the module docstring)."""
-  if not os.path.isdir(workdir):
+  """The run in `workdir` (a local folder or gs://...) as it is now: safe while it trains (see
+  the module docstring)."""
+  path = paths.Path(workdir)
+  if not path.is_dir():
     raise ValueError(f'{workdir!r} is not a folder')
-  config = read_json(os.path.join(workdir, 'config.json'))
-  names = started_stages(workdir, config)
-  summary = read_json(os.path.join(workdir, 'summary.json'))
+  config = read_json(path / 'config.json')
+  names = started_stages(path, config)
+  summary = read_json(path / 'summary.json')
   if summary is None:
-    finished = {n: read_json(os.path.join(workdir, n, 'summary.json')) for n in names}
+    finished = {n: read_json(path / n / 'summary.json') for n in names}
     summary = {'stages': {n: s for n, s in finished.items() if s is not None}}
   return Run(workdir, config, summary,
-             {n: read_metrics(os.path.join(workdir, n, 'metrics.jsonl')) for n in names},
-             {n: complete_steps(os.path.join(workdir, n)) for n in names})
+             {n: read_metrics(path / n / 'metrics.jsonl') for n in names},
+             {n: complete_steps(path / n) for n in names})
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
@@ -218,7 +217,7 @@ class TrainedStage:
 
   def __init__(self, run: Run, name: str, step: int):
     self.run, self.name, self.step = run, name, step
-    self.dir = os.path.join(run.workdir, name)
+    self.dir = str(paths.Path(run.workdir) / name)
     self.info = checkpoint.read_stage_info(self.dir)
     kwargs = self.info.get('model_kwargs', {})
     self.model = get_model(self.info['model'], self.info['num_classes'], **kwargs)
@@ -272,8 +271,8 @@ class TrainedStage:
 
 def predict(stage_dir: str, images) -> np.ndarray:
   """Logits of a run's stage folder, at its newest checkpoint, for uint8 images [N, H, W, 3]."""
-  workdir, name = os.path.split(os.path.abspath(stage_dir))
-  return load_run(workdir).stage(name).predict(images)
+  stage_dir = paths.absolute(stage_dir)
+  return load_run(str(stage_dir.parent)).stage(stage_dir.name).predict(images)
 
 
 class Batch(NamedTuple):

@@ -8,9 +8,8 @@ Python value; `bigkd.build` turns it into arrays and functions, `bigkd.stages` r
 """
 import dataclasses
 import json
-import os
 
-from bigkd import checkpoint
+from bigkd import checkpoint, paths
 from bigkd.config import ConfigError, comma_list, merged, stage_names
 from bigkd.data.augment import CROP_SAMPLERS, TEACHING_MODES
 from bigkd.losses import DEFAULT_LOSS_TERMS, SUPERVISED_LOSS_TERMS, DISTILL_LOSSES, ENSEMBLE_MODES, FEATURE_LOSSES, \
@@ -81,6 +80,7 @@ class StagePlan:
   eval_crop_fraction: float
   log_every: int
   log_views: bool
+  tensorboard: bool
   eval_every: int
   checkpoint_every: int
   keep_checkpoints: int
@@ -350,13 +350,18 @@ def _objective(name, stage, teachers, model_shapes) -> dict:
               cka_pairs=cka)
 
 
+def stage_folder(workdir, name: str) -> str:
+  """WORKDIR/NAME, local or in a bucket."""
+  return str(paths.Path(workdir) / name)
+
+
 def _teacher_plans(name, stage, workdir, earlier, base_size):
   """The teachers of stage `name`, each resolved to a source path, model and resolution."""
   teachers = []
   for tname, t in stage.teachers.items():
     if t.source in earlier:
       src = earlier[t.source]
-      plan = TeacherPlan(tname, os.path.join(workdir, t.source), src.model, src.resolution,
+      plan = TeacherPlan(tname, stage_folder(workdir, t.source), src.model, src.resolution,
                          src.model_kwargs)
     elif t.source.endswith('.npz'):
       plan = TeacherPlan(tname, t.source, t.model, t.resolution, t.model_kwargs.to_dict())
@@ -438,7 +443,8 @@ def plan_stages(config, workdir: str, num_train_examples: int, num_classes: int,
         shard_resident=config.data.shard_resident, reader_threads=config.data.reader_threads,
         eval_batch_size=config.eval_batch_size,
         eval_crop_fraction=config.data.eval_crop_fraction,
-        log_every=config.log_every, log_views=config.log_views, eval_every=config.eval_every,
+        log_every=config.log_every, log_views=config.log_views,
+        tensorboard=config.tensorboard, eval_every=config.eval_every,
         checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
         **_objective(name, stage, teachers, model_shapes))
   plans = list(plans.values())
@@ -449,7 +455,7 @@ def plan_stages(config, workdir: str, num_train_examples: int, num_classes: int,
 
 def check_external_checkpoints(plans, workdir) -> None:
   """Teachers and initialisations from outside this run must exist and fit their models."""
-  internal = {os.path.join(workdir, p.name) for p in plans}
+  internal = {stage_folder(workdir, p.name) for p in plans}
   for plan in plans:
     checks = [(t.source, t.model, t.model_kwargs, t.resolution,
                f'stages.{plan.name}.teachers.{t.name}', None)

@@ -13,10 +13,9 @@ Example (after `python -m bigkd.train --config configs/digits.py:fast --workdir 
 import argparse
 import base64
 import html
-import os
 import sys
 
-from bigkd import cli, inspect, plots
+from bigkd import cli, inspect, paths, plots
 
 TABLE_KEYS = ('accuracy', 'teacher_accuracy', 'agreement', 'kl', 'cka')  # cka: mean over pairs
 
@@ -104,7 +103,7 @@ def render(run, split: str = 'test', examples: int = 4) -> str:
   state = 'finished' if run.finished else 'in progress'
   curves = [image_tag(plots.training_curves(run.metrics[name], name), f'{name}: training')
             for name in run.stages if len(run.metrics[name])]
-  parts = [f'<h1>bigkd run {html.escape(os.path.abspath(run.workdir))}</h1>',
+  parts = [f'<h1>bigkd run {html.escape(str(paths.absolute(run.workdir)))}</h1>',
            f'<p>Run {state}. Predictions at each stage\'s newest complete checkpoint.</p>',
            '<h2>Summary</h2>', summary_table(run, split),
            '<h2>Training curves</h2>', *curves,
@@ -116,14 +115,12 @@ def render(run, split: str = 'test', examples: int = 4) -> str:
 
 def write_report(workdir: str, out: str | None = None, split: str = 'test',
                  examples: int = 4) -> str:
-  """Writes the report (atomically: a reader never sees half a page); returns its path."""
+  """Writes the report (whole: a reader never sees half a page); returns its path."""
   run = inspect.load_run(workdir)
   if run.config is None:
     raise ValueError(f'{workdir!r} is not a bigkd workdir (no config.json)')
-  out = out or os.path.join(workdir, 'report.html')
-  with open(out + '.tmp', 'w') as f:
-    f.write(render(run, split, examples))
-  os.replace(out + '.tmp', out)
+  out = out or str(paths.Path(workdir) / 'report.html')
+  paths.write_text(out, render(run, split, examples))
   return out
 
 

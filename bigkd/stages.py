@@ -6,7 +6,6 @@ skipping finished ones and resuming an unfinished one from its latest checkpoint
 stage computes with is made by `bigkd.build.build_stage`; this module only steps it.
 """
 import json
-import os
 import signal
 import threading
 
@@ -17,9 +16,10 @@ from bigkd.tf_quiet import import_tensorflow
 import_tensorflow()  # before clu, whose TensorBoard writer imports it: no start-up notices
 from clu import metric_writers, periodic_actions  # noqa: E402
 
-from bigkd import checkpoint, views  # noqa: E402
+from bigkd import checkpoint, paths, views  # noqa: E402
 from bigkd import workdir as workdir_guard  # noqa: E402
 from bigkd.build import RunData, build_stage, setup  # noqa: E402
+from bigkd.config import ConfigError  # noqa: E402
 from bigkd.data.sampling import step_batch_indices  # noqa: E402
 from bigkd.plan import StagePlan  # noqa: E402
 from bigkd.sharding import describe  # noqa: E402
@@ -62,25 +62,26 @@ class StepRecordWriter(metric_writers.MetricWriter):
 
 class JsonlWriter(StepRecordWriter):
   """`metrics.jsonl`: one JSON object per logged step. Opened at `resume_step`, it first drops
-  the lines written after that checkpoint, so a resumed run's log equals an uninterrupted one."""
+  the lines written after that checkpoint, so a resumed run's log equals an uninterrupted one.
+  Each record is appended locally; in a bucket (no append) the file is written again whole,
+  once per logged step (a log of 10,000 records is about 3 MB)."""
 
-  def __init__(self, path: str, resume_step: int = 0):
+  def __init__(self, path, resume_step: int = 0):
     super().__init__()
-    lines = []
-    if resume_step and os.path.exists(path):
-      with open(path) as f:
-        lines = [l for l in f if l.strip() and json.loads(l)['step'] <= resume_step]
-    self._file = open(path, 'w')
-    self._file.writelines(lines)
-    self._file.flush()
+    self._path = paths.Path(path)
+    self._lines = []
+    if resume_step and self._path.exists():
+      self._lines = [l + '\n' for l in self._path.read_text().splitlines()
+                     if l.strip() and json.loads(l)['step'] <= resume_step]
+    paths.write_text(self._path, ''.join(self._lines))
 
   def emit(self, step, record):
-    self._file.write(json.dumps({'step': step, **record}) + '\n')
-    self._file.flush()
-
-  def close(self):
-    super().close()
-    self._file.close()
+    line = json.dumps({'step': step, **record}) + '\n'
+    self._lines.append(line)
+    if paths.is_bucket(self._path):
+      paths.write_text(self._path, ''.join(self._lines))
+    else:
+      paths.append_text(self._path, line)
 
 
 class ScalarSummaryWriter(metric_writers.SummaryWriter):
@@ -118,13 +119,14 @@ class ConsoleWriter(StepRecordWriter):
           flush=True)
 
 
-def make_writer(stage_dir: str, plan: StagePlan, resume_step: int):
-  """TensorBoard events, metrics.jsonl and the console, on process 0; nothing elsewhere."""
+def make_writer(stage_dir, plan: StagePlan, resume_step: int, tensorboard: bool):
+  """TensorBoard events (through TensorFlow's file system, which knows gs:// too),
+  metrics.jsonl and the console, on process 0; nothing elsewhere."""
   if jax.process_index() != 0:
     return metric_writers.MultiWriter([])
-  return metric_writers.MultiWriter([
-      ScalarSummaryWriter(stage_dir),
-      JsonlWriter(os.path.join(stage_dir, 'metrics.jsonl'), resume_step),
+  events = [ScalarSummaryWriter(str(stage_dir))] if tensorboard else []
+  return metric_writers.MultiWriter(events + [
+      JsonlWriter(paths.Path(stage_dir) / 'metrics.jsonl', resume_step),
       ConsoleWriter(plan.name, plan.steps)])
 
 
@@ -218,12 +220,11 @@ def run_stage(plan: StagePlan, data: RunData, mesh, workdir: str) -> dict:
   """Trains one stage to `plan.steps` (resuming from its newest readable checkpoint); returns
   and writes its summary (final val/test evaluation). Raises Preempted (a checkpoint was written
   where it stopped) or NonFinite (nothing bad was written)."""
-  stage_dir = os.path.join(workdir, plan.name)
-  summary_path = os.path.join(stage_dir, 'summary.json')
-  if os.path.exists(summary_path):
+  stage_dir = paths.Path(workdir) / plan.name
+  summary_path = stage_dir / 'summary.json'
+  if summary_path.exists():
     print(f'[{plan.name}] already finished; skipping', flush=True)
-    with open(summary_path) as f:
-      return json.load(f)
+    return paths.read_json(summary_path)
   is_main = jax.process_index() == 0
   if is_main:
     checkpoint.write_stage_info(stage_dir, plan.model, plan.model_kwargs, plan.resolution,
@@ -243,8 +244,8 @@ def run_stage(plan: StagePlan, data: RunData, mesh, workdir: str) -> dict:
           + ''.join(f'; teachers.{t.name}: {describe(p)}'
                     for t, p in zip(plan.teachers, stage.teacher_params)), flush=True)
 
-  writer = make_writer(stage_dir, plan, start_step)
-  if plan.teachers and plan.log_views and not start_step and is_main:
+  writer = make_writer(stage_dir, plan, start_step, plan.tensorboard)
+  if plan.teachers and plan.log_views and plan.tensorboard and not start_step and is_main:
     write_views(writer, stage, data)
   # Logging steps (and checkpoints) are the only host syncs: metrics and the non-finite flag
   # are fetched there and nowhere else.
@@ -286,8 +287,7 @@ def run_stage(plan: StagePlan, data: RunData, mesh, workdir: str) -> dict:
   summary = {'steps': plan.steps, 'model': plan.model, 'resolution': plan.resolution,
              **final_eval}
   if is_main:
-    with open(summary_path, 'w') as f:
-      json.dump(summary, f, indent=1)
+    paths.write_json(summary_path, summary)
   return summary
 
 
@@ -299,21 +299,38 @@ def print_table(summaries: dict) -> None:
           f'{fmt("test_agreement"):>10}')
 
 
+def checked_everywhere(check):
+  """`check()`'s result when it passed on every process; else this process's error (bad config
+  or workdir: exit code 2), or a ConfigError saying another process refused. Multi-host, a host
+  that cannot reach the bucket stops every process before any of them writes a file. Call it
+  before anything that synchronises the processes (orbax does, when it opens a teacher)."""
+  try:
+    result, error = check(), None
+  except ConfigError as e:
+    result, error = None, e
+  if not checkpoint.agreed(error is None):
+    raise error or ConfigError('another process refused the run (its error says why); '
+                               'nothing was written')
+  return result
+
+
 def run(config, workdir: str) -> dict:
   """Runs every stage of `config` in `workdir`; returns and writes the top-level summary.
   Every check (the workdir, the config against the one it was started with, the config itself,
   the data) comes before the workdir is touched: a refused run leaves it as it was."""
-  workdir_guard.check_path(workdir)
-  changes = workdir_guard.check_config(config, workdir)
+  def check_workdir():
+    workdir_guard.check_path(workdir)
+    return workdir_guard.check_config(config, workdir)
+
+  changes = checked_everywhere(check_workdir)
   mesh, data, plans = setup(config, workdir)
   workdir_guard.check_started_stages(plans, workdir)
   workdir_guard.start(config, workdir, changes, is_main=jax.process_index() == 0)
   summaries = {plan.name: run_stage(plan, data, mesh, workdir) for plan in plans}
   summary = {'stages': summaries}
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-      json.dump(summary, f, indent=1)
+    paths.write_json(paths.Path(workdir) / 'summary.json', summary)
     print_table(summaries)
-    print(f'\nreport: bigkd-report {workdir} writes {os.path.join(workdir, "report.html")} '
+    print(f'\nreport: bigkd-report {workdir} writes {paths.Path(workdir) / "report.html"} '
           '(or python -m bigkd.report)', flush=True)
   return summary

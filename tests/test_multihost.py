@@ -5,18 +5,11 @@ only its half of every batch (against 1 process with 1 device). They write metri
 once, and their sharded checkpoint (each process writing its own shards) restores in a single
 1-device process."""
 import os
-import socket
 
 import pytest
 
-from support import DISTILL_STEPS, assert_same_run, finish, read_metrics, start_runs, \
-    streamed_overrides
-
-
-def free_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
+from support import DISTILL_STEPS, assert_same_run, finish, free_port, read_metrics, \
+    start_runs, streamed_overrides
 
 
 RESIDENT = {'data.shard_resident': True, 'mesh.data': 1, 'mesh.fsdp': 4}

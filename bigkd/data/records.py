@@ -5,10 +5,9 @@ OUT/{split}/*.array_record hold one record per example: a 16-byte header of litt
 shards in order and the classes. Writer and reader both import this module and nothing else of
 each other.
 """
-import json
-import os
 import struct
 
+from bigkd import paths
 from bigkd.data.errors import DataError
 
 RECORD_VERSION = 1
@@ -36,8 +35,7 @@ def decode_record(record: bytes) -> tuple[bytes, int, int, int]:
 
 def read_info(folder: str) -> dict:
   """FOLDER/info.json (a split's, or OUT's own); OSError when it was never written."""
-  with open(os.path.join(folder, INFO)) as f:
-    return json.load(f)
+  return paths.read_json(paths.Path(folder) / INFO)
 
 
 class RecordSplit:
@@ -46,9 +44,9 @@ class RecordSplit:
   workers), and opens the shards on first access."""
 
   def __init__(self, out_dir: str, split: str):
-    split_dir = os.path.join(out_dir, split)
+    split_dir = paths.Path(out_dir) / split
     self.info = read_info(split_dir)  # OSError: not prepared
-    self.paths = [os.path.join(split_dir, name) for name in self.info['shards']]
+    self.paths = [str(split_dir / name) for name in self.info['shards']]
     self.class_names = list(self.info['class_names'])
     self.num_classes = int(self.info['num_classes'])
     self._records = None
@@ -68,7 +66,7 @@ class RecordSplit:
       import grain
       self._records = grain.sources.ArrayRecordDataSource(self.paths)
       if len(self._records) != len(self):
-        raise DataError(f'{os.path.dirname(self.paths[0])}: {len(self._records)} records, '
+        raise DataError(f'{paths.Path(self.paths[0]).parent}: {len(self._records)} records, '
                         f'info.json says {len(self)}')
     return self._records
 

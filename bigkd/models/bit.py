@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bigkd import paths
 from bigkd.models.registry import get_model, register
 
 BLOCK_UNITS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
@@ -287,7 +288,7 @@ def _infer_model(flat: dict, num_classes: int, where) -> ResNetV2:
 
 
 def _read_npz(path) -> dict[str, np.ndarray]:
-  with np.load(path, allow_pickle=False) as archive:
+  with paths.Path(path).open('rb') as f, np.load(f, allow_pickle=False) as archive:
     return {k: np.asarray(archive[k]) for k in archive.files}
 
 
@@ -295,7 +296,7 @@ def _read_npz_headers(path) -> dict[str, np.ndarray]:
   """{key: a zero-stride stand-in with the stored shape and dtype}: only the .npy headers are
   read, so checking a multi-GB teacher file costs nothing."""
   arrays = {}
-  with zipfile.ZipFile(path) as archive:
+  with paths.Path(path).open('rb') as file, zipfile.ZipFile(file) as archive:
     for name in archive.namelist():
       with archive.open(name) as f:
         version = np.lib.format.read_magic(f)
@@ -348,5 +349,5 @@ def load_npz(path, model: nn.Module | str | None = None, num_classes: int | None
 def save_npz(params, path) -> None:
   """Writes `params` in the released layout (flat keys, HWIO kernels) to exactly `path`."""
   arrays = {k: np.asarray(v, np.float32) for k, v in flatten(params).items()}
-  with open(path, 'wb') as f:
+  with paths.Path(path).open('wb') as f:
     np.savez(f, **arrays)
