@@ -141,11 +141,12 @@ def test_two_processes_train_resume_and_fall_back_in_a_bucket(gcs, reference_run
   assert_same_run(reference_run.stage_dir(), str(stage), 'in a bucket, killed and resumed')
   assert [m['step'] for m in read_metrics(stage)] == [3, 6]
 
-  from bigkd import inspect, report
+  from bigkd import inspect
   run = inspect.load_run(workdir)
   assert run.finished and run.stages == ['student'] and run.checkpoints['student'] == [4, 6]
   assert list(run.metrics['student']['step']) == [3, 6]
-  assert report.write_report(workdir) == f'{workdir}/report.html'
+  report = run_main('bigkd.report', [workdir])  # bigkd-report
+  assert report.returncode == 0 and report.stdout.strip() == f'{workdir}/report.html', report
   assert '<h1>bigkd run gs://bigkd-test/run</h1>' in paths.Path(workdir, 'report.html').read_text()
 
 
