@@ -147,16 +147,25 @@ STAGE_FIELDS = (
      'FitNets hints: mean squared error of the student feature (through a 1x1 conv + norm '
      "adapter where shapes differ, trained with the student, never exported) vs the teacher's"),
     ('loss_weights.at', 0.0,
-     'attention transfer: L2 between normalised attention maps (teacher map resized to the '
-     "student's spatial size)"),
+     'attention transfer: L2 between normalised attention maps (of features of another size: '
+     'see loss_options.at_match)'),
     ('loss_weights.sp', 0.0, 'similarity-preserving: batch similarity matrices'),
-    ('loss_weights.pkt', 0.0, 'probabilistic KT: cosine-kernel conditional distributions'),
+    ('loss_weights.pkt', 0.0, 'probabilistic KT: cosine-kernel conditional distributions '
+     '(the reference code\'s form: its weights, e.g. 30000, apply as they are)'),
     ('loss_weights.rkd_distance', 0.0,
-     'RKD distance-wise (the paper: 25); vector taps (prelogits)'),
-    ('loss_weights.rkd_angle', 0.0, 'RKD angle-wise (the paper: 50); vector taps (prelogits)'),
+     'RKD distance-wise, as the reference code (the paper: 25); vector taps (prelogits)'),
+    ('loss_weights.rkd_angle', 0.0,
+     'RKD angle-wise, as the reference code (the paper: 50); vector taps (prelogits)'),
     ('loss_weights.dkd', 0.0, 'decoupled KD on the logits (target class: label argmax)'),
     ('loss_weights.dist', 0.0, "DIST: Pearson relations of the logits' probabilities"),
     ('loss_options.at_p', 2.0, 'attention map: mean over channels of |feature|^p'),
+    ('loss_options.at_match', 'pool',
+     "AT between features of different spatial sizes: 'pool' the larger feature to the "
+     "smaller's size (RepDistiller, mdistiller) or 'resize' the teacher's map to the student's"),
+    ('loss_options.pkt_form', 'reference',
+     "'reference' (the authors' code: mean over all b² pairs, self-pairs included) or "
+     "'per_anchor' (self-pairs left out, mean of each anchor's KL: ~b× larger, the same size at "
+     'any batch size)'),
     ('loss_options.dkd_alpha', 1.0, 'DKD: weights of the target / non-target class terms'),
     ('loss_options.dkd_beta', 8.0, 'DKD: weights of the target / non-target class terms'),
     ('loss_options.dkd_temperature', 4.0, 'DKD temperature (the loss is scaled by T²)'),

@@ -4,6 +4,7 @@ Logits are float32 [B, classes]; `labels` are (possibly mixed) one-hot targets [
 """
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 DISTILL_LOSSES = ('kl', 'hard_pseudo', 'logit_l2')
 ENSEMBLE_MODES = ('logits', 'probs')
@@ -123,7 +124,29 @@ def attention_map(feature, p=2, size=None):
   return _l2_normalize(_flatten(spatial))
 
 
-def attention_transfer(teacher_feature, student_feature, p=2, squared=False):
+def _adaptive_average_matrix(size_in: int, size_out: int) -> np.ndarray:
+  """[size_out, size_in]: row i averages inputs floor(i·n/m) .. ceil((i+1)·n/m) − 1, the bins
+  of PyTorch's adaptive average pooling (equal blocks when m divides n)."""
+  rows = np.zeros((size_out, size_in))
+  for i in range(size_out):
+    start, end = (i * size_in) // size_out, -((-(i + 1) * size_in) // size_out)
+    rows[i, start:end] = 1 / (end - start)
+  return rows
+
+
+def adaptive_average_pool(feature, size):
+  """[B, H, W, C] -> [B, H', W', C] by adaptive average pooling (PyTorch's
+  `adaptive_avg_pool2d` bins), H' ≤ H and W' ≤ W."""
+  rows = _adaptive_average_matrix(feature.shape[1], size[0])
+  cols = _adaptive_average_matrix(feature.shape[2], size[1])
+  return jnp.einsum('ih,jw,bhwc->bijc', rows.astype(feature.dtype), cols.astype(feature.dtype),
+                    feature)
+
+
+AT_MATCHES = ('pool', 'resize')
+
+
+def attention_transfer(teacher_feature, student_feature, p=2, squared=False, match='pool'):
   """Attention transfer (Zagoruyko & Komodakis 2017, sec. 3.1), with Q = `attention_map`:
 
     squared=False (the paper): mean over the batch of ‖Q_s − Q_t‖₂;
@@ -131,14 +154,25 @@ def attention_transfer(teacher_feature, student_feature, p=2, squared=False):
         (Q_s − Q_t)², i.e. mean_b ‖Q_s − Q_t‖₂² / (H·W); the code weights it by β/2, β = 1000.
 
   The paper's β/2 (and the code's) is left to the loss weight. The channel counts may differ
-  (they are averaged away); where the spatial sizes differ, the teacher's map is resized to the
-  student's (the paper pairs layers of equal size; a student at a lower resolution has none).
+  (they are averaged away). Where the spatial sizes differ (the paper pairs layers of equal
+  size; a student at a lower resolution has none), `match`:
+    'pool' (RepDistiller's and mdistiller's AT): the larger feature is adaptive-average-pooled
+        to the smaller one's size before its map is taken;
+    'resize': the teacher's map is resized to the student's size (linear, antialiased when
+        shrinking); the student keeps its own resolution, also when it is the larger one.
   """
   if teacher_feature.ndim != 4 or student_feature.ndim != 4:
     raise ValueError(f'attention transfer needs spatial features [B, H, W, C], got teacher '
                      f'{teacher_feature.shape[1:]} and student {student_feature.shape[1:]}')
+  if match not in AT_MATCHES:
+    raise ValueError(f'match={match!r}: one of {AT_MATCHES}')
   size = student_feature.shape[1:-1]
-  diff = attention_map(student_feature, p) - attention_map(teacher_feature, p, size)
+  if match == 'resize':
+    diff = attention_map(student_feature, p) - attention_map(teacher_feature, p, size)
+  else:
+    small = tuple(min(a, b) for a, b in zip(size, teacher_feature.shape[1:-1]))
+    pooled = lambda f: f if f.shape[1:-1] == small else adaptive_average_pool(f, small)
+    diff = attention_map(pooled(student_feature), p) - attention_map(pooled(teacher_feature), p)
   if squared:
     return jnp.mean(diff ** 2)
   # max(·, tiny) before the root: its gradient at student == teacher is then 0, not NaN.
@@ -160,25 +194,43 @@ def similarity_preserving(teacher_feature, student_feature):
   return jnp.sum(diff ** 2) / batch ** 2
 
 
-def _pkt_conditionals(feature):
+PKT_FORMS = ('reference', 'per_anchor')
+
+
+def _pkt_conditionals(feature, eps, keep_self):
   """Passalis & Tefas 2018, sec. 3: the cosine kernel K(a, b) = ½(cos(a, b) + 1) ∈ [0, 1]
-  between the examples of the batch, normalised into conditional probabilities over the other
-  examples, p_{j|i} = K(x_i, x_j) / Σ_{k≠i} K(x_i, x_k); p_{i|i} = 0."""
-  unit = _l2_normalize(_flatten(feature))
+  between the examples of the batch (each row divided by its norm + eps, as the authors' code),
+  normalised into conditional probabilities p_{j|i} = K(x_i, x_j) / Σ_k K(x_i, x_k); without
+  `keep_self`, over the other examples only (p_{i|i} = 0)."""
+  flat = _flatten(feature)
+  unit = flat / (jnp.sqrt(jnp.maximum(jnp.sum(flat * flat, -1, keepdims=True), 1e-30)) + eps)
   kernel = (unit @ unit.T + 1) / 2
-  kernel = kernel * (1 - jnp.eye(kernel.shape[0], dtype=kernel.dtype))
+  if not keep_self:
+    kernel = kernel * (1 - jnp.eye(kernel.shape[0], dtype=kernel.dtype))
   return kernel / jnp.sum(kernel, axis=-1, keepdims=True)
 
 
-def pkt(teacher_feature, student_feature, eps=1e-7):
+def pkt(teacher_feature, student_feature, eps=1e-7, form='reference'):
   """Probabilistic knowledge transfer (Passalis & Tefas 2018, sec. 3): the KL divergence of the
-  student's conditional probabilities q_{j|i} from the teacher's p_{j|i}, averaged over anchors i:
-      mean_i Σ_{j≠i} p_{j|i} log((p_{j|i} + eps) / (q_{j|i} + eps)).
-  The paper sums over anchors (here: the mean, a factor of b); the authors' code also keeps the
-  diagonal j = i in the normalisation and averages over all b² entries. `eps` keeps log finite
-  where a kernel entry is 0 (opposite feature vectors)."""
-  p, q = _pkt_conditionals(teacher_feature), _pkt_conditionals(student_feature)
-  return jnp.mean(jnp.sum(p * jnp.log((p + eps) / (q + eps)), axis=-1))
+  student's conditional probabilities q_{j|i} from the teacher's p_{j|i}, `eps` keeping the log
+  finite where a kernel entry is 0 (opposite feature vectors).
+
+    form='reference' (the authors' code, copied by RepDistiller, mdistiller and torchdistill;
+        their weights, e.g. 30000, apply as they are): j runs over the whole batch, i = j
+        included, and the mean is over all b² entries,
+        (1/b²) Σ_i Σ_j p_{j|i} log((p_{j|i} + eps) / (q_{j|i} + eps));
+    form='per_anchor': j ≠ i (an example's similarity to itself is 1 for every network and
+        says nothing), and the mean is over anchors i of the per-anchor KL. About b times the
+        reference, and unlike it the same size at any batch size: a weight tuned at batch 64
+        still means the same at 4096 (the reference's shrinks like 1/b).
+  """
+  if form not in PKT_FORMS:
+    raise ValueError(f'form={form!r}: one of {PKT_FORMS}')
+  keep_self = form == 'reference'
+  p = _pkt_conditionals(teacher_feature, eps, keep_self)
+  q = _pkt_conditionals(student_feature, eps, keep_self)
+  kl = p * jnp.log((p + eps) / (q + eps))
+  return jnp.mean(kl) if keep_self else jnp.mean(jnp.sum(kl, axis=-1))
 
 
 def _off_diagonal(n, dtype):
@@ -194,8 +246,10 @@ def _distances(x):
 
 def rkd_distance(teacher_feature, student_feature):
   """RKD distance-wise loss (Park et al. 2019, sec. 3.2): ψ_D(x_i, x_j) = ‖x_i − x_j‖₂ / μ, μ the
-  mean distance over the pairs i ≠ j of the batch; loss = mean over the pairs i ≠ j of
-  Huber(ψ_D(s) − ψ_D(t)) (the paper sums over pairs)."""
+  mean distance over the pairs i ≠ j of the batch; loss = Σ_{i≠j} Huber(ψ_D(s) − ψ_D(t)) / b²,
+  the mean over all b² entries as the authors' code (and RepDistiller) takes it, the diagonal's
+  zeros included, so that their weight (25) applies as it is. (The mean over the b(b−1) pairs
+  alone would be b/(b−1) larger: 6.7% at b = 16, nothing at the paper's batch sizes.)"""
   def normalized(feature):
     flat = _flatten(feature)
     mask = _off_diagonal(flat.shape[0], flat.dtype)
@@ -203,7 +257,7 @@ def rkd_distance(teacher_feature, student_feature):
     return dist / (jnp.sum(dist) / jnp.sum(mask)), mask
   psi_t, mask = normalized(teacher_feature)
   psi_s, _ = normalized(student_feature)
-  return jnp.sum(_huber(psi_s - psi_t) * mask) / jnp.sum(mask)
+  return jnp.sum(_huber(psi_s - psi_t) * mask) / mask.size
 
 
 def _angles(feature):
@@ -215,14 +269,15 @@ def _angles(feature):
 
 
 def rkd_angle(teacher_feature, student_feature):
-  """RKD angle-wise loss (Park et al. 2019, sec. 3.2): mean over the triplets of distinct
-  examples of Huber(ψ_A(s) − ψ_A(t)), ψ_A the cosine of the angle at the middle example (the
-  paper sums over triplets). Memory: b²·D for the differences, b³ for the angles."""
+  """RKD angle-wise loss (Park et al. 2019, sec. 3.2): Σ over the triplets of distinct examples
+  of Huber(ψ_A(s) − ψ_A(t)) / b³, ψ_A the cosine of the angle at the middle example: the mean
+  over all b³ entries as the authors' code takes it (the others are 0 for both networks), so
+  that their weight (50) applies as it is. Memory: b²·D for the differences, b³ for the angles."""
   b = teacher_feature.shape[0]
   i, j, k = jnp.ogrid[:b, :b, :b]
   distinct = ((i != j) & (j != k) & (i != k)).astype(teacher_feature.dtype)
   diff = _angles(student_feature) - _angles(teacher_feature)
-  return jnp.sum(_huber(diff) * distinct) / jnp.sum(distinct)
+  return jnp.sum(_huber(diff) * distinct) / distinct.size
 
 
 def rkd_loss(teacher_feature, student_feature, distance_weight=25.0, angle_weight=50.0):
@@ -273,10 +328,15 @@ def linear_warmup(step, warmup_steps):
   return jnp.minimum(step / warmup_steps, 1.0)
 
 
-def _pearson_distance(x, y, axis):
-  """1 − Pearson correlation of x and y along `axis`: 1 − cos of the centred vectors."""
-  centred = lambda v: _l2_normalize(v - jnp.mean(v, axis=axis, keepdims=True), axis=axis)
-  return 1 - jnp.sum(centred(x) * centred(y), axis=axis)
+def _pearson_distance(x, y, axis, eps=1e-8):
+  """1 − Pearson correlation of x and y along `axis`, as the DIST authors' code computes it:
+  1 − ⟨x̄, ȳ⟩ / (‖x̄‖·‖ȳ‖ + eps), x̄, ȳ the centred vectors. Where both norms are tiny (a
+  class that every example gives almost no probability), eps dominates and the correlation
+  goes to 0: such a class adds a constant 1 and no gradient, as in the reference."""
+  x = x - jnp.mean(x, axis=axis, keepdims=True)
+  y = y - jnp.mean(y, axis=axis, keepdims=True)
+  norm = lambda v: jnp.sqrt(jnp.maximum(jnp.sum(v * v, axis=axis), 1e-30))  # finite gradient
+  return 1 - jnp.sum(x * y, axis=axis) / (norm(x) * norm(y) + eps)
 
 
 def dist_loss(teacher_logits, student_logits, beta=1.0, gamma=1.0, temperature=1.0):

@@ -76,9 +76,10 @@ def _fitnet(pair, teacher_feature, student_feature, aux_params, options):
 # Feature losses: fn(pair, teacher feature, student feature, aux params, options).
 FEATURE_TERMS = {
     'fitnet': _fitnet,
-    'at': lambda p, t, s, aux, opt: losses.attention_transfer(t, s, p=opt['at_p']),
+    'at': lambda p, t, s, aux, opt: losses.attention_transfer(t, s, p=opt['at_p'],
+                                                              match=opt['at_match']),
     'sp': lambda p, t, s, aux, opt: losses.similarity_preserving(t, s),
-    'pkt': lambda p, t, s, aux, opt: losses.pkt(t, s),
+    'pkt': lambda p, t, s, aux, opt: losses.pkt(t, s, form=opt['pkt_form']),
     'rkd_distance': lambda p, t, s, aux, opt: losses.rkd_distance(t, s),
     'rkd_angle': lambda p, t, s, aux, opt: losses.rkd_angle(t, s),
 }

@@ -13,7 +13,7 @@ from bigkd import checkpoint, paths
 from bigkd.config import ConfigError, comma_list, merged, stage_names
 from bigkd.data.augment import CROP_SAMPLERS, TEACHING_MODES
 from bigkd.losses import DEFAULT_LOSS_TERMS, SUPERVISED_LOSS_TERMS, DISTILL_LOSSES, ENSEMBLE_MODES, FEATURE_LOSSES, \
-    LOSS_TERMS
+    LOSS_TERMS, AT_MATCHES, PKT_FORMS
 from bigkd.models import feature_shapes, model_names
 from bigkd.optim import DTYPES, OPTIMIZERS, SCHEDULES
 from bigkd.sharding import mesh_shape
@@ -266,6 +266,9 @@ def _check_objective(stage, where) -> None:
     _need(options[key] > 0, f'{where}.loss_options.{key}={options[key]} must be positive')
   for key in ('dkd_alpha', 'dkd_beta', 'dkd_warmup_steps', 'dist_beta', 'dist_gamma'):
     _need(options[key] >= 0, f'{where}.loss_options.{key}={options[key]} must be >= 0')
+  for key, known in (('at_match', AT_MATCHES), ('pkt_form', PKT_FORMS)):
+    _need(options[key] in known, f'{where}.loss_options.{key}={options[key]!r}: one of '
+          f'{", ".join(known)}')
 
 
 def _parse_pair(pair, stage, where, feature_terms) -> tuple[str, str, str, tuple]:

@@ -147,29 +147,52 @@ def test_adapter_shapes_and_refusals():
 
 # --- Attention transfer. ---
 
-def np_attention_transfer(teacher, student, p, squared):
-  """Zagoruyko & Komodakis: Q = vec(Σ_c |A_c|^p), normalised; ‖Q_s/‖Q_s‖ − Q_t/‖Q_t‖‖₂. A
-  teacher map of another spatial size is resized to the student's first (`np_resize`)."""
+def np_adaptive_pool(feature, h, w):
+  """PyTorch's adaptive_avg_pool2d on [B, H, W, C]: output (i, j) averages input rows
+  floor(i·H/h) .. ceil((i+1)·H/h) − 1 and the columns likewise."""
+  H, W = feature.shape[1:3]
+  out = np.zeros((len(feature), h, w, feature.shape[3]))
+  for i in range(h):
+    for j in range(w):
+      r0, r1 = math.floor(i * H / h), math.ceil((i + 1) * H / h)
+      c0, c1 = math.floor(j * W / w), math.ceil((j + 1) * W / w)
+      out[:, i, j] = feature[:, r0:r1, c0:c1].mean(axis=(1, 2))
+  return out
+
+
+def np_attention_transfer(teacher, student, p, squared, match='pool'):
+  """Zagoruyko & Komodakis: Q = vec(Σ_c |A_c|^p), normalised; ‖Q_s/‖Q_s‖ − Q_t/‖Q_t‖‖₂. Of
+  another spatial size: RepDistiller's / mdistiller's AT pools the larger feature to the
+  smaller's size first ('pool'); or the teacher's map is resized to the student's ('resize')."""
   def q(feature, size=None):
     a = np.sum(np.abs(feature) ** p, axis=-1)
     a = rows(a if size is None else np_resize(a, *size))
     return a / np.linalg.norm(a, axis=1, keepdims=True)
-  diff = q(student) - q(teacher, student.shape[1:3])
+  if match == 'resize':
+    diff = q(student) - q(teacher, student.shape[1:3])
+  else:
+    h, w = (min(a, b) for a, b in zip(student.shape[1:3], teacher.shape[1:3]))
+    pool = lambda f: f if f.shape[1:3] == (h, w) else np_adaptive_pool(f, h, w)
+    diff = q(pool(student)) - q(pool(teacher))
   if squared:  # the authors' code: (at(x) - at(y)).pow(2).mean()
     return np.mean(diff ** 2)
   return np.mean(np.linalg.norm(diff, axis=1))
 
 
-@pytest.mark.parametrize('squared,teacher_hw,p', [
-    (False, (3, 4), 2), (True, (3, 4), 2),
-    (False, (5, 6), 3),   # a larger teacher map, shrunk (antialiased) to the student's 3x4
-    (False, (2, 2), 2),   # a smaller one, enlarged
+@pytest.mark.parametrize('squared,teacher_hw,p,match', [
+    (False, (3, 4), 2, 'pool'), (True, (3, 4), 2, 'pool'),
+    (False, (5, 6), 3, 'pool'),     # a larger teacher feature, pooled to the student's 3x4
+    (True, (6, 8), 2, 'pool'),      # twice as large: 2x2 blocks
+    (False, (2, 2), 2, 'pool'),     # a smaller one: the student's feature is pooled to 2x2
+    (False, (5, 6), 3, 'resize'),   # the teacher's map shrunk (antialiased) to 3x4
+    (False, (2, 2), 2, 'resize'),   # or enlarged
 ])
-def test_attention_transfer_matches_numpy(squared, teacher_hw, p):
+def test_attention_transfer_matches_numpy(squared, teacher_hw, p, match):
   teacher, student = RNG.normal(size=(3, *teacher_hw, 5)), RNG.normal(size=(3, 3, 4, 2))
   assert_matches_reference(
-      functools.partial(losses.attention_transfer, p=p, squared=squared),
-      functools.partial(np_attention_transfer, p=p, squared=squared), teacher, student)
+      functools.partial(losses.attention_transfer, p=p, squared=squared, match=match),
+      functools.partial(np_attention_transfer, p=p, squared=squared, match=match),
+      teacher, student)
   with pytest.raises(ValueError, match='spatial features'):
     losses.attention_transfer(teacher, student.reshape(3, -1))
 
@@ -192,22 +215,30 @@ def test_similarity_preserving_matches_numpy():
 
 # --- PKT. ---
 
-def np_pkt(teacher, student, eps=1e-7):
-  """Passalis & Tefas: K = ½(cos + 1), p_{j|i} = K_ij / Σ_{k≠i} K_ik (j ≠ i), KL per anchor i."""
+def np_pkt(teacher, student, eps=1e-7, form='reference'):
+  """Passalis & Tefas as their code computes it: each row divided by (its norm + eps),
+  K = ½(cos + 1). 'reference': p_{j|i} = K_ij / Σ_k K_ik over the whole batch (i included) and
+  the mean over all b² entries of p log((p + eps)/(q + eps)); 'per_anchor': j, k ≠ i, the KL of
+  each anchor i, averaged over anchors."""
   def conditionals(feature):
     x = rows(feature)
+    x = x / (np.linalg.norm(x, axis=1, keepdims=True) + eps)
     n = len(x)
-    cos = lambda a, b: a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
-    kernel = [[0.5 * (cos(x[i], x[j]) + 1) for j in range(n)] for i in range(n)]
-    return [{j: kernel[i][j] / sum(kernel[i][k] for k in range(n) if k != i)
-             for j in range(n) if j != i} for i in range(n)]
+    kernel = [[0.5 * (x[i] @ x[j] + 1) for j in range(n)] for i in range(n)]
+    others = lambda i: [j for j in range(n) if form == 'reference' or j != i]
+    return [{j: kernel[i][j] / sum(kernel[i][k] for k in others(i)) for j in others(i)}
+            for i in range(n)]
   p, q = conditionals(teacher), conditionals(student)
-  return np.mean([sum(p[i][j] * np.log((p[i][j] + eps) / (q[i][j] + eps)) for j in p[i])
-                  for i in range(len(p))])
+  kl = [sum(p[i][j] * np.log((p[i][j] + eps) / (q[i][j] + eps)) for j in p[i])
+        for i in range(len(p))]
+  return sum(kl) / len(p) ** 2 if form == 'reference' else np.mean(kl)
 
 
-def test_pkt_matches_numpy():
-  assert_matches_reference(losses.pkt, np_pkt, RNG.normal(size=(5, 4)), RNG.normal(size=(5, 3)))
+@pytest.mark.parametrize('form', ['reference', 'per_anchor'])
+def test_pkt_matches_numpy(form):
+  assert_matches_reference(functools.partial(losses.pkt, form=form),
+                           functools.partial(np_pkt, form=form),
+                           RNG.normal(size=(5, 4)), RNG.normal(size=(5, 3)))
 
 
 # --- RKD. ---
@@ -237,11 +268,13 @@ def np_rkd_angle_terms(teacher, student):
 
 
 def np_rkd_distance(teacher, student):
-  return np.mean([np_huber(d) for d in np_rkd_distance_terms(teacher, student)])
+  """The authors' code: smooth_l1_loss over the whole b x b matrix (zeros on its diagonal)."""
+  return sum(np_huber(d) for d in np_rkd_distance_terms(teacher, student)) / len(teacher) ** 2
 
 
 def np_rkd_angle(teacher, student):
-  return np.mean([np_huber(d) for d in np_rkd_angle_terms(teacher, student)])
+  """The authors' code: smooth_l1_loss over all b³ entries (0 unless i, j, k are distinct)."""
+  return sum(np_huber(d) for d in np_rkd_angle_terms(teacher, student)) / len(teacher) ** 3
 
 
 def np_rkd_25_50(teacher, student):
@@ -303,12 +336,12 @@ def test_dkd_matches_numpy_with_labels_one_hot_or_mixed():
 
 # --- DIST. ---
 
-def np_dist(teacher_logits, student_logits, beta, gamma, temperature):
+def np_dist(teacher_logits, student_logits, beta, gamma, temperature, eps=1e-8):
   """Huang et al.: d = 1 − Pearson r; inter over each example's classes, intra over each class's
-  examples; τ²·(β·inter + γ·intra)."""
+  examples; τ²·(β·inter + γ·intra). r as their code: ⟨ū, v̄⟩ / (‖ū‖·‖v̄‖ + 1e-8)."""
   def pearson(u, v):
     u, v = u - u.mean(), v - v.mean()
-    return np.sum(u * v) / np.sqrt(np.sum(u * u) * np.sum(v * v))
+    return np.sum(u * v) / (np.linalg.norm(u) * np.linalg.norm(v) + eps)
   yt, ys = np_softmax(teacher_logits / temperature), np_softmax(student_logits / temperature)
   inter = np.mean([1 - pearson(ys[i], yt[i]) for i in range(len(yt))])
   intra = np.mean([1 - pearson(ys[:, j], yt[:, j]) for j in range(yt.shape[1])])
@@ -320,6 +353,33 @@ def test_dist_matches_numpy():
   assert_matches_reference(functools.partial(losses.dist_loss, **args),
                            functools.partial(np_dist, **args),
                            3 * RNG.normal(size=(4, 6)), 3 * RNG.normal(size=(4, 6)))
+
+
+# --- The reference conventions at any batch size and scale: values only (the gradients are
+# checked above), batches odd and even, inputs as they come and ×20 (large logits: DIST's eps
+# matters where a class's probabilities are tiny). ---
+
+@pytest.mark.parametrize('batch', [3, 8, 13])
+@pytest.mark.parametrize('scale', [1.0, 20.0])
+def test_reference_conventions_at_any_batch_size_and_scale(batch, scale):
+  rng = np.random.default_rng(batch)
+  teacher, student = scale * rng.normal(size=(batch, 6)), scale * rng.normal(size=(batch, 4))
+  spatial_t = scale * rng.normal(size=(batch, 6, 6, 3))
+  spatial_s = scale * np.maximum(rng.normal(size=(batch, 3, 3, 2)), 0)  # ReLU'd
+  logits_t, logits_s = scale * rng.normal(size=(batch, 10)), scale * rng.normal(size=(batch, 10))
+  cases = [
+      (losses.pkt, np_pkt, teacher, student),
+      (losses.rkd_distance, np_rkd_distance, teacher, student),
+      (losses.rkd_angle, np_rkd_angle, teacher, student),
+      (losses.dist_loss, functools.partial(np_dist, beta=1.0, gamma=1.0, temperature=1.0),
+       logits_t, logits_s),
+      (functools.partial(losses.attention_transfer, squared=True),
+       functools.partial(np_attention_transfer, p=2, squared=True), spatial_t, spatial_s),
+  ]
+  with jax.enable_x64(True):
+    for loss, reference, t, s in cases:
+      np.testing.assert_allclose(float(jax.jit(loss)(t, s)), reference(t, s), rtol=1e-5,
+                                 err_msg=f'{loss} at batch {batch}, scale {scale}')
 
 
 # --- All: zero at student == teacher, with finite gradients (no 0/0 in a norm or root), also

@@ -14,7 +14,8 @@ from bigkd.step import FeaturePair, Objective, StepSpec, Teacher, make_loss_fn
 
 B, CLASSES, RES, T_RES = 12, 10, 8, 10
 OPTIONS = dict(at_p=2.0, dkd_alpha=1.0, dkd_beta=8.0, dkd_temperature=4.0, dkd_warmup_steps=5,
-               dist_beta=1.0, dist_gamma=2.0, dist_temperature=1.5)
+               dist_beta=1.0, dist_gamma=2.0, dist_temperature=1.5, at_match='pool',
+               pkt_form='reference')
 ADAPTER = 'a0'
 
 
