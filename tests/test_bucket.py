@@ -15,7 +15,7 @@ import pytest
 
 from bigkd import paths
 from support import REPO, GcsEmulator, assert_same_run, finish, free_port, read_metrics, \
-    run_main, start_runs
+    run_main, start_runs, write_jpeg_folder
 
 BUCKET = 'gs://bigkd-test'
 
@@ -60,6 +60,19 @@ def test_metrics_log_resumes_in_a_bucket(gcs):
   resumed.write_scalars(9, {'loss': 0.5})
   resumed.close()
   assert [(m['step'], m['loss']) for m in read_metrics(path.parent)] == [(3, 3), (6, 6), (9, .5)]
+
+
+def test_prepared_records_are_read_from_a_bucket(gcs, tmp_path):
+  from bigkd.data.records import RecordSplit
+  root = write_jpeg_folder(str(tmp_path / 'jpegs'), per_class={'train': 3, 'val': 1})
+  result = run_main('bigkd.prepare', ['--folder', root, '--out', str(tmp_path / 'prepared'),
+                                      '--shards', '2', '--workers', '1'])
+  assert result.returncode == 0, result.stderr
+  fsspec.filesystem('gcs').put(str(tmp_path / 'prepared'), f'{BUCKET}/prepared', recursive=True)
+  local, remote = (RecordSplit(d, 'train') for d in (str(tmp_path / 'prepared'),
+                                                       f'{BUCKET}/prepared'))
+  assert len(remote) == len(local) == 9 and remote.class_names == local.class_names
+  assert [remote[i] for i in range(len(local))] == [local[i] for i in range(len(local))]
 
 
 # Modules that read or write workdirs, stage folders, teacher sources or prepared data.
