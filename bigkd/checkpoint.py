@@ -134,9 +134,10 @@ def restore_newest_good(mngr: ocp.CheckpointManager, state, stage: str):
     warn(f'checkpoint {step} of stage {stage} is unreadable ({reason}); {fallback}')
     damaged.append((step, reason))
   if damaged:
+    steps = ', '.join(str(bad) for bad, _ in damaged)
     raise CheckpointError(f'stage {stage}: no readable checkpoint in {mngr.directory} '
-                          f'(step(s) {", ".join(str(d) for d, _ in damaged)} damaged); move the folder '
-                          'away to start the stage again')
+                          f'(step(s) {steps} damaged); move the folder away to start the stage '
+                          'again')
   return state, 0
 
 

@@ -3,10 +3,11 @@
 On a multi-host slice the hosts share no disk, so the workdir, teacher stage folders and
 `.npz` files live in a bucket, as in big_vision and MaxText. Every file bigkd reads or writes
 there goes through `etils.epath.Path`, the path type orbax uses. Bucket paths go through
-fsspec's gcsfs (`EPATH_USE_TF=false`, set here unless the environment sets it): one client for
-bigkd's files and orbax's metadata, and one that can be pointed at a local GCS emulator
-(tests/test_bucket.py), without a listings cache; orbax's arrays go through TensorStore. A bucket has no append, no
-folders and no atomic rename, but writing an object is all-or-nothing: files are written whole.
+fsspec's gcsfs (`EPATH_USE_TF=false`, set here unless the environment sets it), without a
+listings cache: one client for bigkd's files and orbax's metadata, and one that can be pointed at
+a local GCS emulator (tests/test_bucket.py); orbax's arrays go through TensorStore. A bucket has
+no append, no folders and no atomic rename, but writing an object is all-or-nothing: files are
+written whole.
 """
 import json
 import os

@@ -12,8 +12,8 @@ import json
 from bigkd import checkpoint, paths
 from bigkd.config import ConfigError, comma_list, merged, stage_names
 from bigkd.data.augment import CROP_SAMPLERS, TEACHING_MODES
-from bigkd.losses import DEFAULT_LOSS_TERMS, SUPERVISED_LOSS_TERMS, DISTILL_LOSSES, ENSEMBLE_MODES, FEATURE_LOSSES, \
-    LOSS_TERMS, AT_MATCHES, PKT_FORMS
+from bigkd.losses import AT_MATCHES, DEFAULT_LOSS_TERMS, DISTILL_LOSSES, ENSEMBLE_MODES, \
+    FEATURE_LOSSES, LOSS_TERMS, PKT_FORMS, SUPERVISED_LOSS_TERMS
 from bigkd.models import feature_shapes, model_names
 from bigkd.optim import DTYPES, OPTIMIZERS, SCHEDULES
 from bigkd.sharding import mesh_shape

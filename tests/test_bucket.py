@@ -104,8 +104,9 @@ def test_a_bucket_that_does_not_exist_is_one_line(gcs):
   result = run_main('bigkd.train', ['--config', 'configs/digits.py:fast',
                                     '--workdir', 'gs://no-such-bucket/run'])
   assert result.returncode == 2
-  assert result.stderr.strip().splitlines() == ['bigkd: error: workdir gs://no-such-bucket/run: bucket gs://no-such-bucket '
-                 'does not exist or is not visible with these credentials'], result.stderr
+  assert result.stderr.strip().splitlines() == [
+      'bigkd: error: workdir gs://no-such-bucket/run: bucket gs://no-such-bucket does not exist '
+      'or is not visible with these credentials'], result.stderr
 
 
 KILL_AFTER_CHECKPOINT = """
