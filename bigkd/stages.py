@@ -323,6 +323,10 @@ def run(config, workdir: str) -> dict:
     return workdir_guard.check_config(config, workdir)
 
   changes = checked_everywhere(check_workdir)
+  kind, count = jax.devices()[0].device_kind, jax.device_count()
+  if tight := workdir_guard.planned_not_to_fit(workdir, kind, count):
+    checkpoint.warn(f'plan.json in the workdir (made for {count} x {kind}, these devices) says '
+                    f'stage(s) {", ".join(tight)} do not fit in device memory')
   mesh, data, plans = setup(config, workdir)
   workdir_guard.check_started_stages(plans, workdir)
   workdir_guard.start(config, workdir, changes, is_main=jax.process_index() == 0)

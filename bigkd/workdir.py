@@ -111,6 +111,19 @@ def check_started_stages(plans, workdir: str) -> None:
           f'now run {plan.steps}: a finished stage is not extended; use a new workdir')
 
 
+def planned_not_to_fit(workdir, device_kind: str, device_count: int) -> list[str]:
+  """The stages that WORKDIR/plan.json (`bigkd-plan --out`) says do not fit in device memory,
+  when it was made for these devices (kind and count); [] without such a plan."""
+  path = paths.Path(workdir) / 'plan.json'
+  try:
+    plan = paths.read_json(path) if path.is_file() else {}
+  except ValueError:
+    return []
+  if (plan.get('device_kind'), plan.get('devices')) != (device_kind, device_count):
+    return []
+  return [name for name, stage in plan.get('stages', {}).items() if not stage.get('fits', True)]
+
+
 def start(config, workdir: str, changes: dict, is_main: bool) -> None:
   """Makes the workdir; the main process writes config.json once (the run that starts the
   workdir; never rewritten) and appends accepted `changes` to config_changes.jsonl, so the

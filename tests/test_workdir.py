@@ -124,3 +124,22 @@ def test_a_new_workdir_records_its_config(finished):
   assert stored['optimizer']['lr'] == 0.003 and stored['stages']['student']['steps'] == 10
   assert stored['allowed_changes'] == ''
   assert not os.path.exists(os.path.join(finished, 'config_changes.jsonl'))
+
+
+def test_a_plan_for_these_devices_that_does_not_fit_is_one_warning(finished, tmp_path):
+  """bigkd-plan --out WORKDIR/plan.json: a run on the devices it was made for (kind and count)
+  warns at start in one line when a stage's peak did not fit; a plan for other devices is quiet."""
+  import jax
+  workdir = str(tmp_path / 'w')
+  shutil.copytree(finished, workdir)  # finished: the re-run skips its stages
+  kind, count = jax.devices()[0].device_kind, jax.device_count()
+  stages = {'teacher': {'fits': True}, 'student': {'fits': False}}
+  for plan_kind, warned in ((kind, True), ('TPU v5 lite', False)):
+    with open(os.path.join(workdir, 'plan.json'), 'w') as f:
+      json.dump({'device_kind': plan_kind, 'devices': count, 'stages': stages}, f)
+    result = run_cli([*TINY, '--workdir', workdir])
+    assert result.returncode == 0, result.stderr[-3000:]
+    warnings = [l for l in result.stderr.splitlines() if l.startswith('bigkd: warning:')]
+    assert warnings == ([f'bigkd: warning: plan.json in the workdir (made for {count} x {kind}, '
+                         'these devices) says stage(s) student do not fit in device memory']
+                        if warned else []), result.stderr
