@@ -8,8 +8,10 @@ Example (the paper's T384 -> S224 student at batch 4096 on a v5e-16 slice):
   bigkd-plan --config configs/bit_imagenet.py:t384_s224 --target v5e-16 --train_examples 1255544
 
 SLICE is a slice name (v2-8, v3-32, v4-32, v5p-32, v5e-16, v6e-16: the number counts TensorCores
-for v2-v5p and chips for v5e/v6e, as Cloud TPU names them) or a topology as libtpu names it
-(v5e:4x4, v4:2x2x4). The step is the trainer's own (`build.abstract_stage`: teachers' forward,
+for v2-v5p and chips for v5e/v6e, as Cloud TPU names them), a topology as libtpu names it
+(v5e:4x4, v4:2x2x4), or a GPU node COUNTxMODEL (8xH100-80, 4xA100-40, 1xH200-141): jax cannot
+compile for CUDA without a GPU, so a node is planned from the XLA:TPU compile of the same step on
+as many v5e chips, against the GPU's memory and FLOP/s, and says so. The step is the trainer's own (`build.abstract_stage`: teachers' forward,
 the student's forward and backward, the optimiser update, the config's mesh laid onto the
 slice's chips), compiled by the pinned libtpu with JAX_PLATFORMS=cpu (`pip install -r
 requirements-plan.txt`); teachers and data need not exist here, only their shapes. Every number
@@ -36,6 +38,24 @@ GIB = 2 ** 30
 CHIPS = {'v2': (16, 45), 'v3': (32, 123), 'v4': (32, 275), 'v5e': (16, 197), 'v5p': (95, 459),
          'v6e': (32, 918)}
 THREE_D = ('v4', 'v5p')  # torus generations: AxBxC topologies
+# Published per-GPU memory (GiB) and peak dense bfloat16 TFLOP/s (SXM parts).
+GPUS = {'A100-40': (40, 312), 'A100-80': (80, 312), 'H100-80': (80, 989), 'H200-141': (140, 989)}
+# jax compiles for CUDA only with a GPU (and its plugin) present: a GPU node is planned from the
+# XLA:TPU compile of the same program on as many v5e chips.
+GPU_PROXIES = {1: 'v5e:1x1', 2: 'v5e:1x2', 4: 'v5e:2x2', 8: 'v5e:2x4', 16: 'v5e:4x4'}
+
+
+def gpu_of(target: str) -> tuple[int, str] | None:
+  """(count, model) of a GPU node 'NxMODEL' ('8xH100-80'); None for anything else."""
+  from bigkd.config import ConfigError
+  match = re.fullmatch(r'(\d+)x([A-Z]\d+-\d+)', target)
+  if not match:
+    return None
+  count, model = int(match[1]), match[2]
+  if model not in GPUS or count not in GPU_PROXIES:
+    raise ConfigError(f'--target={target!r}: a GPU node is COUNTxMODEL, COUNT one of '
+                      f'{", ".join(map(str, GPU_PROXIES))} and MODEL one of {", ".join(GPUS)}')
+  return count, model
 
 
 def topology_of(target: str) -> tuple[str, str]:
@@ -43,8 +63,9 @@ def topology_of(target: str) -> tuple[str, str]:
   from bigkd.config import ConfigError
   match = re.fullmatch(r'(v2|v3|v4|v5e|v5p|v6e)(?::(\d+(?:x\d+){1,2})|-(\d+))', target)
   if not match:
-    raise ConfigError(f'--target={target!r}: a TPU slice such as v5e-16, v4-32, v5p-32 or a '
-                      f'topology such as v5e:4x4, v4:2x2x4 ({", ".join(CHIPS)})')
+    raise ConfigError(f'--target={target!r}: a TPU slice such as v5e-16, v4-32, v5p-32, a '
+                      f'topology such as v5e:4x4, v4:2x2x4 ({", ".join(CHIPS)}), or a GPU node '
+                      'such as 8xH100-80')
   generation, topology, count = match.groups()
   if topology:
     return generation, f'{generation}:{topology}'
@@ -173,10 +194,17 @@ def plan(config, target: str, stage: str = '', num_train: int = 0, mfu: float = 
   from bigkd.config import ConfigError
   from bigkd.plan import check_config, plan_stages
   from bigkd.sharding import make_mesh, mesh_shape
-  generation, topology = topology_of(target)
+  gpu = gpu_of(target)
+  if gpu:
+    chips, model = gpu
+    topology, (memory_gib, chip_tflops) = GPU_PROXIES[chips], GPUS[model]
+    kind = f'{model} (GPU)'
+  else:
+    generation, topology = topology_of(target)
+    memory_gib, chip_tflops = CHIPS[generation]
+    chips = math.prod(int(d) for d in topology.split(':')[1].split('x'))
   devices = tpu_devices(topology)
-  memory_gib, chip_tflops = CHIPS[generation]
-  chips = math.prod(int(d) for d in topology.split(':')[1].split('x'))
+  kind = kind if gpu else devices[0].device_kind
   per_chip = len(devices) // chips
   device_memory, device_tflops = memory_gib * GIB / per_chip, chip_tflops / per_chip
   check_config(config, len(devices))
@@ -187,8 +215,15 @@ def plan(config, target: str, stage: str = '', num_train: int = 0, mfu: float = 
                       f'({", ".join(p.name for p in plans)})')
   mesh = make_mesh(*mesh_shape(config.mesh.data, config.mesh.fsdp, len(devices)),
                    devices=devices)
-  out(f'bigkd-plan: {topology} ({chips} chips, {len(devices)} x {devices[0].device_kind}; '
-      f'{memory_gib} GiB HBM and {chip_tflops} bf16 TFLOP/s per chip, published), mesh data={mesh.shape["data"]} '
+  where = f'{topology} ({chips} chips, {len(devices)} x {kind}'
+  if gpu:
+    where = f'{target} ({chips} GPUs'
+    out(f'bigkd-plan: {target}: jax compiles for CUDA only where a GPU is; bytes and FLOPs below '
+        f'are an estimate from the XLA:TPU compile of the same step on {topology} '
+        f'({chips} devices, the same mesh; TPU layouts and fusion differ from GPU ones), checked '
+        f'against the {model}\'s published memory; no XLA step-time estimate')
+  out(f'bigkd-plan: {where}; {memory_gib} GiB and {chip_tflops} bf16 TFLOP/s per chip, '
+      f'published), mesh data={mesh.shape["data"]} '
       f'fsdp={mesh.shape["fsdp"]}, {n} train examples')
   stages = {}
   for p in plans:
@@ -200,12 +235,15 @@ def plan(config, target: str, stage: str = '', num_train: int = 0, mfu: float = 
                   for t in p.teachers) + ' ...')
     result = dict(compute_dtype=p.compute_dtype, teacher_dtype=p.teacher_dtype,
                   **compile_stage(p, mesh, n, config.data.base_size))
+    if gpu:  # XLA:TPU's cost model says nothing of a GPU
+      result['xla_seconds'] = -1.0
     result.update(estimates(result, p, device_memory, device_tflops, mfu))
     for line in report_lines(p.name, result, device_memory, mfu):
       out(line)
     stages[p.name] = result
-  return dict(target=target, topology=topology, devices=len(devices),
-              device_kind=devices[0].device_kind, device_memory_bytes=device_memory,
+  return dict(target=target, topology=topology, devices=len(devices), device_kind=kind,
+              estimated_from=f'XLA:TPU compile for {topology}' if gpu else 'XLA:TPU compile',
+              device_memory_bytes=device_memory,
               device_peak_tflops=device_tflops, mfu=mfu, train_examples=n,
               mesh=dict(mesh.shape), jax=jax.__version__, libtpu=libtpu_version(), stages=stages)
 
@@ -222,8 +260,8 @@ def define_flags(argv) -> flags.FlagValues:
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file('config', None, 'Config file (configs/x.py[:variant]).',
                                   lock_config=True, flag_values=fv, sys_argv=argv)
-  flags.DEFINE_string('target', '', 'TPU slice (v5e-16, v4-32, ...) or topology (v5e:4x4).',
-                      flag_values=fv)
+  flags.DEFINE_string('target', '', 'TPU slice (v5e-16, v4-32, ...), topology (v5e:4x4) or '
+                      'GPU node (8xH100-80; estimated from a TPU compile).', flag_values=fv)
   flags.DEFINE_string('stage', '', 'Plan this stage only.', flag_values=fv)
   flags.DEFINE_integer('train_examples', 0, 'Size of the train split when it is not readable '
                        'here (needs data.num_classes).', flag_values=fv)

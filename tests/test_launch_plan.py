@@ -30,6 +30,19 @@ def test_digits_config_compiles_for_a_tpu_slice(tmp_path):
       'teacher_bytes']
   assert 'XLA memory analysis' in result.stdout and 'fits' in result.stdout
 
+  # A GPU node: the same step compiled for as many v5e chips, checked against the GPU's memory.
+  result = run_main('bigkd.launch_plan', ['--config', 'configs/digits.py:fast', '--target',
+                                          '4xA100-40', '--stage', 'student', '--out', str(out)])
+  assert result.returncode == 0, result.stderr
+  gpu = json.loads(out.read_text())
+  assert 'jax compiles for CUDA only where a GPU is' in result.stdout
+  assert (gpu['device_kind'], gpu['estimated_from']) == ('A100-40 (GPU)',
+                                                         'XLA:TPU compile for v5e:2x2')
+  assert gpu['device_memory_bytes'] == 40 * 2 ** 30 and list(gpu['stages']) == ['student']
+  for key in ('flops', 'peak_bytes', 'params_bytes'):
+    assert gpu['stages']['student'][key] == plan['stages']['student'][key], key
+  assert gpu['stages']['student']['xla_step_seconds'] is None  # TPU's cost model: not a GPU's
+
 
 def planned(config, **kwargs):
   return launch_plan.plan(config, TARGET, out=lambda *_: None, **kwargs)['stages']['teacher']
@@ -87,6 +100,10 @@ def test_slice_names_translate_to_topologies():
   for bad in ('v4-12', 'h100', 'v5e-0', 'v7-8'):
     with pytest.raises(ConfigError, match='--target'):
       launch_plan.topology_of(bad)
+  assert launch_plan.gpu_of('8xH100-80') == (8, 'H100-80') and launch_plan.gpu_of('v5e-4') is None
+  for bad in ('3xH100-80', '8xV100-16', '32xA100-80'):
+    with pytest.raises(ConfigError, match='COUNTxMODEL'):
+      launch_plan.gpu_of(bad)
 
 
 def test_bad_input_is_one_line_and_exit_2():
