@@ -141,7 +141,9 @@ def test_two_processes_train_resume_and_fall_back_in_a_bucket(gcs, reference_run
                         KILL_AFTER_CHECKPOINT.replace('{step}', '4'))
   for p in procs:
     p.communicate(timeout=600)
-  assert [p.returncode for p in procs] == [-signal.SIGKILL] * 2, procs[0].stderr
+  # Killed (a process that outlives the other by a moment may be aborted by jax.distributed).
+  codes = [p.returncode for p in procs]
+  assert set(codes) <= {-signal.SIGKILL, -signal.SIGABRT} and -signal.SIGKILL in codes, codes
   stage = paths.Path(workdir) / 'student'
   checkpoints = stage / 'checkpoints'
   assert sorted(p.name for p in checkpoints.iterdir()) == ['2', '4']
