@@ -3,6 +3,7 @@ per chip whether it fits, how many FLOPs a step takes and how long the run will 
 
   bigkd-plan --config configs/NAME.py[:variant] --target SLICE [--config.a.b=v ...]
              [--stage NAME] [--train_examples N] [--mfu 0.4] [--out plan.json]
+             [--device_memory_gib G] [--nolevers]
 
 Example (the paper's T384 -> S224 student at batch 4096 on a v5e-16 slice):
   bigkd-plan --config configs/bit_imagenet.py:t384_s224 --target v5e-16 --train_examples 1255544
@@ -16,7 +17,10 @@ the student's forward and backward, the optimiser update, the config's mesh laid
 slice's chips), compiled by the pinned libtpu with JAX_PLATFORMS=cpu (`pip install -r
 requirements-plan.txt`); teachers and data need not exist here, only their shapes. Every number
 printed says where it comes from: XLA's memory and cost analyses of the compiled step, the chip's
-published HBM and peak bfloat16 FLOP/s, and a stated MFU. A JSON copy goes to --out.
+published HBM and peak bfloat16 FLOP/s, and a stated MFU. A stage that does not fit is compiled
+again with the levers added one by one (bfloat16 Adam moment, bfloat16 student, fsdp over every
+device, remat, 2/4/8 microbatches) until it fits, and the overrides that make it fit are printed.
+A JSON copy goes to --out.
 
 Exit codes: 0 planned; 2 bad config, target or flag (one line on stderr); 1 anything else.
 """
@@ -187,9 +191,86 @@ def train_examples(config, given: int) -> tuple[int, int]:
   return len(train), sources.num_classes(config.data, train)
 
 
+def levers(config, name: str, num_devices: int) -> list[dict]:
+  """The overrides that lower stage `name`'s device memory, in the order of what they cost in
+  step time: Adam's first moment in bfloat16 (nothing), a bfloat16 student (faster on TPUs and
+  GPUs), parameters and optimiser state split over every device (an all-gather per step),
+  rematerialised blocks (BiT: about a third more compute), then 2, 4, 8 microbatches."""
+  stage = config.stages[name]
+  found = []
+  if config.optimizer.mu_dtype != 'bfloat16':
+    found.append({'optimizer.mu_dtype': 'bfloat16'})
+  if stage.compute_dtype != 'bfloat16':
+    found.append({f'stages.{name}.compute_dtype': 'bfloat16'})
+  if config.mesh.fsdp not in (-1, num_devices):
+    found.append({'mesh.data': 1, 'mesh.fsdp': -1})
+  if not stage.model_kwargs.get('remat'):
+    found.append({f'stages.{name}.model_kwargs.remat': True})
+  accum = stage.grad_accum_steps or config.grad_accum_steps
+  found += [{f'stages.{name}.grad_accum_steps': k} for k in (2, 4, 8) if k > accum]
+  return found
+
+
+def with_overrides(config, overrides: dict):
+  """A copy of `config` with {dotted field: value} set (new keys allowed: model_kwargs)."""
+  import copy
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    for path, value in overrides.items():
+      *parents, leaf = path.split('.')
+      node = config
+      for key in parents:
+        node = node[key]
+      node[leaf] = value
+  return config
+
+
+def flags_of(overrides: dict) -> str:
+  return ' '.join(f'--config.{k}={v}' for k, v in overrides.items())
+
+
+def compile_variant(config, name: str, devices, n: int, classes: int) -> dict:
+  """Stage `name` of `config` planned and compiled for `devices` (with the config's mesh)."""
+  from bigkd.plan import check_config, plan_stages
+  from bigkd.sharding import make_mesh, mesh_shape
+  check_config(config, len(devices))
+  plans = plan_stages(config, '/nonexistent', n, classes, len(devices), check_checkpoints=False)
+  mesh = make_mesh(*mesh_shape(config.mesh.data, config.mesh.fsdp, len(devices)),
+                   devices=devices)
+  return compile_stage(next(p for p in plans if p.name == name), mesh, n,
+                       config.data.base_size)
+
+
+def search_levers(config, name: str, devices, n: int, classes: int, device_memory: float,
+                  out) -> dict | None:
+  """Adds `levers` one at a time, compiling each time, until the stage fits: {'overrides',
+  'peak_bytes'} of the first that fits, or None. A lever the stage cannot take (a model without
+  remat, a batch that does not split) is named and left out."""
+  from bigkd.config import ConfigError
+  applied = {}
+  for lever in levers(config, name, len(devices)):
+    trial = {**applied, **lever}
+    try:
+      peak = compile_variant(with_overrides(config, trial), name, devices, n, classes)[
+          'peak_bytes']
+    except (ConfigError, TypeError) as e:
+      out(f'[{name}]   {flags_of(lever)}: not for this stage ({cli.one_line(e)})')
+      continue
+    applied, fits = trial, peak <= device_memory
+    out(f'[{name}]   + {flags_of(lever)}: peak {size(peak)} -> '
+        f'{"fits" if fits else "does not fit"}')
+    if fits:
+      out(f'[{name}] fits with: {flags_of(applied)}')
+      return dict(overrides=applied, peak_bytes=peak)
+  out(f'[{name}] no lever makes it fit: a larger slice, a smaller batch or a smaller model')
+  return None
+
+
 def plan(config, target: str, stage: str = '', num_train: int = 0, mfu: float = 0.4,
-         out=print) -> dict:
-  """Compiles every stage of `config` (or `stage`) for `target`; prints and returns the plan."""
+         out=print, memory_gib: float = 0, try_levers: bool = True) -> dict:
+  """Compiles every stage of `config` (or `stage`) for `target`; prints and returns the plan.
+  `memory_gib`: a device memory to plan for instead of the chip's published one. A stage that
+  does not fit is compiled again with `levers` added one by one (`try_levers`)."""
   import jax
   from bigkd.config import ConfigError
   from bigkd.plan import check_config, plan_stages
@@ -197,16 +278,18 @@ def plan(config, target: str, stage: str = '', num_train: int = 0, mfu: float = 
   gpu = gpu_of(target)
   if gpu:
     chips, model = gpu
-    topology, (memory_gib, chip_tflops) = GPU_PROXIES[chips], GPUS[model]
+    topology, (chip_gib, chip_tflops) = GPU_PROXIES[chips], GPUS[model]
     kind = f'{model} (GPU)'
   else:
     generation, topology = topology_of(target)
-    memory_gib, chip_tflops = CHIPS[generation]
+    chip_gib, chip_tflops = CHIPS[generation]
     chips = math.prod(int(d) for d in topology.split(':')[1].split('x'))
   devices = tpu_devices(topology)
   kind = kind if gpu else devices[0].device_kind
   per_chip = len(devices) // chips
-  device_memory, device_tflops = memory_gib * GIB / per_chip, chip_tflops / per_chip
+  device_memory, device_tflops = chip_gib * GIB / per_chip, chip_tflops / per_chip
+  if memory_gib:
+    device_memory = memory_gib * GIB
   check_config(config, len(devices))
   n, classes = train_examples(config, num_train)
   plans = plan_stages(config, '/nonexistent', n, classes, len(devices), check_checkpoints=False)
@@ -222,9 +305,11 @@ def plan(config, target: str, stage: str = '', num_train: int = 0, mfu: float = 
         f'are an estimate from the XLA:TPU compile of the same step on {topology} '
         f'({chips} devices, the same mesh; TPU layouts and fusion differ from GPU ones), checked '
         f'against the {model}\'s published memory; no XLA step-time estimate')
-  out(f'bigkd-plan: {where}; {memory_gib} GiB and {chip_tflops} bf16 TFLOP/s per chip, '
+  out(f'bigkd-plan: {where}; {chip_gib} GiB and {chip_tflops} bf16 TFLOP/s per chip, '
       f'published), mesh data={mesh.shape["data"]} '
-      f'fsdp={mesh.shape["fsdp"]}, {n} train examples')
+      f'fsdp={mesh.shape["fsdp"]}, {n} train examples'
+      + (f'; planned for {size(device_memory)} per device (--device_memory_gib)'
+         if memory_gib else ''))
   stages = {}
   for p in plans:
     if stage and p.name != stage:
@@ -240,6 +325,10 @@ def plan(config, target: str, stage: str = '', num_train: int = 0, mfu: float = 
     result.update(estimates(result, p, device_memory, device_tflops, mfu))
     for line in report_lines(p.name, result, device_memory, mfu):
       out(line)
+    if not result['fits'] and try_levers:
+      out(f'[{p.name}] does not fit: compiling again with the levers, one more each time ...')
+      result['fits_with'] = search_levers(config, p.name, devices, n, classes, device_memory,
+                                          out)
     stages[p.name] = result
   return dict(target=target, topology=topology, devices=len(devices), device_kind=kind,
               estimated_from=f'XLA:TPU compile for {topology}' if gpu else 'XLA:TPU compile',
@@ -268,6 +357,11 @@ def define_flags(argv) -> flags.FlagValues:
   flags.DEFINE_float('mfu', 0.4, 'Model FLOP utilisation assumed for the time estimates.',
                      flag_values=fv)
   flags.DEFINE_string('out', '', 'Write the plan as JSON to this file.', flag_values=fv)
+  flags.DEFINE_float('device_memory_gib', 0, 'Plan for this much memory per device instead of '
+                     "the chip's published HBM (0: the chip's).", flag_values=fv)
+  flags.DEFINE_bool('levers', True, 'When a stage does not fit, compile it again with the levers '
+                    '(bfloat16 Adam moment, bfloat16 student, fsdp, remat, microbatches) added '
+                    'one by one and print the first set that fits.', flag_values=fv)
   return fv
 
 
@@ -280,10 +374,13 @@ def main(argv=None):
     cli.fail('--target is required (e.g. v5e-16, v4-32, v5e:2x2)')
   if not 0 < fv.mfu <= 1:
     cli.fail(f'--mfu={fv.mfu} must be in (0, 1]')
+  if fv.device_memory_gib < 0:
+    cli.fail(f'--device_memory_gib={fv.device_memory_gib} must be >= 0')
   from bigkd.config import ConfigError
   from bigkd.data.sources import DataError
   try:
-    result = plan(fv.config, fv.target, fv.stage, fv.train_examples, fv.mfu)
+    result = plan(fv.config, fv.target, fv.stage, fv.train_examples, fv.mfu,
+                  memory_gib=fv.device_memory_gib, try_levers=fv.levers)
   except (ConfigError, DataError) as e:
     cli.fail(str(e).splitlines()[0])
   if fv.out:

@@ -43,6 +43,38 @@ def test_digits_config_compiles_for_a_tpu_slice(tmp_path):
     assert gpu['stages']['student'][key] == plan['stages']['student'][key], key
   assert gpu['stages']['student']['xla_step_seconds'] is None  # TPU's cost model: not a GPU's
 
+  # One byte less than the student's peak: the levers are added one by one until it fits, and
+  # the overrides printed give that peak when planned as a config.
+  peak = plan['stages']['student']['peak_bytes']
+  args = ['--config', 'configs/digits.py:fast', '--target', 'v5e-4', '--stage', 'student']
+  result = run_main('bigkd.launch_plan', [*args, '--device_memory_gib', str((peak - 1) / 2 ** 30),
+                                          '--out', str(out)])
+  assert result.returncode == 0, result.stderr
+  student = json.loads(out.read_text())['stages']['student']
+  assert not student['fits'] and 'compiling again with the levers' in result.stdout
+  fix = student['fits_with']
+  assert fix and fix['peak_bytes'] < peak and list(fix['overrides']) == ['optimizer.mu_dtype']
+  flags = launch_plan.flags_of(fix['overrides'])
+  assert f'fits with: {flags}' in result.stdout
+  again = run_main('bigkd.launch_plan', [*args, *flags.split(), '--out', str(out)])
+  assert again.returncode == 0, again.stderr
+  assert json.loads(out.read_text())['stages']['student']['peak_bytes'] == fix['peak_bytes']
+
+
+def test_levers_in_the_order_of_their_cost():
+  c = tiny_config(steps=10, batch_size=64)
+  assert launch_plan.levers(c, 'teacher', 4) == [
+      {'optimizer.mu_dtype': 'bfloat16'}, {'stages.teacher.compute_dtype': 'bfloat16'},
+      {'mesh.data': 1, 'mesh.fsdp': -1}, {'stages.teacher.model_kwargs.remat': True},
+      {'stages.teacher.grad_accum_steps': 2}, {'stages.teacher.grad_accum_steps': 4},
+      {'stages.teacher.grad_accum_steps': 8}]
+  changed = launch_plan.with_overrides(c, {'stages.teacher.model_kwargs.remat': True,
+                                           'mesh.fsdp': -1})
+  assert changed.stages.teacher.model_kwargs.remat and changed.mesh.fsdp == -1
+  assert 'remat' not in c.stages.teacher.model_kwargs and c.mesh.fsdp == 1  # a copy
+  assert launch_plan.levers(changed, 'teacher', 4)[2:3] == [
+      {'stages.teacher.grad_accum_steps': 2}]
+
 
 def planned(config, **kwargs):
   return launch_plan.plan(config, TARGET, out=lambda *_: None, **kwargs)['stages']['teacher']
