@@ -29,6 +29,9 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 # The tests run on the CPU: with libtpu installed (requirements-plan.txt, for bigkd-plan), jax
 # would otherwise look for a TPU at start-up in every process.
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# libtpu (bigkd-plan's compiles) takes a machine-wide lock file: let a second test session on
+# this machine plan at the same time (nothing here uses a real TPU).
+os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
 import pytest  # noqa: E402
