@@ -230,6 +230,38 @@ def stage_config(model: str, resolution: int, teachers=None, **overrides) -> Con
   return s
 
 
+def born_again(config: ConfigDict, first: str, generations: int, ensemble: bool = False,
+               **overrides) -> ConfigDict:
+  """Born-again networks (Furlanello et al. 2018; the KD survey's self-distillation): after
+  stage `first`, `generations` stages of the same model at the same resolution, generation g
+  (`FIRST_genG`) distilled from generation g − 1 (generation 0 is `first`) with `first`'s step
+  count and the default recipe (function matching, KL) changed by `overrides` (stage_config
+  fields); with `ensemble`, one more (`FIRST_gen_ensemble`) distilled from all the generations
+  together. Ordinary stages: no new mechanism. Returns `config`, its stages and stage_order
+  extended (the new stages right after `first`)."""
+  if first not in config.stages:
+    raise ConfigError(f'born_again: no stage {first!r} (stages: {", ".join(config.stages)})')
+  if not isinstance(generations, int) or generations < 1:
+    raise ConfigError(f'born_again: generations={generations!r} must be an integer >= 1')
+  base = config.stages[first]
+  made, teacher = [], first
+  for g in range(1, generations + 1):
+    made.append((f'{first}_gen{g}', {'teacher': teacher}))
+    teacher = made[-1][0]
+  if ensemble:
+    made.append((f'{first}_gen_ensemble',
+                 {f'gen{g}': name for g, name in enumerate([first] + [m for m, _ in made])}))
+  order = stage_names(config) or [first]
+  at = order.index(first) + 1 if first in order else len(order)
+  with config.unlocked():
+    for name, teachers in made:
+      config.stages[name] = stage_config(base.model, base.resolution, teachers=teachers,
+                                         steps=base.steps, **overrides)
+      config.stages[name].model_kwargs = ConfigDict(base.model_kwargs.to_dict())
+  config.stage_order = ','.join(order[:at] + [m for m, _ in made] + order[at:])
+  return config
+
+
 # Stage fields that are groups of fields with defaults: a stage_config(...) argument such as
 # loss_weights=dict(fitnet=1.0) sets those fields and keeps the others' defaults.
 FIELD_GROUPS = ('loss_weights', 'loss_options')

@@ -9,18 +9,18 @@ Example (the paper's T384 -> S224 student at batch 4096 on a v5e-16 slice):
   bigkd-plan --config configs/bit_imagenet.py:t384_s224 --target v5e-16 --train_examples 1255544
 
 SLICE is a slice name (v2-8, v3-32, v4-32, v5p-32, v5e-16, v6e-16: the number counts TensorCores
-for v2-v5p and chips for v5e/v6e, as Cloud TPU names them), a topology as libtpu names it
-(v5e:4x4, v4:2x2x4), or a GPU node COUNTxMODEL (8xH100-80, 4xA100-40, 1xH200-141): jax cannot
-compile for CUDA without a GPU, so a node is planned from the XLA:TPU compile of the same step on
-as many v5e chips, against the GPU's memory and FLOP/s, and says so. The step is the trainer's own (`build.abstract_stage`: teachers' forward,
-the student's forward and backward, the optimiser update, the config's mesh laid onto the
-slice's chips), compiled by the pinned libtpu with JAX_PLATFORMS=cpu (`pip install -r
-requirements-plan.txt`); teachers and data need not exist here, only their shapes. Every number
-printed says where it comes from: XLA's memory and cost analyses of the compiled step, the chip's
-published HBM and peak bfloat16 FLOP/s, and a stated MFU. A stage that does not fit is compiled
-again with the levers added one by one (bfloat16 Adam moment, bfloat16 student, fsdp over every
-device, remat, 2/4/8 microbatches) until it fits, and the overrides that make it fit are printed.
-A JSON copy goes to --out.
+for v2-v5p and chips for v5e/v6e, as Cloud TPU names them), a topology as libtpu names it (v5e:4x4,
+v4:2x2x4), or a GPU node COUNTxMODEL (8xH100-80, 4xA100-40, 1xH200-141): jax cannot compile for
+CUDA without a GPU, so a node is planned from the XLA:TPU compile of the same step on as many v5e
+chips, against the GPU's memory and FLOP/s, and says so. The step is the trainer's own
+(`build.abstract_stage`: teachers' forward, the student's forward and backward, the optimiser
+update, the config's mesh laid onto the slice's chips), compiled by the pinned libtpu with
+JAX_PLATFORMS=cpu (`pip install -r requirements-plan.txt`); teachers and data need not exist here,
+only their shapes. Every number printed says where it comes from: XLA's memory and cost analyses of
+the compiled step, the chip's published HBM and peak bfloat16 FLOP/s, and a stated MFU. A stage
+that does not fit is compiled again with the levers added one by one (bfloat16 Adam moment,
+bfloat16 student, fsdp over every device, remat, 2/4/8 microbatches) until it fits, and the
+overrides that make it fit are printed. A JSON copy goes to --out.
 
 Exit codes: 0 planned; 2 bad config, target or flag (one line on stderr); 1 anything else.
 """

@@ -292,10 +292,11 @@ def run_stage(plan: StagePlan, data: RunData, mesh, workdir: str) -> dict:
 
 
 def print_table(summaries: dict) -> None:
-  print(f'\n{"stage":<12} {"test acc":>9} {"teacher acc":>12} {"agreement":>10}')
+  width = max([12, *map(len, summaries)])
+  print(f'\n{"stage":<{width}} {"test acc":>9} {"teacher acc":>12} {"agreement":>10}')
   for name, s in summaries.items():
     fmt = lambda key: f'{100 * s[key]:.2f}' if key in s else '-'
-    print(f'{name:<12} {fmt("test_accuracy"):>9} {fmt("test_teacher_accuracy"):>12} '
+    print(f'{name:<{width}} {fmt("test_accuracy"):>9} {fmt("test_teacher_accuracy"):>12} '
           f'{fmt("test_agreement"):>10}')
 
 
