@@ -256,7 +256,7 @@ def born_again(config: ConfigDict, first: str, generations: int, ensemble: bool 
   with config.unlocked():
     for name, teachers in made:
       config.stages[name] = stage_config(base.model, base.resolution, teachers=teachers,
-                                         steps=base.steps, **overrides)
+                                         **{'steps': base.steps, **overrides})
       config.stages[name].model_kwargs = ConfigDict(base.model_kwargs.to_dict())
   config.stage_order = ','.join(order[:at] + [m for m, _ in made] + order[at:])
   return config

@@ -25,6 +25,8 @@ def test_born_again_generations_are_stages_taught_by_the_one_before(tmp_path):
     born_again(tiny_config(), 'student', 2)
   with pytest.raises(ConfigError, match='generations=0'):
     born_again(tiny_config(), 'teacher', 0)
+  longer = born_again(tiny_config(steps=30), 'teacher', 1, steps=60)  # an override wins
+  assert longer.stages.teacher_gen1.steps == 60
 
 
 def test_born_again_digits_config_and_its_variants():
