@@ -27,14 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
-from ml_collections import config_flags
 
 from bigkd import cli
 
 def define_flags(argv) -> flags.FlagValues:
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file('config', None, 'Config file (configs/x.py[:variant]).',
-                                  lock_config=True, flag_values=fv, sys_argv=argv)
+  fv = cli.config_flag_values(argv)
   flags.DEFINE_string('stage', '', 'Stage to time; default: the last stage with teachers '
                       '(else the last stage).', flag_values=fv)
   flags.DEFINE_integer('steps', 30, 'Timed steps per variant (after warm-up).', flag_values=fv)

@@ -29,6 +29,16 @@ def fail(message: str, code: int = 2):
   sys.exit(code)
 
 
+def config_flag_values(argv) -> flags.FlagValues:
+  """A fresh set of flags (one per call: a `main` can run many times in-process) holding the
+  `--config configs/x.py[:variant]` flag that every command takes; the command adds its own."""
+  from ml_collections import config_flags
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, 'Config file (configs/x.py[:variant]).',
+                                  lock_config=True, flag_values=fv, sys_argv=argv)
+  return fv
+
+
 def flags_help(flag_values: flags.FlagValues) -> str:
   """The program's own flags with their help and defaults (absl's built-in ones left out)."""
   text = flag_values.get_help().split('\nabsl.flags:')[0]

@@ -32,7 +32,6 @@ import sys
 import time
 
 from absl import flags
-from ml_collections import config_flags
 
 from bigkd import cli
 
@@ -229,14 +228,20 @@ def flags_of(overrides: dict) -> str:
   return ' '.join(f'--config.{k}={v}' for k, v in overrides.items())
 
 
+def stages_and_mesh(config, devices, n: int, classes: int):
+  """(stage plans, mesh) of a checked `config` on `devices`; teachers need not exist here."""
+  from bigkd.plan import plan_stages
+  from bigkd.sharding import make_mesh, mesh_shape
+  plans = plan_stages(config, '/nonexistent', n, classes, len(devices), check_checkpoints=False)
+  return plans, make_mesh(*mesh_shape(config.mesh.data, config.mesh.fsdp, len(devices)),
+                          devices=devices)
+
+
 def compile_variant(config, name: str, devices, n: int, classes: int) -> dict:
   """Stage `name` of `config` planned and compiled for `devices` (with the config's mesh)."""
-  from bigkd.plan import check_config, plan_stages
-  from bigkd.sharding import make_mesh, mesh_shape
+  from bigkd.plan import check_config
   check_config(config, len(devices))
-  plans = plan_stages(config, '/nonexistent', n, classes, len(devices), check_checkpoints=False)
-  mesh = make_mesh(*mesh_shape(config.mesh.data, config.mesh.fsdp, len(devices)),
-                   devices=devices)
+  plans, mesh = stages_and_mesh(config, devices, n, classes)
   return compile_stage(next(p for p in plans if p.name == name), mesh, n,
                        config.data.base_size)
 
@@ -273,8 +278,7 @@ def plan(config, target: str, stage: str = '', num_train: int = 0, mfu: float = 
   does not fit is compiled again with `levers` added one by one (`try_levers`)."""
   import jax
   from bigkd.config import ConfigError
-  from bigkd.plan import check_config, plan_stages
-  from bigkd.sharding import make_mesh, mesh_shape
+  from bigkd.plan import check_config
   gpu = gpu_of(target)
   if gpu:
     chips, model = gpu
@@ -292,12 +296,10 @@ def plan(config, target: str, stage: str = '', num_train: int = 0, mfu: float = 
     device_memory = memory_gib * GIB
   check_config(config, len(devices))
   n, classes = train_examples(config, num_train)
-  plans = plan_stages(config, '/nonexistent', n, classes, len(devices), check_checkpoints=False)
+  plans, mesh = stages_and_mesh(config, devices, n, classes)
   if stage and stage not in [p.name for p in plans]:
     raise ConfigError(f'--stage={stage!r}: not a stage of this run '
                       f'({", ".join(p.name for p in plans)})')
-  mesh = make_mesh(*mesh_shape(config.mesh.data, config.mesh.fsdp, len(devices)),
-                   devices=devices)
   where = f'{topology} ({chips} chips, {len(devices)} x {kind}'
   if gpu:
     where = f'{target} ({chips} GPUs'
@@ -346,9 +348,7 @@ def libtpu_version() -> str:
 
 
 def define_flags(argv) -> flags.FlagValues:
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file('config', None, 'Config file (configs/x.py[:variant]).',
-                                  lock_config=True, flag_values=fv, sys_argv=argv)
+  fv = cli.config_flag_values(argv)
   flags.DEFINE_string('target', '', 'TPU slice (v5e-16, v4-32, ...), topology (v5e:4x4) or '
                       'GPU node (8xH100-80; estimated from a TPU compile).', flag_values=fv)
   flags.DEFINE_string('stage', '', 'Plan this stage only.', flag_values=fv)

@@ -19,15 +19,12 @@ import os
 import sys
 
 from absl import flags
-from ml_collections import config_flags
 
 from bigkd import cli
 
 def define_flags(argv) -> flags.FlagValues:
   """A fresh set of this command's flags (one per call: `main` can run many times in-process)."""
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file('config', None, 'Config file (configs/x.py[:variant]).',
-                                  lock_config=True, flag_values=fv, sys_argv=argv)
+  fv = cli.config_flag_values(argv)
   flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and summaries go.',
                       flag_values=fv)
   flags.DEFINE_string('coordinator_address', None, 'jax.distributed coordinator host:port '
