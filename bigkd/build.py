@@ -28,7 +28,8 @@ from bigkd.optim import build_optimizer
 from bigkd.plan import StagePlan, auto_base_size, check_config, plan_stages
 from bigkd.sharding import batch_sharding, fsdp_compute_sharding, gather_rows, init_opt_state, \
     make_mesh, mesh_shape, put_global, put_rows_sharded, replicated, tree_shardings
-from bigkd.models.adapters import FeatureAdapter
+from bigkd.models.adapters import ContrastiveHeads, FeatureAdapter
+from bigkd.objective import initial_queues
 from bigkd.step import FeaturePair, Objective, StepSpec, Teacher, TrainState, make_eval_step, \
     make_train_step, optimized_tree, summed_metrics, with_device_batches
 
@@ -160,11 +161,14 @@ def step_pairs(plan: StagePlan) -> tuple:
   """The stage's feature pairs for its train step: teachers by index, and for a FitNet pair
   whose shapes differ its adapter module and the key of the adapter's parameters."""
   teacher_index = {t.name: i for i, t in enumerate(plan.teachers)}
+  name = lambda i, p: f'{i}_{p.student_tap}_to_{p.teacher}_{p.teacher_tap}'
+  crd = lambda p: 'crd' in p.terms
   return tuple(FeaturePair(
       p.student_tap, teacher_index[p.teacher], p.teacher_tap,
       FeatureAdapter(p.teacher_shape) if p.adapter else None,
-      f'{i}_{p.student_tap}_to_{p.teacher}_{p.teacher_tap}' if p.adapter else '', p.terms)
-               for i, p in enumerate(plan.feature_pairs))
+      name(i, p) if p.adapter else '', p.terms,
+      ContrastiveHeads(plan.loss_options['crd_dim']) if crd(p) else None,
+      f'crd_{name(i, p)}' if crd(p) else '') for i, p in enumerate(plan.feature_pairs))
 
 
 def eval_cka_pairs(plan: StagePlan) -> tuple:
@@ -179,18 +183,27 @@ ADAPTER_STREAM = 1
 
 
 def initial_adapters(plan: StagePlan, pairs, mesh):
-  """{adapter key: params} of the stage's adapters, drawn from (seed, stage index) apart from
-  the student's init and sharded by the parameter rule; {} when the stage has none."""
-  with_adapter = [(p, planned) for p, planned in zip(pairs, plan.feature_pairs) if p.adapter]
+  """{key: params} of the stage's adapters and CRD heads, drawn from (seed, stage index) apart
+  from the student's init and sharded by the parameter rule; {} when the stage has none."""
+  with_adapter = [(p, planned) for p, planned in zip(pairs, plan.feature_pairs)
+                  if p.adapter or p.heads]
   if not with_adapter:
     return {}
   key = jax.random.fold_in(jax.random.fold_in(jax.random.key(plan.seed), plan.index),
                            ADAPTER_STREAM)
 
   def init():
-    return {p.adapter_key: p.adapter.init(jax.random.fold_in(key, i),
-                                          jnp.zeros((1, *planned.student_shape)))['params']
-            for i, (p, planned) in enumerate(with_adapter)}
+    params = {}
+    for i, (p, planned) in enumerate(with_adapter):
+      student_feature = jnp.zeros((1, *planned.student_shape))
+      if p.adapter:
+        params[p.adapter_key] = p.adapter.init(jax.random.fold_in(key, i),
+                                               student_feature)['params']
+      if p.heads:  # a stream apart from the adapters' (the first pairs' draws stay as they were)
+        params[p.heads_key] = p.heads.init(jax.random.fold_in(key, len(with_adapter) + i),
+                                           student_feature,
+                                           jnp.zeros((1, *planned.teacher_shape)))['params']
+    return params
 
   shardings = tree_shardings(mesh, jax.eval_shape(init), plan.min_fsdp_size)
   return jax.jit(init, out_shardings=shardings)()
@@ -212,7 +225,8 @@ def initial_state(plan: StagePlan, student, tx, mesh, pairs=()) -> TrainState:
   aux_params = initial_adapters(plan, pairs, mesh)
   opt_state = init_opt_state(tx, optimized_tree(params, aux_params), mesh, plan.min_fsdp_size)
   return TrainState.create(params, opt_state, summed_metrics(bool(plan.teachers), plan.loss_terms),
-                           aux_params, put=lambda x: jax.device_put(x, replicated(mesh)))
+                           aux_params, initial_queues(pairs, plan.loss_options),
+                           put=lambda x: jax.device_put(x, replicated(mesh)))
 
 
 def prefetch_to_device(iterator, size=2):
@@ -364,9 +378,10 @@ def abstract_stage(plan: StagePlan, mesh, num_train_examples: int, canvas: int):
   shapes = jax.eval_shape(tx.init, optimized_tree(params, aux_params))
   opt_state = _abstract(shapes, tree_shardings(mesh, shapes, plan.min_fsdp_size))
   scalar = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated(mesh))
+  loss_state = jax.eval_shape(lambda: initial_queues(pairs, plan.loss_options))
   state = TrainState.create(params, opt_state, summed_metrics(bool(plan.teachers),
                                                               plan.loss_terms),
-                            aux_params, put=lambda x: jax.tree.map(scalar, x))
+                            aux_params, loss_state, put=lambda x: jax.tree.map(scalar, x))
   spec = stage_spec(plan, student, teachers, pairs)
   raw_step = make_train_step(spec, tx, lr_schedule, plan.grad_accum_steps,
                              fsdp_compute_sharding(mesh), plan.log_every)

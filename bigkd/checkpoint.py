@@ -29,6 +29,7 @@ def manager(stage_dir: str, keep: int = 2) -> ocp.CheckpointManager:
                      'opt_state': ocp.StandardCheckpointHandler(),
                      'metric_sums': ocp.StandardCheckpointHandler(),
                      'aux_params': ocp.StandardCheckpointHandler(),
+                     'loss_state': ocp.StandardCheckpointHandler(),
                      'integrity': ocp.JsonCheckpointHandler()})
 
 
@@ -57,11 +58,12 @@ def checksum(tree) -> jax.Array:
 
 def state_items(state) -> dict:
   """The checkpoint items of a TrainState: params, opt_state, metric_sums and, for a stage with
-  adapters, aux_params (its own item: `params` stays the student alone, which is all that
-  teachers, `init` and notebooks read)."""
+  adapters or CRD heads, aux_params (its own item: `params` stays the student alone, which is
+  all that teachers, `init` and notebooks read) and, with CRD, loss_state (its queues)."""
   items = dict(params=state.params, opt_state=state.opt_state, metric_sums=state.metric_sums)
-  if state.aux_params:
-    items['aux_params'] = state.aux_params
+  for name in ('aux_params', 'loss_state'):
+    if getattr(state, name):
+      items[name] = getattr(state, name)
   return items
 
 

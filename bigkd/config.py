@@ -156,6 +156,10 @@ STAGE_FIELDS = (
      'RKD distance-wise, as the reference code (the paper: 25); vector taps (prelogits)'),
     ('loss_weights.rkd_angle', 0.0,
      'RKD angle-wise, as the reference code (the paper: 50); vector taps (prelogits)'),
+    ('loss_weights.crd', 0.0,
+     'contrastive representation distillation: InfoNCE of embedding heads (trained with the '
+     'student, never exported) against queues of earlier batches; vector taps (prelogits). '
+     "The paper's weight with labels: 0.8"),
     ('loss_weights.dkd', 0.0, 'decoupled KD on the logits (target class: label argmax)'),
     ('loss_weights.dist', 0.0, "DIST: Pearson relations of the logits' probabilities"),
     ('loss_options.at_p', 2.0, 'attention map: mean over channels of |feature|^p'),
@@ -166,6 +170,11 @@ STAGE_FIELDS = (
      "'reference' (the authors' code: mean over all b² pairs, self-pairs included) or "
      "'per_anchor' (self-pairs left out, mean of each anchor's KL: ~b× larger, the same size at "
      'any batch size)'),
+    ('loss_options.crd_dim', 128, 'CRD: embedding size of the heads (the paper: 128)'),
+    ('loss_options.crd_queue', 16384,
+     'CRD: negatives, the rows of each queue (the paper: 16384); a multiple of the batch size, '
+     'at most the training examples'),
+    ('loss_options.crd_temperature', 0.07, 'CRD: temperature τ of the critic (the paper: 0.07)'),
     ('loss_options.dkd_alpha', 1.0, 'DKD: weights of the target / non-target class terms'),
     ('loss_options.dkd_beta', 8.0, 'DKD: weights of the target / non-target class terms'),
     ('loss_options.dkd_temperature', 4.0, 'DKD temperature (the loss is scaled by T²)'),

@@ -10,7 +10,7 @@ DISTILL_LOSSES = ('kl', 'hard_pseudo', 'logit_l2')
 ENSEMBLE_MODES = ('logits', 'probs')
 # The terms a stage's loss_weights can weigh: its logit loss (`hinton_loss`), cross-entropy on
 # the labels, the feature losses (on the stage's feature pairs) and the other logit losses.
-FEATURE_LOSSES = ('fitnet', 'at', 'sp', 'pkt', 'rkd_distance', 'rkd_angle')
+FEATURE_LOSSES = ('fitnet', 'at', 'sp', 'pkt', 'rkd_distance', 'rkd_angle', 'crd')
 LOSS_TERMS = ('kl', 'labels', *FEATURE_LOSSES, 'dkd', 'dist')
 # (term, weight) of a distilled stage whose loss_weights are the defaults: its logit loss alone;
 # a supervised stage's loss is SUPERVISED_LOSS_TERMS.
@@ -353,6 +353,29 @@ def dist_loss(teacher_logits, student_logits, beta=1.0, gamma=1.0, temperature=1
 
 
 # --- Linear CKA (Kornblith et al. 2019) with the minibatch-unbiased HSIC. ------------------------
+
+
+def crd_info_nce(student_embedding, teacher_embedding, student_queue, teacher_queue, valid,
+                 temperature=0.07):
+  """Contrastive representation distillation (Tian et al. 2020) against queues of earlier
+  batches' embeddings. Embeddings are L2-normalised [B, d]; queues [Q, d]; `valid` [Q] marks
+  the queue rows filled so far.
+
+  Two InfoNCE terms, as CRD's two critics: each student embedding must pick its own image's
+  teacher embedding out of the teacher queue, and each teacher embedding its student's out of
+  the student queue: Σ_side mean_i −log(e^{s_ii/τ} / (e^{s_ii/τ} + Σ_{k valid} e^{s_ik/τ})).
+  The paper's critic is NCE against a memory bank of the whole dataset (16384 negatives drawn
+  from it); a fixed-size queue of recent batches (MoCo) keeps the state small at any dataset
+  size and the loss a function of (state, batch). Negatives come from the queue alone, so each
+  example's term does not depend on the rest of its batch."""
+  def one_side(anchor, positive, negatives):
+    positive_logit = jnp.sum(anchor * positive, -1) / temperature
+    negative_logits = jnp.where(valid, anchor @ negatives.T / temperature, -jnp.inf)
+    logits = jnp.concatenate([positive_logit[:, None], negative_logits], axis=1)
+    return jnp.mean(jax.nn.logsumexp(logits, axis=1) - positive_logit)
+
+  return (one_side(student_embedding, teacher_embedding, teacher_queue) +
+          one_side(teacher_embedding, student_embedding, student_queue))
 
 
 def unbiased_hsic(k, l):

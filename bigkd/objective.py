@@ -7,6 +7,7 @@ to `TERMS` (and its name to `losses.LOSS_TERMS`); nothing else changes.
 """
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 
 from bigkd import losses
@@ -20,6 +21,8 @@ class FeaturePair(NamedTuple):
   adapter: Any = None        # FitNet: a `FeatureAdapter` module from student to teacher shape
   adapter_key: str = ''      # ... and its parameters' key in TrainState.aux_params
   terms: tuple = ()          # the feature losses that compare this pair
+  heads: Any = None          # CRD: a `ContrastiveHeads` module embedding both features
+  heads_key: str = ''        # ... its key in TrainState.aux_params and TrainState.loss_state
 
 
 class Objective(NamedTuple):
@@ -40,8 +43,9 @@ class Outputs(NamedTuple):
   teacher_logits: Any            # the teachers' combined logits; None: no teachers
   teacher_feats: list            # {tap: feature} of each teacher
   targets: Any                   # (mixed) one-hot labels [B, classes]
-  aux_params: dict               # parameters trained with the student (FitNet adapters)
+  aux_params: dict               # parameters trained with the student (adapters, CRD heads)
   step: Any                      # the 0-based step being taken
+  loss_state: dict = {}          # state the terms read, not trained (CRD's queues)
 
 
 def kl_term(o: Outputs, obj: Objective):
@@ -85,6 +89,56 @@ FEATURE_TERMS = {
 }
 
 
+def crd_embeddings(pair: FeaturePair, o: Outputs):
+  """(student, teacher) unit embeddings of a CRD pair's features, through its heads."""
+  return pair.heads.apply({'params': o.aux_params[pair.heads_key]},
+                          o.student_feats[pair.student_tap],
+                          o.teacher_feats[pair.teacher][pair.teacher_tap])
+
+
+def crd_term(o: Outputs, obj: Objective):
+  """CRD summed over the pairs it compares, each against its own queues (`loss_state`)."""
+  total = 0.0
+  for p in obj.feature_pairs:
+    if 'crd' in p.terms:
+      queue = o.loss_state[p.heads_key]
+      valid = jnp.arange(queue['student'].shape[0]) < queue['filled']
+      total += losses.crd_info_nce(*crd_embeddings(p, o), queue['student'], queue['teacher'],
+                                   valid, dict(obj.options)['crd_temperature'])
+  return total
+
+
+def enqueued(o: Outputs, obj: Objective) -> dict:
+  """{heads key: {'student': [B, d], 'teacher': [B, d]}}: this batch's embeddings, which join
+  their queues after the step (constants: no gradient flows into a queue)."""
+  return {p.heads_key: dict(zip(('student', 'teacher'), jax.lax.stop_gradient(
+      crd_embeddings(p, o)))) for p in obj.feature_pairs if 'crd' in p.terms}
+
+
+def initial_queues(pairs, options: dict) -> dict:
+  """The empty queues of each CRD pair: [crd_queue, crd_dim] rows of zeros for each side, the
+  row the next batch is written at, and how many rows hold embeddings (the rest are masked)."""
+  size, dim = options.get('crd_queue'), options.get('crd_dim')
+  return {p.heads_key: {'student': jnp.zeros((size, dim)), 'teacher': jnp.zeros((size, dim)),
+                        'next': jnp.zeros((), jnp.int32), 'filled': jnp.zeros((), jnp.int32)}
+          for p in pairs if 'crd' in p.terms}
+
+
+def updated_queues(loss_state: dict, batch_embeddings: dict) -> dict:
+  """`loss_state` with each queue's oldest rows replaced by the step's batch (whose size divides
+  the queue's: the plan checks it), as MoCo's queue."""
+  out = {}
+  for key, queue in loss_state.items():
+    new = batch_embeddings[key]
+    rows = new['student'].shape[0]
+    size = queue['student'].shape[0]
+    out[key] = {side: jax.lax.dynamic_update_slice(queue[side], new[side], (queue['next'], 0))
+                for side in ('student', 'teacher')}
+    out[key]['next'] = (queue['next'] + rows) % size
+    out[key]['filled'] = jnp.minimum(queue['filled'] + rows, size)
+  return out
+
+
 def feature_term(name):
   """The term of feature loss `name`: its sum over the pairs that it compares."""
   def term(o: Outputs, obj: Objective):
@@ -96,7 +150,7 @@ def feature_term(name):
 
 
 TERMS = {'kl': kl_term, 'labels': labels_term, 'dkd': dkd_term, 'dist': dist_term,
-         **{name: feature_term(name) for name in FEATURE_TERMS}}
+         'crd': crd_term, **{name: feature_term(name) for name in FEATURE_TERMS}}
 
 
 def term_values(o: Outputs, obj: Objective) -> dict:

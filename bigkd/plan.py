@@ -262,7 +262,7 @@ def _check_objective(stage, where) -> None:
   for pair in stage.cka_pairs:
     _parse_pair(pair, stage, f'{where}.cka_pairs', ())
   options = stage.loss_options
-  for key in ('at_p', 'dkd_temperature', 'dist_temperature'):
+  for key in ('at_p', 'dkd_temperature', 'dist_temperature', 'crd_dim', 'crd_temperature'):
     _need(options[key] > 0, f'{where}.loss_options.{key}={options[key]} must be positive')
   for key in ('dkd_alpha', 'dkd_beta', 'dkd_warmup_steps', 'dist_beta', 'dist_gamma'):
     _need(options[key] >= 0, f'{where}.loss_options.{key}={options[key]} must be >= 0')
@@ -296,7 +296,7 @@ def _parse_pair(pair, stage, where, feature_terms) -> tuple[str, str, str, tuple
 # What each feature loss can compare, by the number of per-example dimensions (3: [H, W, C],
 # 1: [D]); None: anything (flattened per example).
 FEATURE_RANKS = {'fitnet': None, 'at': (3,), 'sp': None, 'pkt': None, 'rkd_distance': (1,),
-                 'rkd_angle': (1,)}
+                 'rkd_angle': (1,), 'crd': (1,)}
 RANK_NAMES = {(3,): 'spatial features [H, W, C]', (1,): 'vector features (prelogits)'}
 
 
@@ -383,6 +383,16 @@ def _teacher_plans(name, stage, workdir, earlier, base_size):
   return tuple(teachers)
 
 
+def _check_queue(name, size, batch, num_examples) -> None:
+  """A CRD queue holds whole batches (a multiple of the batch size) of distinct examples (at
+  most the train split: a larger queue would hold the same images twice as negatives)."""
+  where = f'stages.{name}.loss_options.crd_queue={size}'
+  _need(isinstance(size, int) and size > 0 and size % batch == 0,
+        f'{where} must be a positive multiple of the batch size {batch}')
+  _need(size <= num_examples, f'{where} is larger than the {num_examples} training examples '
+        '(it would hold the same images several times)')
+
+
 def fitted_batch_size(name: str, batch: int, num_examples: int, multiple: int) -> int:
   """`batch`, or for a train split smaller than it the largest multiple of `multiple` (gradient
   accumulation steps x devices) that fits: a small dataset trains with the batch it allows."""
@@ -431,6 +441,8 @@ def plan_stages(config, workdir: str, num_train_examples: int, num_classes: int,
     warmup = (round(opt['warmup_epochs'] * steps_per_epoch) if opt['warmup_epochs'] > 0
               else opt['warmup_steps'])
     teachers = _teacher_plans(name, stage, workdir, plans, config.data.base_size)
+    if stage.teachers and stage.loss_weights.crd:
+      _check_queue(name, stage.loss_options.crd_queue, batch, num_train_examples)
     plans[name] = StagePlan(
         name=name, index=index, seed=config.seed, model=stage.model,
         model_kwargs=stage.model_kwargs.to_dict(), resolution=stage.resolution,

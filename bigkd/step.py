@@ -38,13 +38,19 @@ class TrainState:
   # Parameters trained with the student that are not the student's: the feature adapters of
   # FitNet pairs ({adapter key: params}; {}: none). Checkpointed, never exported.
   aux_params: dict = flax.struct.field(default_factory=dict)
+  # State that loss terms read and the step updates, not trained: CRD's queues of earlier
+  # batches' embeddings ({heads key: queue}, `objective.initial_queues`; {}: none).
+  # Checkpointed, replicated, never exported.
+  loss_state: dict = flax.struct.field(default_factory=dict)
 
   @classmethod
-  def create(cls, params, opt_state, metric_names, aux_params=None, put=lambda x: x):
-    """Step 0 with empty metric sums; `put` places the scalars (e.g. replicated on a mesh)."""
+  def create(cls, params, opt_state, metric_names, aux_params=None, loss_state=None,
+             put=lambda x: x):
+    """Step 0 with empty metric sums; `put` places the scalars and `loss_state` (e.g.
+    replicated on a mesh)."""
     zero = lambda: put(jnp.zeros((), jnp.int32))
     sums = put({name: jnp.zeros((), jnp.float32) for name in ('count',) + tuple(metric_names)})
-    return cls(zero(), params, opt_state, zero(), sums, aux_params or {})
+    return cls(zero(), params, opt_state, zero(), sums, aux_params or {}, put(loss_state or {}))
 
 
 def all_finite(tree) -> jax.Array:
@@ -118,6 +124,11 @@ def microbatches(x, k):
   return jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
 
 
+def joined_microbatches(x):
+  """The inverse of `microbatches`: [k, B/k, ...] -> [B, ...] in the batch's row order."""
+  return jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:])
+
+
 def augmented_batch(spec: StepSpec, images, sizes, labels, key):
   """(student view, teacher views {resolution: view}, targets) of a whole batch: the only random
   part of a train step, a pure function of (spec, batch, key) (`bigkd.inspect.views` shows it)."""
@@ -146,17 +157,18 @@ def split_trainable(trainable, has_adapters: bool):
 
 
 def make_loss_fn(spec: StepSpec, gather_params=None):
-  """`loss_fn(trainable, teacher_params, step, student_view, views, targets) -> (loss,
-  metrics)`: the forward passes and the stage's objective on one augmented batch. `trainable`:
-  `optimized_tree(params, aux_params)`. `gather_params`: the sharding that student and teacher
-  parameters take for compute (FSDP); None: as stored."""
+  """`loss_fn(trainable, teacher_params, step, student_view, views, targets, loss_state={}) ->
+  (loss, (metrics, batch embeddings))`: the forward passes and the stage's objective on one
+  augmented batch; the embeddings are what joins the queues (`objective.enqueued`; {}: none).
+  `trainable`: `optimized_tree(params, aux_params)`. `gather_params`: the sharding that student
+  and teacher parameters take for compute (FSDP); None: as stored."""
   obj = spec.objective
   pairs = obj.feature_pairs
-  has_adapters = any(p.adapter is not None for p in pairs)
+  has_adapters = any(p.adapter is not None or p.heads is not None for p in pairs)
   student_taps = tuple(sorted({p.student_tap for p in pairs}))
   taps = teacher_taps(len(spec.teachers), pairs)
 
-  def loss_fn(trainable, teacher_params, step, student_view, views, targets):
+  def loss_fn(trainable, teacher_params, step, student_view, views, targets, loss_state=None):
     if gather_params is not None:  # FSDP: whole weights for compute, the batch stays split
       trainable, teacher_params = jax.lax.with_sharding_constraint(
           (trainable, teacher_params),
@@ -169,8 +181,10 @@ def make_loss_fn(spec: StepSpec, gather_params=None):
       t_logits = losses.ensemble_logits([logits for logits, _ in outputs], obj.ensemble,
                                         obj.temperature)
       t_feats = [feats for _, feats in outputs]
-    return objective.loss_and_metrics(
-        Outputs(s_logits, s_feats, t_logits, t_feats, targets, aux_params, step), obj)
+    outputs = Outputs(s_logits, s_feats, t_logits, t_feats, targets, aux_params, step,
+                      loss_state or {})
+    loss, metrics = objective.loss_and_metrics(outputs, obj)
+    return loss, (metrics, objective.enqueued(outputs, obj))
 
   return loss_fn
 
@@ -188,27 +202,33 @@ def make_train_step(spec: StepSpec, tx: optax.GradientTransformation, lr_schedul
   """
   grad_fn = jax.grad(make_loss_fn(spec, gather_params), has_aux=True)
 
-  def accumulated_grads(trainable, teacher_params, step, batch):
-    """Mean gradients and metrics over `grad_accum_steps` microbatches of `batch`."""
+  def accumulated_grads(trainable, teacher_params, step, batch, loss_state):
+    """(Mean gradients, mean metrics, batch embeddings) over `grad_accum_steps` microbatches of
+    `batch`; the embeddings (`make_loss_fn`) back in the batch's row order."""
     k = grad_accum_steps
+    grad = lambda *one: grad_fn(trainable, teacher_params, step, *one, loss_state)
     if k == 1:
-      return grad_fn(trainable, teacher_params, step, *batch)
+      grads, (metrics, embeddings) = grad(*batch)
+      return grads, metrics, embeddings
     micro = jax.tree.map(lambda x: microbatches(x, k), batch)
     first = jax.tree.map(lambda x: x[0], micro)
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                         jax.eval_shape(grad_fn, trainable, teacher_params, step, *first))
+    grads, (metrics, _) = jax.eval_shape(grad, *first)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grads, metrics))
 
     def add_microbatch(total, one):
-      return jax.tree.map(jnp.add, total, grad_fn(trainable, teacher_params, step, *one)), None
+      grads, (metrics, embeddings) = grad(*one)
+      return jax.tree.map(jnp.add, total, (grads, metrics)), embeddings
 
-    total, _ = jax.lax.scan(add_microbatch, zeros, micro)
-    return jax.tree.map(lambda x: x / k, total)
+    total, embeddings = jax.lax.scan(add_microbatch, zeros, micro)
+    grads, metrics = jax.tree.map(lambda x: x / k, total)
+    return grads, metrics, jax.tree.map(joined_microbatches, embeddings)
 
   def train_step(state: TrainState, teacher_params, images, sizes, labels):
     key = jax.random.fold_in(jax.random.key(spec.seed), state.step)
     trainable = optimized_tree(state.params, state.aux_params)
-    grads, metrics = accumulated_grads(trainable, teacher_params, state.step,
-                                       augmented_batch(spec, images, sizes, labels, key))
+    grads, metrics, embeddings = accumulated_grads(
+        trainable, teacher_params, state.step, augmented_batch(spec, images, sizes, labels, key),
+        state.loss_state)
     updates, opt_state = tx.update(grads, state.opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
     params, aux_params = split_trainable(trainable, bool(state.aux_params))
@@ -220,10 +240,11 @@ def make_train_step(spec: StepSpec, tx: optax.GradientTransformation, lr_schedul
     # Non-finite: a bad loss or gradient that was applied, or parameters that went bad anyway.
     bad = (~(jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])) & ~skipped
            | ~all_finite(trainable))
+    loss_state = objective.updated_queues(state.loss_state, embeddings)
     return TrainState(state.step + 1, params, opt_state,
                       note_nonfinite(state.first_nonfinite_step, bad, state.step + 1),
                       add_metric_sums(state.metric_sums, metrics, state.step, log_every),
-                      aux_params), metrics
+                      aux_params, loss_state), metrics
 
   return train_step
 

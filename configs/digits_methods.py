@@ -14,6 +14,9 @@ same crop at 16 px and 12 px, shared mixup) for the same number of steps:
   sp        KL + similarity-preserving, stage2 vs stage3;
   pkt       KL + probabilistic knowledge transfer on the embeddings (prelogits);
   rkd       KL + RKD distance (25) and angle (50) on the embeddings;
+  crd       labels + 0.8 CRD on the embeddings (the paper's setting; τ = 0.07, 128-d heads),
+            against queues of the last 1024 examples (16 batches) instead of 16384 from a
+            memory bank: the digits' train split has 1,197;
   dkd       labels + decoupled KD (α = 1, β = 8, T = 4, ramped in over the first 20 epochs);
   dist      labels + DIST (β = γ = 2, τ = 4: the paper's CIFAR setting).
 The feature-loss weights are the reference implementations' (SP 3000, PKT 30000 as in the CRD
@@ -30,7 +33,7 @@ Variants (comma-separated): method names run the teacher and those methods only 
 """
 from bigkd.config import base_config, stage_config
 
-METHODS = ('kd', 'labels', 'fitnet', 'at', 'sp', 'pkt', 'rkd', 'dkd', 'dist')
+METHODS = ('kd', 'labels', 'fitnet', 'at', 'sp', 'pkt', 'rkd', 'crd', 'dkd', 'dist')
 SPATIAL = (('student.stage2', 'teacher.stage3'),)    # [3, 3, 32] and [4, 4, 64]
 EMBEDDING = (('student.prelogits', 'teacher.prelogits'),)  # [288] and [64]
 CKA_PAIRS = SPATIAL + EMBEDDING
@@ -49,6 +52,8 @@ def method_fields(method: str, steps: int) -> dict:
       'pkt': dict(loss_weights=dict(pkt=30000.0), feature_pairs=EMBEDDING),
       'rkd': dict(loss_weights=dict(rkd_distance=25.0, rkd_angle=50.0),
                   feature_pairs=EMBEDDING),
+      'crd': dict(loss_weights=dict(kl=0.0, labels=1.0, crd=0.8), feature_pairs=EMBEDDING,
+                  loss_options=dict(crd_queue=1024)),
       'dkd': dict(loss_weights=dict(kl=0.0, labels=1.0, dkd=1.0),
                   loss_options=dict(dkd_warmup_steps=min(20 * epoch, steps // 5))),
       'dist': dict(loss_weights=dict(kl=0.0, labels=1.0, dist=1.0),

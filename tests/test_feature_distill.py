@@ -5,8 +5,8 @@ One stage distils the session's trained teacher (cnn_small at 12 px) into cnn_ti
 every method at once, each term logged on its own (`loss_TERM`), so that each method has its own
 test while the run compiles one train step, not eight (compiling is what costs here):
   FitNet (through an adapter: [4, 4, 8] -> [6, 6, 16]), AT (the teacher's 6x6 map shrunk to
-  4x4) and SP on student stage1 vs teacher stage1; PKT and RKD distance / angle on the
-  embeddings (prelogits: 64 vs 288); KL, labels, DKD and DIST on the logits; CKA of both pairs.
+  4x4) and SP on student stage1 vs teacher stage1; PKT, RKD distance / angle and CRD (its
+  heads and queues in the train state) on the embeddings (prelogits: 64 vs 288); KL, labels, DKD and DIST on the logits; CKA of both pairs.
 The same run on 8 devices (a subprocess, started first so the two overlap) ends with the same
 metrics; the stage resumes from its middle checkpoint bitwise, adapters included, and exports
 only the student. Config errors are in test_cli.py (MALFORMED) and below.
@@ -31,9 +31,11 @@ SPATIAL = (('student.stage1', 'teacher.stage1'),)
 EMBEDDING = (('student.prelogits', 'teacher.prelogits'),)
 # Weights that give each term a start near 1, so that every one of them is learnt.
 WEIGHTS = dict(kl=1.0, labels=1.0, fitnet=1.0, at=5.0, sp=3000.0, pkt=3000.0, rkd_distance=25.0,
-               rkd_angle=50.0, dkd=0.1, dist=1.0)
-METHODS = ('fitnet', 'at', 'sp', 'pkt', 'rkd_distance', 'rkd_angle', 'dkd', 'dist')
+               rkd_angle=50.0, crd=0.1, dkd=0.1, dist=1.0)
+METHODS = ('fitnet', 'at', 'sp', 'pkt', 'rkd_distance', 'rkd_angle', 'crd', 'dkd', 'dist')
 ADAPTER = '0_stage1_to_teacher_stage1'  # the adapter's key in aux_params
+CRD = 'crd_1_prelogits_to_teacher_prelogits'  # the CRD heads' key in aux_params and loss_state
+QUEUE = 256  # 8 batches: the queue fills, then wraps around several times in the run
 
 
 def methods_config(teacher_dir):
@@ -43,7 +45,8 @@ def methods_config(teacher_dir):
   c.stages.student = stage_config(
       'cnn_tiny', 8, teachers={'teacher': teacher_dir}, steps=STEPS, loss_weights=WEIGHTS,
       feature_pairs=(SPATIAL[0] + ('fitnet,at,sp',),
-                     EMBEDDING[0] + ('pkt,rkd_distance,rkd_angle',)))
+                     EMBEDDING[0] + ('pkt,rkd_distance,rkd_angle,crd',)),
+      loss_options=dict(crd_queue=QUEUE))
   c.stage_order = 'student'
   return c
 
@@ -86,7 +89,11 @@ def test_each_method_trains_end_to_end(runs, method):
   log = read_metrics(runs.one / 'student')
   values = [m[f'loss_{method}'] for m in log]
   assert [m['step'] for m in log] == list(range(LOG_EVERY, STEPS + 1, LOG_EVERY))
-  assert all(math.isfinite(v) for v in values) and values[-1] < values[0], values
+  assert all(math.isfinite(v) for v in values), values
+  if method == 'crd':  # its first interval starts with an empty queue (a loss of 0 at step 0)
+    assert values[-1] < 2 * math.log(QUEUE + 1), values  # chance: the positive is one of Q + 1
+  else:
+    assert values[-1] < values[0], values
   for m in log:  # the loss is the weighted sum of the logged terms, and nothing else
     assert {k for k in m if k.startswith('loss_')} == {f'loss_{t}' for t in WEIGHTS}
     assert m['loss'] == pytest.approx(sum(w * m[f'loss_{t}'] for t, w in WEIGHTS.items()),
@@ -110,22 +117,29 @@ def student_params(stage_dir):
   return final_params(str(stage_dir), 'cnn_tiny', 8)
 
 
-def saved_adapters(stage_dir, step=None):
+def saved_item(stage_dir, item='aux_params'):
+  """(The latest checkpoint's metadata, its `item`.)"""
   mngr = checkpoint.manager(str(stage_dir))
-  step = step or mngr.latest_step()
+  step = mngr.latest_step()
   meta = mngr.item_metadata(step)
   restored = mngr.restore(step, args=checkpoint.ocp.args.Composite(
-      aux_params=checkpoint.ocp.args.StandardRestore()))['aux_params']
+      **{item: checkpoint.ocp.args.StandardRestore()}))[item]
   mngr.close()
   return meta, jax.device_get(restored)
 
 
 @pytest.mark.integration
-def test_adapter_is_saved_apart_exported_never_and_resumes_bitwise(runs, tmp_path, capsys):
+def test_adapter_and_queues_are_saved_apart_exported_never_and_resume_bitwise(runs, tmp_path,
+                                                                             capsys):
   stage_dir = runs.one / 'student'
-  meta, adapters = saved_adapters(stage_dir)
-  assert set(adapters) == {ADAPTER} and 'params' in meta
+  meta, adapters = saved_item(stage_dir)
+  assert set(adapters) == {ADAPTER, CRD} and 'params' in meta
   assert adapters[ADAPTER]['Conv_0']['kernel'].shape == (1, 1, 8, 16)
+  assert adapters[CRD]['student']['kernel'].shape == (64, 128)
+  queues = saved_item(stage_dir, 'loss_state')[1][CRD]
+  assert queues['teacher'].shape == (QUEUE, 128) and queues['filled'] == QUEUE
+  assert queues['next'] == STEPS * 32 % QUEUE  # batch 32
+  np.testing.assert_allclose(np.linalg.norm(queues['student'], axis=1), 1, rtol=1e-5)
   # What a later stage, `init` or a notebook reads is the student alone (it fits cnn_tiny).
   student = student_params(stage_dir)
   checkpoint.check_fits(str(stage_dir), 'cnn_tiny', {}, 10, 8, 'as a teacher')  # no extra leaf
@@ -143,7 +157,9 @@ def test_adapter_is_saved_apart_exported_never_and_resumes_bitwise(runs, tmp_pat
   summary = stages.run(methods_config(runs.teacher_dir), str(resumed))['stages']
   assert f'[student] resuming from step {STEPS // 2}' in capsys.readouterr().out
   assert summary == runs.summary
-  jax.tree.map(np.testing.assert_array_equal, saved_adapters(resumed / 'student')[1], adapters)
+  jax.tree.map(np.testing.assert_array_equal, saved_item(resumed / 'student')[1], adapters)
+  jax.tree.map(np.testing.assert_array_equal,
+               saved_item(resumed / 'student', 'loss_state')[1][CRD], queues)
   jax.tree.map(np.testing.assert_array_equal, student_params(resumed / 'student'), student)
   drop = lambda log: [{k: v for k, v in m.items() if k not in ('steps_per_sec', 'uptime')}
                       for m in log]
@@ -184,6 +200,13 @@ def planned(config, workdir='/nonexistent'):
     (dict(feature_pairs=(EMBEDDING[0] + ('pkt',),), loss_weights=dict(pkt=1.0, sp=1.0)),
      ('loss_weights.sp: a feature loss needs feature_pairs that it compares',)),
     (dict(cka_pairs=(SPATIAL[0] + ('sp',),)), ('a CKA pair takes no loss names',)),
+    (dict(feature_pairs=SPATIAL, loss_weights=dict(crd=1.0), loss_options=dict(crd_queue=64)),
+     ('crd compares vector features (prelogits), not student.stage1 (4, 4, 8)',)),
+    (dict(feature_pairs=EMBEDDING, loss_weights=dict(crd=1.0), loss_options=dict(crd_queue=100)),
+     ('stages.student.loss_options.crd_queue=100 must be a positive multiple of the batch '
+      'size 32',)),
+    (dict(feature_pairs=EMBEDDING, loss_weights=dict(crd=1.0)),  # the default: 16384
+     ('crd_queue=16384 is larger than the 1197 training examples',)),
 ])
 def test_bad_pairs_are_config_errors_naming_them(random_teacher, fields, fragments):
   with pytest.raises(ConfigError) as error:
@@ -195,8 +218,8 @@ def test_unknown_terms_are_refused_where_a_config_names_them(random_teacher):
   with pytest.raises(ConfigError, match="unknown field loss_weights.'fitnett'"):
     stage_config('cnn_tiny', 8, loss_weights=dict(fitnett=1.0))
   c = student_config(random_teacher)
-  c.stages.student.loss_weights.crd = 1.0  # a ConfigDict built by hand is not locked
-  with pytest.raises(ConfigError, match='unknown term.* crd .*known: kl, labels, fitnet'):
+  c.stages.student.loss_weights.nst = 1.0  # a ConfigDict built by hand is not locked
+  with pytest.raises(ConfigError, match='unknown term.* nst .*known: kl, labels, fitnet'):
     planned(c)
 
 

@@ -102,7 +102,7 @@ def spec_of(b, n_teachers, objective):
 
 
 def assert_same(new_fn, old_fn, trainable):
-  (loss, metrics), grads = jax.value_and_grad(new_fn, has_aux=True)(trainable)
+  (loss, (metrics, _)), grads = jax.value_and_grad(new_fn, has_aux=True)(trainable)
   old_loss, old_grads = jax.value_and_grad(old_fn)(trainable)
   np.testing.assert_allclose(loss, old_loss, rtol=1e-6)
   np.testing.assert_allclose(metrics['loss'], old_loss, rtol=1e-6)
@@ -206,8 +206,8 @@ def test_a_bfloat16_student_keeps_float32_parameters_loss_and_gradient(batch):
                                                 batch['view'], batch['views'],
                                                 batch['targets']), has_aux=True)(batch['params'])
 
-  (loss32, metrics32), grads32 = loss_and_grad(jnp.float32)
-  (loss16, metrics16), grads16 = loss_and_grad(jnp.bfloat16)
+  (loss32, (metrics32, _)), grads32 = loss_and_grad(jnp.float32)
+  (loss16, (metrics16, _)), grads16 = loss_and_grad(jnp.bfloat16)
   assert loss16.dtype == metrics16['kl_T1'].dtype == jnp.float32
   assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads16))
   for got, want in ((loss16, loss32), (metrics16['kl_T1'], metrics32['kl_T1']),

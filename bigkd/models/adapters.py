@@ -10,6 +10,9 @@ widths and resolutions.
 
 `target_shape` is the teacher feature's per-example shape, as `bigkd.models.feature_shapes`
 returns it.
+
+`ContrastiveHeads`: CRD's two embedding heads (a linear map of each side's vector feature to a
+`dim`-dimensional unit vector), trained with the student and never exported.
 """
 import math
 
@@ -42,3 +45,18 @@ class FeatureAdapter(nn.Module):
     y = conv(resize(x)) if x.shape[-1] <= channels else resize(conv(x))
     # gcd: the most groups up to 32 (BiT's count) that divide any channel count.
     return nn.GroupNorm(num_groups=math.gcd(32, channels), dtype=self.dtype)(y)
+
+
+class ContrastiveHeads(nn.Module):
+  """(student embedding, teacher embedding) of a pair of vector features: for each side a dense
+  layer to `dim` and an L2 normalisation (CRD's `Embed`, one per side)."""
+  dim: int
+
+  @nn.compact
+  def __call__(self, student_feature, teacher_feature):
+    embed = lambda x, name: _unit(nn.Dense(self.dim, name=name)(x.astype(jnp.float32)))
+    return embed(student_feature, 'student'), embed(teacher_feature, 'teacher')
+
+
+def _unit(x, eps=1e-12):
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps ** 2))
