@@ -214,10 +214,16 @@ def _latest_step(source: str, what: str):
   return mngr, step
 
 
-def _read_npz(source: str, what: str, new_head_classes, shapes_only=False):
+def _read_npz(source: str, what: str, new_head_classes, shapes_only=False,
+              vit_resolution: int | None = None):
+  """A .npz file's params: BiT's released layout or, given `vit_resolution` (a ViT model), the
+  AugReg ViT layout with its position embedding resized to that resolution's patch grid."""
   if not paths.Path(source).is_file():
     raise CheckpointError(f'{what}: checkpoint file {source!r} does not exist')
-  from bigkd.models import bit
+  from bigkd.models import bit, vit
+  if vit_resolution is not None:
+    return vit.load_npz(source, num_classes=new_head_classes, resolution=vit_resolution,
+                        shapes_only=shapes_only)
   return bit.load_npz(source, num_classes=new_head_classes, shapes_only=shapes_only)
 
 
@@ -228,7 +234,8 @@ def check_fits(source: str, model: str, model_kwargs: dict, num_classes: int, re
   from bigkd.models import param_shapes
   want = param_shapes(model, num_classes, resolution, **model_kwargs)
   if source.endswith('.npz'):
-    have = _read_npz(source, what, new_head_classes, shapes_only=True)
+    have = _read_npz(source, what, new_head_classes, shapes_only=True,
+                     vit_resolution=resolution if model.startswith('vit_') else None)
   else:
     mngr, step = _latest_step(source, what)
     have = mngr.item_metadata(step)['params']
@@ -237,14 +244,18 @@ def check_fits(source: str, model: str, model_kwargs: dict, num_classes: int, re
 
 
 def load_params(source: str, abstract_params, what: str, new_head_classes: int | None = None):
-  """Parameters from a bigkd stage folder (its latest checkpoint) or a BiT .npz file, checked
-  against `abstract_params` (ShapeDtypeStructs with shardings) before they are placed.
+  """Parameters from a bigkd stage folder (its latest checkpoint) or a BiT or ViT .npz file,
+  checked against `abstract_params` (ShapeDtypeStructs with shardings) before they are placed.
+  A ViT's (its params have a `Transformer`) .npz is read at the resolution its position
+  embedding in `abstract_params` covers (resized from the file's when that differs).
 
   `new_head_classes`: for a student initialised from a pretrained .npz (e.g. a 21,843-class
   BiT-M), a zero head for this many classes replaces the file's. Teachers never get one.
   """
   if source.endswith('.npz'):
-    params = _read_npz(source, what, new_head_classes)
+    from bigkd.models import vit
+    params = _read_npz(source, what, new_head_classes,
+                       vit_resolution=vit.resolution_of(abstract_params))
   else:
     mngr, step = _latest_step(source, what)
     metadata = mngr.item_metadata(step)['params']

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from support import random_params
-from bigkd.models import bit, cifar, feature_shapes, features, get_model, model_names, param_shapes
+from bigkd.models import bit, cifar, feature_shapes, features, get_model, model_names, \
+    param_shapes, vit
 
 CLASSES = 5
 # name: (resolution, per-example feature shapes from the model docstrings' formulas,
@@ -84,8 +85,9 @@ def test_taps_leave_logits_and_params_unchanged(name):
 
 
 def test_every_registry_model_is_a_tapped_kind():
-  """The cases above cover every module class the registry builds, so every model has taps."""
-  kinds = (cifar.SmallCNN, cifar.CifarResNet, bit.ResNetV2)
+  """The cases above (and, for ViT, tests/test_vit.py) cover every module class the registry
+  builds, so every model has taps."""
+  kinds = (cifar.SmallCNN, cifar.CifarResNet, bit.ResNetV2, vit.VisionTransformer)
   assert {type(get_model(name, CLASSES)) for name in model_names()} == set(kinds)
   small_r50 = dict(base=32, block_units=(1, 1, 1, 1))
   assert feature_shapes('bit_r50x1', CLASSES, 64, small_r50) == {

@@ -8,7 +8,8 @@ that they shard, checkpoint and load from .npz simply, and teacher forward needs
 
 Every model also sows named intermediate features into Flax's 'intermediates' collection, for
 feature- and relation-based distillation: `stage1`, `stage2`, ... (the output of each stage, i.e.
-block group, [B, H, W, C]) and `prelogits` (the embedding the classifier head reads, [B, D]).
+block group, [B, H, W, C]; a ViT's are `block1`, `block2`, ..., its patch tokens on their grid)
+and `prelogits` (the embedding the classifier head reads, [B, D]).
 Each model's module docstring lists its names and shapes. A plain `apply` is unchanged (the
 collection is not mutable there, so sowing is a no-op) and `init` returns only 'params'.
 To read them:
@@ -16,4 +17,4 @@ To read them:
 """
 from bigkd.models.registry import feature_shapes, features, get_model, model_names, param_shapes, \
     register  # noqa: F401
-from bigkd.models import bit, cifar  # noqa: E402,F401  (register bit_*, cnn_*, resnet*)
+from bigkd.models import bit, cifar, vit  # noqa: E402,F401  (register bit_*, cnn_*, resnet*, vit_*)

@@ -240,7 +240,7 @@ def _listing(keys, limit=3) -> str:
   return ', '.join(keys[:limit]) + more
 
 
-def _mismatch(where, missing=(), unexpected=(), misshaped=()):
+def raise_mismatch(where, missing=(), unexpected=(), misshaped=()):
   """One-line CheckpointMismatchError naming the first few keys of each kind, with counts."""
   parts = [f'{len(keys)} {kind} ({_listing(keys)})' for kind, keys in
            (('missing', missing), ('unexpected', unexpected), ('mis-shaped', misshaped)) if keys]
@@ -253,7 +253,7 @@ def _compare(where, have: dict, model: nn.Module, image_size: int, unexpected=()
   images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
   want = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), images)['params']
   want = {k: tuple(v.shape) for k, v in flatten(want).items()}
-  _mismatch(where, missing=want.keys() - have.keys(),
+  raise_mismatch(where, missing=want.keys() - have.keys(),
             unexpected=[*unexpected, *(have.keys() - want.keys())],
             misshaped=[f'{k} {have[k]} vs model {want[k]}' for k in want.keys() & have.keys()
                        if have[k] != want[k]])
@@ -279,7 +279,7 @@ def reinit_head(params, num_classes: int) -> dict:
 def _infer_model(flat: dict, num_classes: int, where) -> ResNetV2:
   """The ResNetV2 a file describes: its root channels and the unit count of each block."""
   if _ROOT not in flat:
-    _mismatch(f'{where} (pass model= : its architecture cannot be inferred)', missing=[_ROOT])
+    raise_mismatch(f'{where} (pass model= : its architecture cannot be inferred)', missing=[_ROOT])
   units = [0] * 4
   for key in flat:
     if m := re.match(r'resnet/block([1-4])/unit(\d+)/', key):
@@ -307,6 +307,17 @@ def _read_npz_headers(path) -> dict[str, np.ndarray]:
   return arrays
 
 
+def read_arrays(path, shapes_only: bool = False) -> dict[str, np.ndarray]:
+  """{key: array} of the .npz file `path` (any layout; ViT's loader reads through it too).
+  `shapes_only`: read-only stand-ins with the stored shapes and dtypes (headers only).
+  Raises CheckpointError, one line naming `path`, when it is not a readable .npz."""
+  try:
+    return _read_npz_headers(path) if shapes_only else _read_npz(path)
+  except Exception as e:  # noqa: BLE001  (any failure to read is reported the same way)
+    detail = ' '.join(str(e).split())
+    raise CheckpointError(f'{path}: not a readable .npz checkpoint ({type(e).__name__}: {detail})')
+
+
 def load_npz(path, model: nn.Module | str | None = None, num_classes: int | None = None,
              shapes_only: bool = False) -> dict:
   """Reads a released-layout .npz into a params tree for `model.apply({'params': p}, images)`.
@@ -319,11 +330,7 @@ def load_npz(path, model: nn.Module | str | None = None, num_classes: int | None
   Raises CheckpointError (unreadable file) or CheckpointMismatchError, one line naming `path`.
   `shapes_only`: read only the arrays' headers (leaves are read-only stand-ins): for checks.
   """
-  try:
-    raw = _read_npz_headers(path) if shapes_only else _read_npz(path)
-  except Exception as e:  # noqa: BLE001  (any failure to read is reported the same way)
-    detail = ' '.join(str(e).split())
-    raise CheckpointError(f'{path}: not a readable .npz checkpoint ({type(e).__name__}: {detail})')
+  raw = read_arrays(path, shapes_only)
   flat, unexpected = {}, []
   for key, value in raw.items():
     plain = _CONV_SPELLING.sub('/standardized_conv2d/', key)
