@@ -59,15 +59,15 @@ def setup_stage(config, stage_name):
   """The trainer's build of one stage (random weights), its step compiled twice: fed by the
   stage's input pipeline, and fed one batch that already sits on the devices."""
   from bigkd import build
-  from bigkd.sharding import batch_sharding, put_global
+  from bigkd.sharding import batch_sharding
   from bigkd.step import make_train_step
   mesh, data, plans = build.setup(config, '/nonexistent')
   plan = pick_plan(plans, stage_name)
   stage = build.build_stage(plan, data, mesh, random_params=True)
   inputs = stage.inputs(0)
   first = next(inputs)
-  fixed_batch = tuple(put_global(x, batch_sharding(mesh))
-                      for x in data.train.rows(np.arange(plan.batch_size)))
+  fixed_batch = build.on_devices(build.local_rows(data.train, np.arange(plan.batch_size),
+                                                  stage.teacher_cache), batch_sharding(mesh))
   args = (stage.state, stage.teacher_params)
   compiled_pipeline = stage.train_step.lower(*args, *first).compile()
   compiled_fixed = build.jit_step(stage.raw_step, stage.state, mesh).lower(

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bigkd import checkpoint
+from bigkd import checkpoint, losses, teacher_cache
 from bigkd.data import sources
 from bigkd.data.sampling import host_batch_indices
 from bigkd.evaluate import evaluate
@@ -31,7 +31,7 @@ from bigkd.sharding import batch_sharding, fsdp_compute_sharding, gather_rows, i
 from bigkd.models.adapters import ContrastiveHeads, FeatureAdapter
 from bigkd.objective import initial_queues
 from bigkd.step import FeaturePair, Objective, StepSpec, Teacher, TrainState, make_eval_step, \
-    make_train_step, optimized_tree, summed_metrics, with_device_batches
+    fixed_view_teacher_logits, make_train_step, optimized_tree, summed_metrics, with_device_batches
 
 # optimizer.skip_nonfinite_updates: this many non-finite updates in a row are skipped; the next
 # is applied, its non-finite parameters stop the run (a run that only makes NaNs should end).
@@ -241,21 +241,54 @@ def prefetch_to_device(iterator, size=2):
   yield from queue
 
 
+def local_rows(split, indices, cache=None) -> tuple:
+  """This process's rows of a global batch: (images, sizes, labels[, cache rows])."""
+  local = np.array_split(indices, jax.process_count())[jax.process_index()]
+  rows = split.rows(local)
+  return rows if cache is None else (*rows, {k: v[local] for k, v in cache.items()})
+
+
 def streamed_inputs(split, seed, batch_size, sharding, start_step, stop_step=None,
-                    num_threads=4):
-  """Batches (images, sizes, labels) of steps start_step, start_step + 1, ...: each process reads
-  and decodes only its rows of the global batch (indices a pure function of (seed, step)),
-  `num_threads` steps at a time in grain's reader threads (TF's decoding releases the GIL), then
-  sends them to its devices."""
-  def local_rows(step):
-    indices = host_batch_indices(seed, step, batch_size, len(split))
-    return split.rows(np.array_split(indices, jax.process_count())[jax.process_index()])
+                    num_threads=4, cache=None):
+  """Batches (images, sizes, labels[, teacher cache rows]) of steps start_step, start_step + 1,
+  ...: each process reads and decodes only its rows of the global batch (indices a pure function
+  of (seed, step)), `num_threads` steps at a time in grain's reader threads (TF's decoding
+  releases the GIL), then sends them to its devices."""
+  def step_rows(step):
+    return local_rows(split, host_batch_indices(seed, step, batch_size, len(split)), cache)
 
   steps = grain.MapDataset.range(start_step, stop_step or sys.maxsize)
-  host = steps.map(local_rows).to_iter_dataset(
+  host = steps.map(step_rows).to_iter_dataset(
       grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads))
-  return prefetch_to_device(
-      tuple(jax.make_array_from_process_local_data(sharding, x) for x in rows) for rows in host)
+  return prefetch_to_device(on_devices(rows, sharding) for rows in host)
+
+
+def on_devices(rows, sharding):
+  """Each process's rows of a global batch (`local_rows`) as global arrays split over the
+  devices by rows."""
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), rows)
+
+
+def random_cache(plan: StagePlan, num_examples: int) -> dict:
+  """A teacher cache of random logits, shaped as `plan`'s (the benchmark: speed only)."""
+  logits = np.random.default_rng(0).normal(size=(num_examples, plan.num_classes))
+  return jax.device_get(losses.compact_logits(logits.astype(np.float32),
+                                              plan.teacher_cache_top_k))
+
+
+def teacher_cache_rows(plan: StagePlan, spec: StepSpec, teacher_params, train, mesh) -> dict:
+  """The stage's teacher cache in host memory ({'values', ('indices')} by train example),
+  computed first where the folder lacks it; refused (ConfigError) when made for other teachers,
+  weights or data."""
+  want = dict(plan.teacher_cache_identity,
+              teacher_checksums=teacher_cache.teacher_checksums(teacher_params))
+  what = f'stages.{plan.name}.teacher_cache'
+  teacher_cache.check_reusable(plan.teacher_cache, want, what)
+  if teacher_cache.read_identity(plan.teacher_cache) is None:
+    logits = jax.jit(functools.partial(fixed_view_teacher_logits, spec, teacher_params))
+    teacher_cache.make(plan.teacher_cache, want, lambda rows: logits(*on_devices(
+        local_rows(train, rows), batch_sharding(mesh))), mesh.size)
+  return teacher_cache.load(plan.teacher_cache)
 
 
 def jit_step(step_fn, state: TrainState, mesh):
@@ -283,6 +316,7 @@ class Stage:
   train_step: Callable
   inputs: Callable[..., Iterator]  # (start_step, stop_step=None: endless) -> inputs per step
   evaluate: Callable  # (params, splits=('val', 'test')) -> {'val_accuracy': ..., ...}
+  teacher_cache: dict | None = None  # the cached teacher logits the step reads (host memory)
 
 
 def student_model(plan: StagePlan):
@@ -330,15 +364,21 @@ def build_stage(plan: StagePlan, data: RunData, mesh, random_params=False) -> St
   raw_step = make_train_step(spec, tx, lr_schedule, plan.grad_accum_steps,
                              fsdp_compute_sharding(mesh), plan.log_every)
   batches = batch_sharding(mesh)
+  cache = None
+  if plan.teacher_cache:
+    cache = (random_cache(plan, len(data.train)) if random_params else
+             teacher_cache_rows(plan, spec, teacher_params, data.train, mesh))
   if plan.device_resident:
     resident = (put_rows_sharded(data.train.images, mesh) if plan.shard_resident
                 else put_global(data.train.images, replicated(mesh)),
                 put_global(data.train.sizes, replicated(mesh)),
                 put_global(data.train.labels, replicated(mesh)))
+    if cache is not None:
+      resident += (jax.tree.map(lambda x: put_global(x, replicated(mesh)), cache),)
     inputs = lambda start_step, stop_step=None: itertools.repeat(resident)
   else:
     inputs = functools.partial(streamed_inputs, data.train, spec.seed, plan.batch_size, batches,
-                               num_threads=plan.reader_threads)
+                               num_threads=plan.reader_threads, cache=cache)
   train_step = jit_step(fed_step(plan, spec, raw_step, mesh), state, mesh)
   eval_step = jax.jit(make_eval_step(student, plan.resolution, teachers, plan.ensemble,
                                      plan.eval_crop_fraction, eval_cka_pairs(plan)))
@@ -355,7 +395,7 @@ def build_stage(plan: StagePlan, data: RunData, mesh, random_params=False) -> St
     return results
 
   return Stage(plan, mesh, student, teachers, teacher_params, tx, lr_schedule, spec, state,
-               raw_step, train_step, inputs, evaluate_splits)
+               raw_step, train_step, inputs, evaluate_splits, cache)
 
 
 def _abstract(shapes, shardings):

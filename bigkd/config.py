@@ -127,6 +127,13 @@ STAGE_FIELDS = (
     ('temperature', 1.0, 'distillation temperature T (the KL is scaled by T²)'),
     ('label_weight', 0.0, 'Hinton α: α·CE(labels) + (1−α)·distillation; 1 = supervised'),
     ('ensemble', 'logits', 'logits | probs: how several teachers are combined'),
+    ('teacher_cache', '',
+     "fixed_teacher only: a folder (local or gs://) of the teachers' logits on the train split, "
+     'computed once (resumably) before the stage if absent, then read instead of running the '
+     'teachers at each step; refused when made for other teachers, weights or data'),
+    ('teacher_cache_top_k', 0,
+     "0: the cache keeps the full logits (exact); k: each image's k most likely classes, the "
+     'rest of the probability spread evenly (an approximation, smaller)'),
     ('optimizer', {}, 'overrides of config.optimizer for this stage'),
     ('augment', {}, 'overrides of config.augment for this stage'),
     ('feature_pairs', (),

@@ -64,6 +64,27 @@ def hinton_loss(teacher_logits, student_logits, labels, label_weight, temperatur
   return label_weight * cross_entropy(student_logits, labels) + (1 - label_weight) * soft
 
 
+def compact_logits(logits, top_k: int) -> dict:
+  """What a teacher cache stores of a batch of logits (`bigkd.teacher_cache`): {'values': the
+  logits} or, with `top_k`, the top-k log-probabilities and their classes ('indices')."""
+  if not top_k:
+    return {'values': logits}
+  values, indices = jax.lax.top_k(jax.nn.log_softmax(logits), top_k)
+  return {'values': values, 'indices': indices.astype(jnp.int32)}
+
+
+def cached_logits(cached: dict, num_classes: int):
+  """[B, classes] logits of cached rows (`compact_logits`): as stored or, for top-k, the log of
+  the kept probabilities and of the rest of the mass spread over the other classes."""
+  if 'indices' not in cached:
+    return cached['values']
+  values, indices = cached['values'], cached['indices']
+  rest = jnp.maximum(1.0 - jnp.sum(jnp.exp(values), -1, keepdims=True), 1e-30)
+  spread = jnp.log(rest / (num_classes - values.shape[-1]))
+  rows = jnp.arange(values.shape[0])[:, None]
+  return jnp.broadcast_to(spread, (values.shape[0], num_classes)).at[rows, indices].set(values)
+
+
 def ensemble_logits(logits_list, mode, temperature=1.0):
   """Combines teachers. 'logits': mean of logits. 'probs': mean of the tempered probabilities,
   returned as T·log(mean p) so that softmax(·/T) of the result is exactly that mean."""

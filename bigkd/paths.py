@@ -50,13 +50,18 @@ def make_dirs(path) -> None:
 def write_text(path, text: str) -> None:
   """`path` written whole: locally through a temporary file renamed over it (a reader never sees
   half a file); in a bucket, one object write, which is all-or-nothing."""
+  write_bytes(path, text.encode())
+
+
+def write_bytes(path, data: bytes) -> None:
+  """As `write_text`, for bytes."""
   path = Path(path)
   if is_bucket(path):
-    path.write_text(text)
+    path.write_bytes(data)
     return
   make_dirs(path.parent)
   tmp = path.with_name(path.name + '.tmp')
-  tmp.write_text(text)
+  tmp.write_bytes(data)
   tmp.replace(path)
 
 

@@ -9,7 +9,7 @@ Python value; `bigkd.build` turns it into arrays and functions, `bigkd.stages` r
 import dataclasses
 import json
 
-from bigkd import checkpoint, paths
+from bigkd import checkpoint, paths, teacher_cache
 from bigkd.config import ConfigError, comma_list, merged, stage_names
 from bigkd.data.augment import CROP_SAMPLERS, TEACHING_MODES
 from bigkd.losses import AT_MATCHES, DEFAULT_LOSS_TERMS, DISTILL_LOSSES, ENSEMBLE_MODES, \
@@ -88,6 +88,9 @@ class StagePlan:
   loss_options: dict = dataclasses.field(default_factory=dict)  # stage_config's loss_options
   feature_pairs: tuple = ()  # of PairPlan: what the feature losses compare
   cka_pairs: tuple = ()      # of PairPlan: what the evaluation's CKA compares
+  teacher_cache: str = ''    # a folder of the teachers' cached logits ('': run the teachers)
+  teacher_cache_top_k: int = 0
+  teacher_cache_identity: dict = dataclasses.field(default_factory=dict)  # `teacher_cache.identity`
 
   @property
   def step_seed(self) -> int:
@@ -191,6 +194,8 @@ def _check_stage(config, name, earlier, num_devices):
         f'{where}.ensemble={stage.ensemble!r}: one of {ENSEMBLE_MODES}')
   _need(stage.temperature > 0, f'{where}.temperature must be positive')
   _need(0.0 <= stage.label_weight <= 1.0, f'{where}.label_weight must be in [0, 1]')
+  if stage.teacher_cache:
+    _check_teacher_cache(stage, where)
   opt, aug = stage_groups(config, name)
   _need(aug['crop_sampler'] in CROP_SAMPLERS,
         f'{where}: augment.crop_sampler={aug["crop_sampler"]!r}: one of {", ".join(CROP_SAMPLERS)}')
@@ -228,6 +233,19 @@ def _check_stage(config, name, earlier, num_devices):
     _need(teacher.resolution <= base_size,
           f'{where}.teachers.{tname}.resolution={teacher.resolution} is above the stored '
           f'image size data.base_size={base_size}')
+
+
+def _check_teacher_cache(stage, where) -> None:
+  """Cached logits stand for the teachers' only where the teachers' view is a function of the
+  image alone and nothing but their logits is read during training."""
+  _need(stage.teachers, f'{where}.teacher_cache: a stage without teachers has nothing to cache')
+  _need(stage.teaching_mode == 'fixed_teacher', f'{where}.teacher_cache needs teaching_mode='
+        f"'fixed_teacher' (under {stage.teaching_mode!r} the teachers' view changes every step)")
+  features = [t for t in FEATURE_LOSSES if stage.loss_weights.get(t)]
+  _need(not features, f'{where}.teacher_cache: {", ".join(features)} read(s) teacher features '
+        'at every step; the cache holds logits only')
+  _need(isinstance(stage.teacher_cache_top_k, int) and stage.teacher_cache_top_k >= 0,
+        f'{where}.teacher_cache_top_k={stage.teacher_cache_top_k!r} must be an integer >= 0')
 
 
 def _check_objective(stage, where) -> None:
@@ -443,6 +461,8 @@ def plan_stages(config, workdir: str, num_train_examples: int, num_classes: int,
     teachers = _teacher_plans(name, stage, workdir, plans, config.data.base_size)
     if stage.teachers and stage.loss_weights.crd:
       _check_queue(name, stage.loss_options.crd_queue, batch, num_train_examples)
+    _need(stage.teacher_cache_top_k < num_classes, f'stages.{name}.teacher_cache_top_k='
+          f'{stage.teacher_cache_top_k} must be below the {num_classes} classes')
     plans[name] = StagePlan(
         name=name, index=index, seed=config.seed, model=stage.model,
         model_kwargs=stage.model_kwargs.to_dict(), resolution=stage.resolution,
@@ -461,7 +481,14 @@ def plan_stages(config, workdir: str, num_train_examples: int, num_classes: int,
         log_every=config.log_every, log_views=config.log_views,
         tensorboard=config.tensorboard, eval_every=config.eval_every,
         checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
+        teacher_cache=str(paths.absolute(stage.teacher_cache)) if stage.teacher_cache else '',
+        teacher_cache_top_k=stage.teacher_cache_top_k,
         **_objective(name, stage, teachers, model_shapes))
+    if stage.teacher_cache:  # what the cache must have been made for (the weights: when built)
+      plans[name] = dataclasses.replace(plans[name], teacher_cache_identity=teacher_cache.identity(
+          plans[name], config.data, num_train_examples))
+      teacher_cache.check_reusable(plans[name].teacher_cache, plans[name].teacher_cache_identity,
+                                   f'stages.{name}.teacher_cache')
   plans = list(plans.values())
   if check_checkpoints:
     check_external_checkpoints(plans, workdir)

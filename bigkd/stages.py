@@ -226,10 +226,10 @@ def run_stage(plan: StagePlan, data: RunData, mesh, workdir: str) -> dict:
     print(f'[{plan.name}] already finished; skipping', flush=True)
     return paths.read_json(summary_path)
   is_main = jax.process_index() == 0
+  stage = build_stage(plan, data, mesh)  # may refuse a teacher (or its cache): nothing written yet
   if is_main:
     checkpoint.write_stage_info(stage_dir, plan.model, plan.model_kwargs, plan.resolution,
                                 plan.num_classes, data.class_names)
-  stage = build_stage(plan, data, mesh)
   mngr = checkpoint.manager(stage_dir, plan.keep_checkpoints)
   try:
     state, start_step = checkpoint.restore_newest_good(mngr, stage.state, plan.name)

@@ -156,10 +156,28 @@ def split_trainable(trainable, has_adapters: bool):
   return (trainable['student'], trainable['adapters']) if has_adapters else (trainable, {})
 
 
+def teacher_outputs(spec: StepSpec, teacher_params, views, taps=None):
+  """(The teachers' combined logits, [{tap: feature}] of each teacher) on their views."""
+  outputs = teacher_forward(spec.teachers, teacher_params, views, taps)
+  return (losses.ensemble_logits([logits for logits, _ in outputs], spec.objective.ensemble,
+                                 spec.objective.temperature), [feats for _, feats in outputs])
+
+
+def fixed_view_teacher_logits(spec: StepSpec, teacher_params, images, sizes, labels):
+  """The teachers' combined logits of a batch as a `fixed_teacher` train step computes them
+  (the whole image, whatever the step's key): what `bigkd.teacher_cache` stores."""
+  if spec.teaching_mode != 'fixed_teacher':
+    raise ValueError(f'{spec.teaching_mode}: the teachers\' view depends on the step')
+  _, views, _ = augmented_batch(spec, images, sizes, labels, jax.random.key(0))
+  return teacher_outputs(spec, teacher_params, views)[0]
+
+
 def make_loss_fn(spec: StepSpec, gather_params=None):
-  """`loss_fn(trainable, teacher_params, step, student_view, views, targets, loss_state={}) ->
-  (loss, (metrics, batch embeddings))`: the forward passes and the stage's objective on one
-  augmented batch; the embeddings are what joins the queues (`objective.enqueued`; {}: none).
+  """`loss_fn(trainable, teacher_params, step, student_view, views, targets, cached=None,
+  loss_state={}) -> (loss, (metrics, batch embeddings))`: the forward passes and the stage's
+  objective on one augmented batch; the embeddings are what joins the queues
+  (`objective.enqueued`; {}: none). `cached`: the batch's rows of a teacher cache, read in place
+  of the teachers' forward (`bigkd.teacher_cache`).
   `trainable`: `optimized_tree(params, aux_params)`. `gather_params`: the sharding that student
   and teacher parameters take for compute (FSDP); None: as stored."""
   obj = spec.objective
@@ -168,7 +186,8 @@ def make_loss_fn(spec: StepSpec, gather_params=None):
   student_taps = tuple(sorted({p.student_tap for p in pairs}))
   taps = teacher_taps(len(spec.teachers), pairs)
 
-  def loss_fn(trainable, teacher_params, step, student_view, views, targets, loss_state=None):
+  def loss_fn(trainable, teacher_params, step, student_view, views, targets, cached=None,
+              loss_state=None):
     if gather_params is not None:  # FSDP: whole weights for compute, the batch stays split
       trainable, teacher_params = jax.lax.with_sharding_constraint(
           (trainable, teacher_params),
@@ -176,11 +195,10 @@ def make_loss_fn(spec: StepSpec, gather_params=None):
     params, aux_params = split_trainable(trainable, has_adapters)
     s_logits, s_feats = forward(spec.student, params, student_view, student_taps)
     t_logits, t_feats = None, []
-    if spec.teachers:
-      outputs = teacher_forward(spec.teachers, teacher_params, views, taps)
-      t_logits = losses.ensemble_logits([logits for logits, _ in outputs], obj.ensemble,
-                                        obj.temperature)
-      t_feats = [feats for _, feats in outputs]
+    if cached is not None:
+      t_logits = losses.cached_logits(cached, spec.num_classes)
+    elif spec.teachers:
+      t_logits, t_feats = teacher_outputs(spec, teacher_params, views, taps)
     outputs = Outputs(s_logits, s_feats, t_logits, t_feats, targets, aux_params, step,
                       loss_state or {})
     loss, metrics = objective.loss_and_metrics(outputs, obj)
@@ -191,8 +209,9 @@ def make_loss_fn(spec: StepSpec, gather_params=None):
 
 def make_train_step(spec: StepSpec, tx: optax.GradientTransformation, lr_schedule,
                     grad_accum_steps: int = 1, gather_params=None, log_every: int = 1):
-  """Returns `train_step(state, teacher_params, images, sizes, labels) -> (state, metrics)`
-  (a batch of canvases, each image's size on its canvas, and labels: see `data/sources.py`).
+  """Returns `train_step(state, teacher_params, images, sizes, labels, cached=None) -> (state,
+  metrics)` (a batch of canvases, each image's size on its canvas, labels: see
+  `data/sources.py`, and the batch's rows of a teacher cache, if the stage reads one).
 
   With `grad_accum_steps` k > 1 the whole batch is augmented first (its draws and mixup pairs
   are those of the full batch), then forward and backward run on k microbatches in a scan and
@@ -223,12 +242,12 @@ def make_train_step(spec: StepSpec, tx: optax.GradientTransformation, lr_schedul
     grads, metrics = jax.tree.map(lambda x: x / k, total)
     return grads, metrics, jax.tree.map(joined_microbatches, embeddings)
 
-  def train_step(state: TrainState, teacher_params, images, sizes, labels):
+  def train_step(state: TrainState, teacher_params, images, sizes, labels, cached=None):
     key = jax.random.fold_in(jax.random.key(spec.seed), state.step)
     trainable = optimized_tree(state.params, state.aux_params)
-    grads, metrics, embeddings = accumulated_grads(
-        trainable, teacher_params, state.step, augmented_batch(spec, images, sizes, labels, key),
-        state.loss_state)
+    batch = (*augmented_batch(spec, images, sizes, labels, key), cached)
+    grads, metrics, embeddings = accumulated_grads(trainable, teacher_params, state.step, batch,
+                                                   state.loss_state)
     updates, opt_state = tx.update(grads, state.opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
     params, aux_params = split_trainable(trainable, bool(state.aux_params))
@@ -257,13 +276,15 @@ def with_device_batches(train_step, seed, batch_size, batch_sharding, gather_ima
   are split over devices (their row count then includes padding: the example count is that of
   the labels)."""
 
-  def step_on_resident_data(state, teacher_params, all_images, all_sizes, all_labels):
+  def step_on_resident_data(state, teacher_params, all_images, all_sizes, all_labels,
+                            all_cached=None):
     indices = device_batch_indices(seed, state.step, batch_size, all_labels.shape[0])
     sharded_indices = jax.lax.with_sharding_constraint(indices, batch_sharding)
     images = (gather_images(all_images, indices) if gather_images
               else all_images[sharded_indices])
-    return train_step(state, teacher_params, images, all_sizes[sharded_indices],
-                      all_labels[sharded_indices])
+    rows = lambda x: x[sharded_indices]
+    return train_step(state, teacher_params, images, rows(all_sizes), rows(all_labels),
+                      jax.tree.map(rows, all_cached))
 
   return step_on_resident_data
 
