@@ -7,8 +7,8 @@ test while the run compiles one train step, not eight (compiling is what costs h
   FitNet (through an adapter: [4, 4, 8] -> [6, 6, 16]), AT (the teacher's 6x6 map shrunk to
   4x4) and SP on student stage1 vs teacher stage1; PKT, RKD distance / angle and CRD (its
   heads and queues in the train state) on the embeddings (prelogits: 64 vs 288); KL, labels, DKD and DIST on the logits; CKA of both pairs.
-The same run on 8 devices (a subprocess, started first so the two overlap) ends with the same
-metrics; the stage resumes from its middle checkpoint bitwise, adapters included, and exports
+The same run on 8 devices (a 4 x 2 data x fsdp mesh, a subprocess, started first so the two
+overlap) ends with the same metrics; the stage resumes from its middle checkpoint bitwise, adapters included, and exports
 only the student. Config errors are in test_cli.py (MALFORMED) and below.
 """
 import json
@@ -55,7 +55,9 @@ RUNNER = """
 import sys
 from bigkd import stages
 from test_feature_distill import methods_config
-stages.run(methods_config(sys.argv[1]), sys.argv[2])
+config = methods_config(sys.argv[1])
+config.mesh.data, config.mesh.fsdp = 4, 2  # the CRD queues replicated, the batch split over 4
+stages.run(config, sys.argv[2])
 """
 
 
@@ -251,7 +253,7 @@ def test_plan_holds_plain_values_and_adapters_only_where_shapes_differ(random_te
 @pytest.mark.integration
 def test_eight_devices_give_the_same_metrics(runs):  # after the others: they overlap its run
   """Every method, every logged metric and the final evaluation (CKA included): 8 CPU devices
-  (the batch and the relation losses' Gram matrices split over them) as 1."""
+  (4 x 2 data x fsdp: the batch and the relation losses' Gram matrices split over them) as 1."""
   import chex
   eight = runs.eight_devices()
   one_log, eight_log = read_metrics(runs.one / 'student'), read_metrics(eight / 'student')
