@@ -28,10 +28,11 @@ from bigkd.optim import build_optimizer
 from bigkd.plan import StagePlan, auto_base_size, check_config, plan_stages
 from bigkd.sharding import batch_sharding, fsdp_compute_sharding, gather_rows, init_opt_state, \
     make_mesh, mesh_shape, put_global, put_rows_sharded, replicated, tree_shardings
-from bigkd.models.adapters import ContrastiveHeads, FeatureAdapter
+from bigkd.models.adapters import ContrastiveHeads, FeatureAdapter, ShallowClassifier
 from bigkd.objective import initial_queues
-from bigkd.step import FeaturePair, Objective, StepSpec, Teacher, TrainState, make_eval_step, \
-    fixed_view_teacher_logits, make_train_step, optimized_tree, summed_metrics, with_device_batches
+from bigkd.step import FeaturePair, Objective, SelfHead, StepSpec, Teacher, TrainState, \
+    fixed_view_teacher_logits, make_eval_step, make_train_step, optimized_tree, summed_metrics, \
+    with_device_batches
 
 # optimizer.skip_nonfinite_updates: this many non-finite updates in a row are skipped; the next
 # is applied, its non-finite parameters stop the run (a run that only makes NaNs should end).
@@ -182,12 +183,20 @@ def eval_cka_pairs(plan: StagePlan) -> tuple:
 ADAPTER_STREAM = 1
 
 
+def self_heads(plan: StagePlan) -> tuple:
+  """The stage's shallow classifiers on the student's own taps (`objective.SelfHead`)."""
+  return tuple(SelfHead(tap, ShallowClassifier(plan.num_classes, plan.prelogits_width),
+                        f'self_{tap}') for tap, _ in plan.self_taps)
+
+
 def initial_adapters(plan: StagePlan, pairs, mesh):
-  """{key: params} of the stage's adapters and CRD heads, drawn from (seed, stage index) apart
-  from the student's init and sharded by the parameter rule; {} when the stage has none."""
+  """{key: params} of the stage's adapters, CRD heads and shallow classifiers, drawn from
+  (seed, stage index) apart from the student's init and sharded by the parameter rule; {} when
+  the stage has none."""
   with_adapter = [(p, planned) for p, planned in zip(pairs, plan.feature_pairs)
                   if p.adapter or p.heads]
-  if not with_adapter:
+  own = self_heads(plan)
+  if not with_adapter and not own:
     return {}
   key = jax.random.fold_in(jax.random.fold_in(jax.random.key(plan.seed), plan.index),
                            ADAPTER_STREAM)
@@ -203,6 +212,9 @@ def initial_adapters(plan: StagePlan, pairs, mesh):
         params[p.heads_key] = p.heads.init(jax.random.fold_in(key, len(with_adapter) + i),
                                            student_feature,
                                            jnp.zeros((1, *planned.teacher_shape)))['params']
+    for i, (head, (_, shape)) in enumerate(zip(own, plan.self_taps)):
+      params[head.key] = head.module.init(jax.random.fold_in(key, 2 * len(with_adapter) + i),
+                                          jnp.zeros((1, *shape)))['params']
     return params
 
   shardings = tree_shardings(mesh, jax.eval_shape(init), plan.min_fsdp_size)
@@ -335,7 +347,8 @@ def stage_optimizer(plan: StagePlan):
 
 def stage_spec(plan: StagePlan, student, teachers, pairs) -> StepSpec:
   objective = Objective(plan.loss_terms, plan.loss, plan.temperature, plan.label_weight,
-                        plan.ensemble, tuple(sorted(plan.loss_options.items())), pairs)
+                        plan.ensemble, tuple(sorted(plan.loss_options.items())), pairs,
+                        self_heads(plan))
   return StepSpec(student, plan.resolution, teachers, plan.num_classes,
                   tuple(sorted(plan.augment.items())), plan.teaching_mode, objective,
                   plan.step_seed)

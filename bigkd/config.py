@@ -143,6 +143,9 @@ STAGE_FIELDS = (
      "'teacher.stage3'),); a third string 'LOSS,LOSS' limits a pair to those losses (default: "
      'every weighted one). Each loss sums over its pairs; features are taken on the views the '
      'logits see (function matching)'),
+    ('self_taps', (),
+     "the student's own spatial taps (e.g. ('stage1', 'stage2')) that get a shallow classifier "
+     'for the self_* terms (be your own teacher; a stage with or without teachers)'),
     ('cka_pairs', (),
      'pairs (as feature_pairs) whose linear CKA the evaluation reports (val_cka, test_cka: '
      'mean over the pairs, and one value per pair when several); (): the feature_pairs'),
@@ -167,6 +170,15 @@ STAGE_FIELDS = (
      'contrastive representation distillation: InfoNCE of embedding heads (trained with the '
      'student, never exported) against queues of earlier batches; vector taps (prelogits). '
      "The paper's weight with labels: 0.8"),
+    ('loss_weights.self_ce', 0.0,
+     'be your own teacher: cross-entropy of shallow classifiers on the student\'s self_taps '
+     '(trained with it, never exported), summed over them'),
+    ('loss_weights.self_kl', 0.0,
+     'be your own teacher: T²·KL(final output ‖ each shallow classifier) at '
+     'loss_options.self_temperature'),
+    ('loss_weights.self_feature', 0.0,
+     "be your own teacher: mean squared difference of each shallow classifier's embedding and "
+     'the final one (prelogits)'),
     ('loss_weights.dkd', 0.0, 'decoupled KD on the logits (target class: label argmax)'),
     ('loss_weights.dist', 0.0, "DIST: Pearson relations of the logits' probabilities"),
     ('loss_options.at_p', 2.0, 'attention map: mean over channels of |feature|^p'),
@@ -182,6 +194,7 @@ STAGE_FIELDS = (
      'CRD: negatives, the rows of each queue (the paper: 16384); a multiple of the batch size, '
      'at most the training examples'),
     ('loss_options.crd_temperature', 0.07, 'CRD: temperature τ of the critic (the paper: 0.07)'),
+    ('loss_options.self_temperature', 3.0, 'be your own teacher: the KL\'s temperature'),
     ('loss_options.dkd_alpha', 1.0, 'DKD: weights of the target / non-target class terms'),
     ('loss_options.dkd_beta', 8.0, 'DKD: weights of the target / non-target class terms'),
     ('loss_options.dkd_temperature', 4.0, 'DKD temperature (the loss is scaled by T²)'),

@@ -11,7 +11,9 @@ ENSEMBLE_MODES = ('logits', 'probs')
 # The terms a stage's loss_weights can weigh: its logit loss (`hinton_loss`), cross-entropy on
 # the labels, the feature losses (on the stage's feature pairs) and the other logit losses.
 FEATURE_LOSSES = ('fitnet', 'at', 'sp', 'pkt', 'rkd_distance', 'rkd_angle', 'crd')
-LOSS_TERMS = ('kl', 'labels', *FEATURE_LOSSES, 'dkd', 'dist')
+# Self-distillation ("be your own teacher"): classifiers on a model's own intermediate taps.
+SELF_LOSSES = ('self_ce', 'self_kl', 'self_feature')
+LOSS_TERMS = ('kl', 'labels', *FEATURE_LOSSES, 'dkd', 'dist', *SELF_LOSSES)
 # (term, weight) of a distilled stage whose loss_weights are the defaults: its logit loss alone;
 # a supervised stage's loss is SUPERVISED_LOSS_TERMS.
 DEFAULT_LOSS_TERMS = (('kl', 1.0),)

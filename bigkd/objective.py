@@ -25,6 +25,13 @@ class FeaturePair(NamedTuple):
   heads_key: str = ''        # ... its key in TrainState.aux_params and TrainState.loss_state
 
 
+class SelfHead(NamedTuple):
+  """A classifier on one of the student's own taps (self-distillation, "be your own teacher")."""
+  tap: str
+  module: Any                # a `ShallowClassifier`: feature -> (logits, embedding)
+  key: str                   # its parameters' key in TrainState.aux_params
+
+
 class Objective(NamedTuple):
   """Everything static about a stage's loss (hashable: jit closes over it)."""
   terms: tuple                   # (term, weight): the loss is Σ weight·term
@@ -34,6 +41,7 @@ class Objective(NamedTuple):
   ensemble: str = 'logits'       # how several teachers' logits are combined
   options: tuple = ()            # sorted (key, value) pairs of the stage's loss_options
   feature_pairs: tuple = ()      # of FeaturePair
+  self_heads: tuple = ()         # of SelfHead
 
 
 class Outputs(NamedTuple):
@@ -149,8 +157,36 @@ def feature_term(name):
   return term
 
 
+def self_outputs(o: Outputs, obj: Objective) -> list:
+  """[(logits, embedding)] of each of the student's own shallow classifiers."""
+  return [h.module.apply({'params': o.aux_params[h.key]}, o.student_feats[h.tap])
+          for h in obj.self_heads]
+
+
+def self_ce_term(o: Outputs, obj: Objective):
+  """Σ over the shallow classifiers of their cross-entropy on the (mixed) labels."""
+  return sum(losses.cross_entropy(logits, o.targets) for logits, _ in self_outputs(o, obj))
+
+
+def self_kl_term(o: Outputs, obj: Objective):
+  """Σ over the shallow classifiers of T²·KL(final classifier ‖ shallow one) at T: the model's
+  own output teaches its earlier blocks (a target: no gradient flows into the final output)."""
+  final = jax.lax.stop_gradient(o.student_logits)
+  temperature = dict(obj.options)['self_temperature']
+  return sum(losses.kl_divergence(final, logits, temperature)
+             for logits, _ in self_outputs(o, obj))
+
+
+def self_feature_term(o: Outputs, obj: Objective):
+  """Σ over the shallow classifiers of the mean squared difference between their embedding and
+  the final one (`prelogits`, a target): the hint of "be your own teacher"."""
+  final = jax.lax.stop_gradient(o.student_feats['prelogits'])
+  return sum(losses.fitnet_loss(final, embedding) for _, embedding in self_outputs(o, obj))
+
+
 TERMS = {'kl': kl_term, 'labels': labels_term, 'dkd': dkd_term, 'dist': dist_term,
-         'crd': crd_term, **{name: feature_term(name) for name in FEATURE_TERMS}}
+         'crd': crd_term, 'self_ce': self_ce_term, 'self_kl': self_kl_term,
+         'self_feature': self_feature_term, **{name: feature_term(name) for name in FEATURE_TERMS}}
 
 
 def term_values(o: Outputs, obj: Objective) -> dict:

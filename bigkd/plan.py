@@ -13,7 +13,7 @@ from bigkd import checkpoint, paths, teacher_cache
 from bigkd.config import ConfigError, comma_list, merged, stage_names
 from bigkd.data.augment import CROP_SAMPLERS, TEACHING_MODES
 from bigkd.losses import AT_MATCHES, DEFAULT_LOSS_TERMS, DISTILL_LOSSES, ENSEMBLE_MODES, \
-    FEATURE_LOSSES, LOSS_TERMS, PKT_FORMS, SUPERVISED_LOSS_TERMS
+    FEATURE_LOSSES, LOSS_TERMS, PKT_FORMS, SELF_LOSSES, SUPERVISED_LOSS_TERMS
 from bigkd.models import feature_shapes, model_names
 from bigkd.optim import DTYPES, OPTIMIZERS, SCHEDULES
 from bigkd.sharding import mesh_shape
@@ -88,6 +88,8 @@ class StagePlan:
   loss_options: dict = dataclasses.field(default_factory=dict)  # stage_config's loss_options
   feature_pairs: tuple = ()  # of PairPlan: what the feature losses compare
   cka_pairs: tuple = ()      # of PairPlan: what the evaluation's CKA compares
+  self_taps: tuple = ()      # (tap, per-example shape) of the student's shallow classifiers
+  prelogits_width: int = 0   # ... whose embeddings match the final one, of this width
   teacher_cache: str = ''    # a folder of the teachers' cached logits ('': run the teachers)
   teacher_cache_top_k: int = 0
   teacher_cache_identity: dict = dataclasses.field(default_factory=dict)  # `teacher_cache.identity`
@@ -259,8 +261,14 @@ def _check_objective(stage, where) -> None:
     _need(isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight >= 0,
           f'{where}.loss_weights.{term}={weight!r} must be a number >= 0')
   default = dict(DEFAULT_LOSS_TERMS)
+  self_terms = [t for t in SELF_LOSSES if weights.get(t)]
+  _need(bool(self_terms) == bool(stage.self_taps),
+        f'{where}.self_taps needs a weighted self_ce, self_kl or self_feature term' if
+        stage.self_taps else f'{where}.loss_weights.{self_terms[0] if self_terms else ""}: '
+        'self-distillation terms need self_taps (the student taps that get a classifier)')
   if not stage.teachers:
-    changed = sorted(t for t, w in weights.items() if w != default.get(t, 0.0))
+    changed = sorted(t for t, w in weights.items()
+                     if w != default.get(t, 0.0) and t not in SELF_LOSSES)
     _need(not changed, f'{where}.loss_weights.{",".join(changed)}: a stage without teachers '
           'trains on labels alone (cross-entropy); these terms need a teacher')
     for key in ('feature_pairs', 'cka_pairs'):
@@ -355,12 +363,28 @@ def _feature_pairs(name, stage, key, teachers, model_shapes, feature_terms) -> t
   return tuple(pairs)
 
 
+def _self_taps(name, stage, model_shapes) -> dict:
+  """The StagePlan fields of a stage's own shallow classifiers: each tap with its shape, and
+  the width of the final embedding that their embeddings match."""
+  shapes = model_shapes(stage.model, stage.resolution, stage.model_kwargs.to_dict())
+  where = f'stages.{name}.self_taps'
+  for tap in stage.self_taps:
+    _need(tap in shapes and len(shapes[tap]) == 3, f'{where}: {tap!r} is not a spatial feature '
+          f'[H, W, C] of {stage.model} (it has {", ".join(sorted(shapes))})')
+  _need('prelogits' in shapes, f'{where}: {stage.model} has no prelogits to match')
+  return dict(self_taps=tuple((tap, shapes[tap]) for tap in stage.self_taps),
+              prelogits_width=shapes['prelogits'][0])
+
+
 def _objective(name, stage, teachers, model_shapes) -> dict:
   """The StagePlan fields of a stage's loss: its weighted terms, their options and the feature
   pairs they (and the evaluation's CKA) compare. Default loss_weights: DEFAULT_LOSS_TERMS."""
-  if not stage.teachers:
-    return dict(loss_terms=SUPERVISED_LOSS_TERMS)
   weights = stage.loss_weights.to_dict()
+  own = _self_taps(name, stage, model_shapes) if stage.self_taps else {}
+  if not stage.teachers:
+    return dict(loss_terms=SUPERVISED_LOSS_TERMS + tuple(
+        (t, float(weights[t])) for t in SELF_LOSSES if weights.get(t)),
+                loss_options=stage.loss_options.to_dict(), **own)
   terms = tuple((t, float(weights[t])) for t in LOSS_TERMS if weights.get(t))
   feature_terms = [t for t, _ in terms if t in FEATURE_LOSSES]
   pairs = _feature_pairs(name, stage, 'feature_pairs', teachers, model_shapes, feature_terms)
@@ -368,7 +392,7 @@ def _objective(name, stage, teachers, model_shapes) -> dict:
          if stage.cka_pairs else pairs)
   cka = tuple({p.label: dataclasses.replace(p, adapter=False, terms=()) for p in cka}.values())
   return dict(loss_terms=terms, loss_options=stage.loss_options.to_dict(), feature_pairs=pairs,
-              cka_pairs=cka)
+              cka_pairs=cka, **own)
 
 
 def stage_folder(workdir, name: str) -> str:

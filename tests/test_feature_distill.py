@@ -1,15 +1,18 @@
-"""Feature- and relation-based distillation, DKD, DIST and the CKA evaluator, end to end on the
-digits (issue 13).
+"""Feature- and relation-based distillation, DKD, DIST, "be your own teacher" and the CKA
+evaluator, end to end on the digits (issue 13).
 
 One stage distils the session's trained teacher (cnn_small at 12 px) into cnn_tiny at 8 px with
 every method at once, each term logged on its own (`loss_TERM`), so that each method has its own
 test while the run compiles one train step, not eight (compiling is what costs here):
   FitNet (through an adapter: [4, 4, 8] -> [6, 6, 16]), AT (the teacher's 6x6 map shrunk to
   4x4) and SP on student stage1 vs teacher stage1; PKT, RKD distance / angle and CRD (its
-  heads and queues in the train state) on the embeddings (prelogits: 64 vs 288); KL, labels, DKD and DIST on the logits; CKA of both pairs.
+  heads and queues in the train state) on the embeddings (prelogits: 64 vs 288); KL, labels, DKD
+  and DIST on the logits; a shallow classifier on the student's own stage1 (self_ce, self_kl,
+  self_feature); CKA of both pairs.
 The same run on 8 devices (a 4 x 2 data x fsdp mesh, a subprocess, started first so the two
-overlap) ends with the same metrics; the stage resumes from its middle checkpoint bitwise, adapters included, and exports
-only the student. Config errors are in test_cli.py (MALFORMED) and below.
+overlap) ends with the same metrics; the stage resumes from its middle checkpoint bitwise,
+adapters, heads and queues included, and exports only the student. Config errors are in
+test_cli.py (MALFORMED) and below.
 """
 import json
 import math
@@ -31,8 +34,11 @@ SPATIAL = (('student.stage1', 'teacher.stage1'),)
 EMBEDDING = (('student.prelogits', 'teacher.prelogits'),)
 # Weights that give each term a start near 1, so that every one of them is learnt.
 WEIGHTS = dict(kl=1.0, labels=1.0, fitnet=1.0, at=5.0, sp=3000.0, pkt=3000.0, rkd_distance=25.0,
-               rkd_angle=50.0, crd=0.1, dkd=0.1, dist=1.0)
-METHODS = ('fitnet', 'at', 'sp', 'pkt', 'rkd_distance', 'rkd_angle', 'crd', 'dkd', 'dist')
+               rkd_angle=50.0, crd=0.1, dkd=0.1, dist=1.0, self_ce=0.5, self_kl=0.5,
+               self_feature=1.0)
+METHODS = ('fitnet', 'at', 'sp', 'pkt', 'rkd_distance', 'rkd_angle', 'crd', 'dkd', 'dist',
+           'self_ce', 'self_kl', 'self_feature')
+SELF_HEAD = 'self_stage1'  # the shallow classifier's key in aux_params (be your own teacher)
 ADAPTER = '0_stage1_to_teacher_stage1'  # the adapter's key in aux_params
 CRD = 'crd_1_prelogits_to_teacher_prelogits'  # the CRD heads' key in aux_params and loss_state
 QUEUE = 256  # 8 batches: the queue fills, then wraps around several times in the run
@@ -46,7 +52,7 @@ def methods_config(teacher_dir):
       'cnn_tiny', 8, teachers={'teacher': teacher_dir}, steps=STEPS, loss_weights=WEIGHTS,
       feature_pairs=(SPATIAL[0] + ('fitnet,at,sp',),
                      EMBEDDING[0] + ('pkt,rkd_distance,rkd_angle,crd',)),
-      loss_options=dict(crd_queue=QUEUE))
+      loss_options=dict(crd_queue=QUEUE), self_taps=('stage1',))
   c.stage_order = 'student'
   return c
 
@@ -94,6 +100,10 @@ def test_each_method_trains_end_to_end(runs, method):
   assert all(math.isfinite(v) for v in values), values
   if method == 'crd':  # its first interval starts with an empty queue (a loss of 0 at step 0)
     assert values[-1] < 2 * math.log(QUEUE + 1), values  # chance: the positive is one of Q + 1
+  elif method in ('self_kl', 'self_feature'):  # their targets, the model's own final output and
+    # embedding, move as it learns (sharper, larger): these terms can grow. Their values and
+    # gradients: test_objective.py.
+    assert 0 < values[-1] < 1, values
   else:
     assert values[-1] < values[0], values
   for m in log:  # the loss is the weighted sum of the logged terms, and nothing else
@@ -135,7 +145,7 @@ def test_adapter_and_queues_are_saved_apart_exported_never_and_resume_bitwise(ru
                                                                              capsys):
   stage_dir = runs.one / 'student'
   meta, adapters = saved_item(stage_dir)
-  assert set(adapters) == {ADAPTER, CRD} and 'params' in meta
+  assert set(adapters) == {ADAPTER, CRD, SELF_HEAD} and 'params' in meta
   assert adapters[ADAPTER]['Conv_0']['kernel'].shape == (1, 1, 8, 16)
   assert adapters[CRD]['student']['kernel'].shape == (64, 128)
   queues = saved_item(stage_dir, 'loss_state')[1][CRD]
@@ -209,6 +219,11 @@ def planned(config, workdir='/nonexistent'):
       'size 32',)),
     (dict(feature_pairs=EMBEDDING, loss_weights=dict(crd=1.0)),  # the default: 16384
      ('crd_queue=16384 is larger than the 1197 training examples',)),
+    (dict(self_taps=('prelogits',), loss_weights=dict(self_ce=1.0)),
+     ("stages.student.self_taps: 'prelogits' is not a spatial feature [H, W, C] of cnn_tiny",)),
+    (dict(loss_weights=dict(self_kl=1.0)),
+     ('loss_weights.self_kl: self-distillation terms need self_taps',)),
+    (dict(self_taps=('stage1',)), ('self_taps needs a weighted self_ce, self_kl or self_feature',)),
 ])
 def test_bad_pairs_are_config_errors_naming_them(random_teacher, fields, fragments):
   with pytest.raises(ConfigError) as error:
@@ -225,10 +240,22 @@ def test_unknown_terms_are_refused_where_a_config_names_them(random_teacher):
     planned(c)
 
 
+def test_own_classifiers_need_no_teacher():
+  c = tiny_config()
+  c.stages.teacher.self_taps = ('stage1', 'stage2')
+  c.stages.teacher.loss_weights.self_ce = 0.5
+  c.stages.teacher.loss_weights.self_feature = 0.1
+  check_config(c, 1)
+  [plan] = plan_stages(c, '/nonexistent', 1197, 10)
+  assert plan.loss_terms == (('labels', 1.0), ('self_ce', 0.5), ('self_feature', 0.1))
+  assert plan.self_taps == (('stage1', (6, 6, 16)), ('stage2', (3, 3, 32)))
+  assert plan.prelogits_width == 288
+
+
 def test_every_new_field_is_documented_for_fields():
   from bigkd.config import field_docs
   docs = field_docs()
-  keys = ['stages.*.feature_pairs', 'stages.*.cka_pairs'] + [
+  keys = ['stages.*.feature_pairs', 'stages.*.cka_pairs', 'stages.*.self_taps'] + [
       f'stages.*.loss_weights.{t}' for t in WEIGHTS] + [
       f'stages.*.loss_options.{o}' for o in stage_config('', 0).loss_options]
   assert all(docs.get(k) for k in keys), [k for k in keys if not docs.get(k)]

@@ -214,3 +214,44 @@ def test_a_bfloat16_student_keeps_float32_parameters_loss_and_gradient(batch):
                     (grads16, grads32)):
     error = relative_error(got, want)
     assert 100 * eps_f32 < error < 16 * eps_bf16, error
+
+
+def test_own_classifiers_learn_from_the_model_and_not_the_other_way(batch):
+  """Be your own teacher: the terms equal NumPy computed from the forward outputs (the shallow
+  classifier's 1x1 conv, GroupNorm, ReLU, pool and dense written out); each trains the head and
+  the blocks under its tap, and self_kl / self_feature have the model's final output and
+  embedding as targets: no gradient reaches the final classifier through them."""
+  from bigkd.models import features
+  from bigkd.models.adapters import ShallowClassifier
+  from bigkd.step import SelfHead
+  from test_feature_losses import np_group_norm
+  head = SelfHead('stage1', ShallowClassifier(CLASSES, 64), 'self_stage1')
+  feature_1 = features(batch['student'], batch['params'], batch['view'], ['stage1'])[1]['stage1']
+  head_params = head.module.init(jax.random.key(5), feature_1[:1])['params']
+  trainable = {'student': batch['params'], 'adapters': {head.key: head_params}}
+  logits, feats = features(batch['student'], batch['params'], batch['view'],
+                           ['stage1', 'prelogits'])
+  x, hp = np.asarray(feats['stage1'], np.float64), jax.tree.map(np.asarray, head_params)
+  y = np.einsum('bhwc,cd->bhwd', x, hp['Conv_0']['kernel'][0, 0])
+  y = np.maximum(np_group_norm(y, 32, hp['GroupNorm_0']['scale'], hp['GroupNorm_0']['bias']), 0)
+  embedding = y.mean(axis=(1, 2))
+  head_logits = embedding @ hp['Dense_0']['kernel'] + hp['Dense_0']['bias']
+  log_softmax = lambda z: z - np.log(np.sum(np.exp(z - z.max(1, keepdims=True)), 1,
+                                            keepdims=True)) - z.max(1, keepdims=True)
+  t = 3.0
+  final, shallow = log_softmax(np.asarray(logits, np.float64) / t), log_softmax(head_logits / t)
+  want = {'self_ce': np.mean(-np.sum(np.asarray(batch['targets']) * log_softmax(head_logits), 1)),
+          'self_kl': t * t * np.mean(np.sum(np.exp(final) * (final - shallow), 1)),
+          'self_feature': np.mean((embedding - np.asarray(feats['prelogits'])) ** 2)}
+  for term, value in want.items():
+    spec = StepSpec(batch['student'], RES, (), CLASSES, (), 'consistent', Objective(
+        ((term, 1.0),), options=(('self_temperature', t),), self_heads=(head,)), 0)
+    loss_fn = make_loss_fn(spec)
+    (loss, _), grads = jax.value_and_grad(
+        lambda p: loss_fn(p, (), 0, batch['view'], {}, batch['targets']), has_aux=True)(trainable)
+    np.testing.assert_allclose(loss, value, rtol=1e-5, err_msg=term)
+    final_layer = float(optax_norm(grads['student']['Dense_0']))
+    under_tap = float(optax_norm(grads['student']['Conv_0']))
+    assert float(optax_norm(grads['adapters'])) > 1e-6 and under_tap > 1e-6, term
+    assert final_layer == 0, (term, final_layer)  # targets: stop_gradient, and self_ce's head
+                                                  # sits below the final classifier

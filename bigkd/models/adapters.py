@@ -11,6 +11,9 @@ widths and resolutions.
 `target_shape` is the teacher feature's per-example shape, as `bigkd.models.feature_shapes`
 returns it.
 
+`ShallowClassifier`: a classifier on an intermediate feature ("be your own teacher"), trained
+with the model and never exported.
+
 `ContrastiveHeads`: CRD's two embedding heads (a linear map of each side's vector feature to a
 `dim`-dimensional unit vector), trained with the student and never exported.
 """
@@ -60,3 +63,19 @@ class ContrastiveHeads(nn.Module):
 
 def _unit(x, eps=1e-12):
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps ** 2))
+
+
+class ShallowClassifier(nn.Module):
+  """(logits, feature) of a spatial feature [B, H, W, C]: a 1x1 convolution to `width` channels
+  (the final embedding's, so that the feature can be compared with it) + GroupNorm + ReLU, a
+  global average pool (the feature, [B, width]) and a dense layer to the classes. The
+  bottleneck + pool + classifier of "be your own teacher" (Zhang et al. 2019), at its smallest."""
+  num_classes: int
+  width: int
+
+  @nn.compact
+  def __call__(self, x):
+    y = nn.Conv(self.width, (1, 1), use_bias=False)(x.astype(jnp.float32))
+    y = nn.relu(nn.GroupNorm(num_groups=math.gcd(32, self.width))(y))
+    feature = jnp.mean(y, axis=(1, 2))
+    return nn.Dense(self.num_classes)(feature), feature
