@@ -4,7 +4,7 @@ import pytest
 
 from bigkd.cli import config_module
 from bigkd.config import ConfigError, born_again
-from bigkd.plan import plan_stages
+from bigkd.plan import check_config, plan_stages
 from support import tiny_config
 
 
@@ -35,3 +35,9 @@ def test_born_again_digits_config_and_its_variants():
       'teacher,teacher_gen1,teacher_gen2,teacher_gen3')
   with pytest.raises(ValueError, match='unknown variant'):
     module.get_config('generations=two')
+  byot = module.get_config('fast,byot')
+  assert byot.stage_order == 'teacher,teacher_gen1,teacher_gen2,teacher_byot'
+  own = byot.stages.teacher_byot
+  assert (own.model, own.steps, tuple(own.self_taps), dict(own.teachers)) == (
+      'resnet8', byot.stages.teacher.steps, ('stage1', 'stage2'), {})
+  check_config(byot, 1)

@@ -1,9 +1,10 @@
-"""The README's born-again table, from the current code:
+"""The README's self-distillation table, from the current code:
 
   python tools/born_again_table.py [--seeds 0,1,2] [--root runs/born_again_table]
 
-Runs `configs/digits_born_again.py:ensemble` (a resnet8 teacher on labels, two generations of
-resnet8 each distilled from the one before, and one from the ensemble of all three) once per
+Runs `configs/digits_born_again.py:ensemble,byot` (a resnet8 teacher on labels, two generations
+of resnet8 each distilled from the one before, one from the ensemble of all three, and the
+teacher's model and budget with its own shallow classifiers: "be your own teacher") once per
 seed in ROOT/seed_S (a finished seed is reused: delete ROOT to measure again) and prints, per
 stage, the mean ± standard deviation over the seeds of the test accuracy, the agreement with
 its teacher and KL(teacher ‖ stage), with the machine it ran on.
@@ -27,7 +28,7 @@ def run_seed(root: str, seed: int) -> tuple[dict, str]:
   wall = '(reused)'
   if not os.path.exists(os.path.join(workdir, 'summary.json')):
     subprocess.run([sys.executable, '-m', 'bigkd.train', '--config',
-                    'configs/digits_born_again.py:ensemble', '--workdir', workdir,
+                    'configs/digits_born_again.py:ensemble,byot', '--workdir', workdir,
                     f'--config.seed={seed}'], check=True, stdout=subprocess.DEVNULL)
     wall = f'{(time.time() - start) / 60:.1f} min'
   with open(os.path.join(workdir, 'summary.json')) as f:
