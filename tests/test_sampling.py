@@ -61,7 +61,7 @@ def test_resumed_device_batches_are_those_of_an_uninterrupted_run():
   labels = jnp.arange(N, dtype=jnp.int32)  # an example's label is its index
   images = 100 + labels
   step_fn = jax.jit(with_device_batches(
-      lambda state, _, x, hw, y: (state.replace(step=state.step + 1), (x, y)),
+      lambda state, _, x, hw, y, cached=None: (state.replace(step=state.step + 1), (x, y)),
       seed=3, batch_size=B, batch_sharding=batch_sharding(make_mesh())))
 
   def run(start, steps):
