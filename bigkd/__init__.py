@@ -19,6 +19,7 @@ what reads a run's outputs (training never imports those).
   evaluate.py     accuracy, agreement, KL, CKA on val/test from an eval step's sums
   sharding.py     mesh (and its shape), parameter sharding rule, multi-host placement
   checkpoint.py   orbax checkpoints of a stage; teachers and initialisations from folders / .npz
+  teacher_cache.py  fixed_teacher stages: the teachers' logits computed once, read per step
   plan.py         config -> stage plans; every check that needs no device (exit code 2)
   workdir.py      the workdir guard: config changes, started stages; run-level records
   forward.py      one forward: a model on a view -> float32 logits + requested feature taps
