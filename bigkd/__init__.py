@@ -14,8 +14,9 @@ what reads a run's outputs (training never imports those).
   cli.py          --help, --fields, one-line errors, where the bundled configs are
   bit_recipes.py  BiT-HyperRule lengths and canvas sizes for configs
   data/           errors, records.py (the prepared format), folders.py (the image-folder rule),
-                  sources (digits, folder, records, tfds), prepare (-> ArrayRecord), batch
-                  sampling, augment.py and inception_crop.py (crop boxes, views)
+                  sources (digits, folder, records, tfds; a stage's train_data), prepare
+                  (-> ArrayRecord), batch sampling (mixtures too), augment.py and
+                  inception_crop.py (crop boxes, views)
   evaluate.py     accuracy, agreement, KL, CKA on val/test from an eval step's sums
   sharding.py     mesh (and its shape), parameter sharding rule, multi-host placement
   checkpoint.py   orbax checkpoints of a stage; teachers and initialisations from folders / .npz

@@ -66,8 +66,9 @@ def setup_stage(config, stage_name):
   stage = build.build_stage(plan, data, mesh, random_params=True)
   inputs = stage.inputs(0)
   first = next(inputs)
-  fixed_batch = build.on_devices(build.local_rows(data.train, np.arange(plan.batch_size),
-                                                  stage.teacher_cache), batch_sharding(mesh))
+  fixed_batch = build.on_devices(build.local_rows(data.train_for(plan.name),
+                                                  np.arange(plan.batch_size), stage.teacher_cache),
+                                 batch_sharding(mesh))
   args = (stage.state, stage.teacher_params)
   compiled_pipeline = stage.train_step.lower(*args, *first).compile()
   compiled_fixed = build.jit_step(stage.raw_step, stage.state, mesh).lower(

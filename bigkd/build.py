@@ -21,7 +21,9 @@ import optax
 
 from bigkd import checkpoint, losses, teacher_cache
 from bigkd.data import sources
-from bigkd.data.sampling import host_batch_indices
+from bigkd.config import stage_names
+from bigkd.data.sampling import device_step_indices, host_batch_indices, host_step_indices, \
+    plan_rows_and_sizes
 from bigkd.evaluate import evaluate
 from bigkd.models import get_model, param_shapes
 from bigkd.optim import build_optimizer
@@ -41,20 +43,42 @@ MAX_SKIPPED_IN_A_ROW = 10
 
 @dataclasses.dataclass
 class RunData:
-  """The three splits: `sources.Split` (in memory) or `sources.StreamedSplit` (read on demand)."""
+  """The three splits: `sources.Split` (in memory) or `sources.StreamedSplit` (read on demand),
+  and the train data of the stages that have their own (`train_data`)."""
   train: Any
   val: Any
   test: Any
   num_classes: int
   class_names: list   # by label; [] when the source names none
+  stage_train: dict = dataclasses.field(default_factory=dict)  # {stage: sources.TrainData}
+
+  def train_for(self, stage: str):
+    """The split stage `stage` trains on: its train_data's, or the train split."""
+    return self.stage_train[stage].split if stage in self.stage_train else self.train
 
 
-def load_data(data_cfg) -> RunData:
+def load_data(data_cfg, train_data=None) -> RunData:
+  """The data block's splits, and each stage's `train_data` ({stage: {source: fields}}; stages
+  with the same sources share them)."""
   train = sources.load_split(data_cfg, 'train_split')
   val = sources.load_split(data_cfg, 'val_split')
   test = sources.load_split(data_cfg, 'test_split')
-  return RunData(train, val, test, sources.num_classes(data_cfg, train),
+  data = RunData(train, val, test, sources.num_classes(data_cfg, train),
                  sources.class_names(data_cfg, train))
+  loaded = {}
+  for stage, specs in (train_data or {}).items():
+    key = repr(specs)
+    if key not in loaded:
+      loaded[key] = sources.load_train_data(data_cfg, specs, train, data.class_names,
+                                            data.num_classes, f'stages.{stage}.train_data')
+    data.stage_train[stage] = loaded[key]
+  return data
+
+
+def stage_train_data(config) -> dict:
+  """{stage: {source name: fields}} of the stages to run that have their own train_data."""
+  return {name: config.stages[name].train_data.to_dict() for name in stage_names(config)
+          if config.stages[name].train_data}
 
 
 def setup(config, workdir: str):
@@ -64,9 +88,10 @@ def setup(config, workdir: str):
   config = with_base_size(config)
   check_config(config, num_devices)
   mesh = make_mesh(*mesh_shape(config.mesh.data, config.mesh.fsdp, num_devices))
-  data = load_data(config.data)
+  data = load_data(config.data, stage_train_data(config))
   return mesh, data, plan_stages(config, workdir, len(data.train), data.num_classes,
-                                 num_devices)
+                                 num_devices, train_sizes={
+                                     name: d.sizes for name, d in data.stage_train.items()})
 
 
 def with_base_size(config):
@@ -261,13 +286,17 @@ def local_rows(split, indices, cache=None) -> tuple:
 
 
 def streamed_inputs(split, seed, batch_size, sharding, start_step, stop_step=None,
-                    num_threads=4, cache=None):
+                    num_threads=4, cache=None, batch_indices=None):
   """Batches (images, sizes, labels[, teacher cache rows]) of steps start_step, start_step + 1,
   ...: each process reads and decodes only its rows of the global batch (indices a pure function
-  of (seed, step)), `num_threads` steps at a time in grain's reader threads (TF's decoding
-  releases the GIL), then sends them to its devices."""
+  of (seed, step): `batch_indices(step)`, by default `host_batch_indices`), `num_threads` steps
+  at a time in grain's reader threads (TF's decoding releases the GIL), then sends them to its
+  devices."""
+  batch_indices = batch_indices or (
+      lambda step: host_batch_indices(seed, step, batch_size, len(split)))
+
   def step_rows(step):
-    return local_rows(split, host_batch_indices(seed, step, batch_size, len(split)), cache)
+    return local_rows(split, batch_indices(step), cache)
 
   steps = grain.MapDataset.range(start_step, stop_step or sys.maxsize)
   host = steps.map(step_rows).to_iter_dataset(
@@ -354,6 +383,16 @@ def stage_spec(plan: StagePlan, student, teachers, pairs) -> StepSpec:
                   plan.step_seed)
 
 
+def train_data_indices(plan: StagePlan, seed: int, draw):
+  """`step -> indices` of a stage with train_data: `draw` (`sampling.device_step_indices` or
+  `host_step_indices`) at its sources' rows and sizes; None for the data block's train split
+  (the inputs' default rule over all its examples)."""
+  if not plan.train_data:
+    return None
+  rows, sizes = plan_rows_and_sizes(plan, 0)
+  return lambda step: draw(seed, step, rows, sizes)
+
+
 def fed_step(plan: StagePlan, spec: StepSpec, raw_step, mesh):
   """The step as the loop calls it: on device-resident data it gathers its own batch (the
   resident images split by rows over devices with `shard_resident`); streamed, it takes one."""
@@ -361,7 +400,7 @@ def fed_step(plan: StagePlan, spec: StepSpec, raw_step, mesh):
     return raw_step
   return with_device_batches(raw_step, spec.seed, plan.batch_size, batch_sharding(mesh),
                              functools.partial(gather_rows, mesh) if plan.shard_resident
-                             else None)
+                             else None, train_data_indices(plan, spec.seed, device_step_indices))
 
 
 def build_stage(plan: StagePlan, data: RunData, mesh, random_params=False) -> Stage:
@@ -377,21 +416,24 @@ def build_stage(plan: StagePlan, data: RunData, mesh, random_params=False) -> St
   raw_step = make_train_step(spec, tx, lr_schedule, plan.grad_accum_steps,
                              fsdp_compute_sharding(mesh), plan.log_every)
   batches = batch_sharding(mesh)
+  train = data.train_for(plan.name)
   cache = None
   if plan.teacher_cache:
-    cache = (random_cache(plan, len(data.train)) if random_params else
-             teacher_cache_rows(plan, spec, teacher_params, data.train, mesh))
+    cache = (random_cache(plan, len(train)) if random_params else
+             teacher_cache_rows(plan, spec, teacher_params, train, mesh))
   if plan.device_resident:
-    resident = (put_rows_sharded(data.train.images, mesh) if plan.shard_resident
-                else put_global(data.train.images, replicated(mesh)),
-                put_global(data.train.sizes, replicated(mesh)),
-                put_global(data.train.labels, replicated(mesh)))
+    resident = (put_rows_sharded(train.images, mesh) if plan.shard_resident
+                else put_global(train.images, replicated(mesh)),
+                put_global(train.sizes, replicated(mesh)),
+                put_global(train.labels, replicated(mesh)))
     if cache is not None:
       resident += (jax.tree.map(lambda x: put_global(x, replicated(mesh)), cache),)
     inputs = lambda start_step, stop_step=None: itertools.repeat(resident)
   else:
-    inputs = functools.partial(streamed_inputs, data.train, spec.seed, plan.batch_size, batches,
-                               num_threads=plan.reader_threads, cache=cache)
+    inputs = functools.partial(
+        streamed_inputs, train, spec.seed, plan.batch_size, batches,
+        num_threads=plan.reader_threads, cache=cache,
+        batch_indices=train_data_indices(plan, spec.seed, host_step_indices))
   train_step = jit_step(fed_step(plan, spec, raw_step, mesh), state, mesh)
   eval_step = jax.jit(make_eval_step(student, plan.resolution, teachers, plan.ensemble,
                                      plan.eval_crop_fraction, eval_cka_pairs(plan)))

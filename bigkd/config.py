@@ -17,11 +17,18 @@ class ConfigError(ValueError):
 
 # Fields that may differ from a workdir's config.json on a re-run (`bigkd.workdir`): they change
 # how a run is watched, saved or laid out, never what it computes (N devices = 1 device is
-# tested; the data may move). A prefix ('mesh') covers every field under it. `--fields` marks
-# them; anything else needs config.allowed_changes.
+# tested; the data may move). A prefix ('mesh') covers every field under it; '*' stands for any
+# one name (a stage's). `--fields` marks them; anything else needs config.allowed_changes.
 SAFE_TO_CHANGE = ('log_every', 'log_views', 'tensorboard', 'eval_every', 'checkpoint_every',
                   'keep_checkpoints', 'eval_batch_size', 'data.data_dir', 'data.reader_threads',
-                  'mesh', 'allowed_changes')
+                  'stages.*.train_data.*.data_dir', 'mesh', 'allowed_changes')
+
+
+def covered(field: str, names) -> bool:
+  """Whether dotted `field` is one of `names` or lies under one of them ('*': any one name)."""
+  parts = field.split('.')
+  return any(len(parts) >= len(pattern) and all(p in ('*', q) for p, q in zip(pattern, parts))
+             for pattern in (name.split('.') for name in names))
 
 
 SHAMPOO = 'SHAMPOO'  # stands for `optim.shampoo.default_shampoo_options()` in RUN_FIELDS
@@ -50,6 +57,9 @@ RUN_FIELDS = (
      "taken over the whole image. 0 (source=folder): from the images' median long side, "
      'between the largest model resolution and 4/3 of it'),
     ('data.num_classes', 0, "0: the source's class count (digits: max train label + 1)"),
+    ('data.classes', '',
+     "digits: only these classes, e.g. '0-4' or '1,3,5-7' (labels keep their digit values, so "
+     "'0-4' is a 5-class task); '': all"),
     ('data.train_split', 'train',
      "split names of the source (tfds split strings such as 'train[:90%]' work too)"),
     ('data.val_split', 'val',
@@ -134,6 +144,13 @@ STAGE_FIELDS = (
     ('teacher_cache_top_k', 0,
      "0: the cache keeps the full logits (exact); k: each image's k most likely classes, the "
      'rest of the probability spread evenly (an approximation, smaller)'),
+    ('train_data', {},
+     "{name: source} (fields below): where this stage's training images come from, e.g. an "
+     'unlabeled image folder, another dataset or split, other digit classes, or a mixture: each '
+     "batch takes a fixed number of rows from each source (by weight), the rows' order shuffled "
+     'per step, all a pure function of (seed, step). {}: the train split of the data block. '
+     "Evaluation stays on the data block's val/test splits; epochs and warmup_epochs count the "
+     'examples of all the sources'),
     ('optimizer', {}, 'overrides of config.optimizer for this stage'),
     ('augment', {}, 'overrides of config.augment for this stage'),
     ('feature_pairs', (),
@@ -211,6 +228,34 @@ TEACHER_FIELDS = (
     ('resolution', 0, '0: from the stage / stage.json'),
 )
 
+# A stage's train_data source: `stage_config(..., train_data={name: {field: value}})`.
+TRAIN_DATA_FIELDS = (
+    ('source', 'task',
+     'task: the train split of the data block, with its labels | digits | folder '
+     '(DATA_DIR/SPLIT/CLASS/*) | images (every image directly in data_dir: no labels) | records '
+     '| tfds'),
+    ('data_dir', '', 'image folder, bigkd.prepare output or tfds data_dir (as data.data_dir)'),
+    ('name', '', "tfds dataset name (source='tfds')"),
+    ('split', 'train', "the source's split (tfds split strings such as 'train[:50%]' work too)"),
+    ('classes', '', "digits: only these classes, e.g. '5-9' (as data.classes); '': all"),
+    ('labels', False,
+     "True: the source's labels are the task's classes, so label terms may read them (task: "
+     "always; images: never). False: unlabeled; then the stage may not ask for a label term "
+     '(no teachers, label_weight, loss_weights.labels, dkd)'),
+    ('weight', 1.0,
+     "this source's share of every batch, relative to the other sources' weights (a fixed "
+     'number of rows per step, by largest remainder)'),
+)
+
+
+TRAIN_SOURCES = ('task', 'digits', 'folder', 'images', 'records', 'tfds')
+
+
+def is_labelled(source) -> bool:
+  """Whether a train_data source's labels are the task's ('task': always; 'images': never)."""
+  return source['source'] == 'task' or (source['source'] != 'images' and bool(source['labels']))
+
+
 def _tree(rows, values=None) -> ConfigDict:
   """A ConfigDict of dotted `rows` (field, default, meaning), with `values` replacing defaults."""
   values = values or {}
@@ -239,7 +284,9 @@ def base_config() -> ConfigDict:
 
 def stage_config(model: str, resolution: int, teachers=None, **overrides) -> ConfigDict:
   """One stage. `teachers`: {name: source} where source is an earlier stage's name, a bigkd
-  run's stage folder, or a BiT .npz file (then also give model and resolution as a dict)."""
+  run's stage folder, or a BiT .npz file (then also give model and resolution as a dict).
+  `train_data={name: {field: value}}` (TRAIN_DATA_FIELDS): its training images, when not the
+  data block's train split."""
   s = _tree(STAGE_FIELDS, {'model': model, 'resolution': resolution})
   s.teachers = ConfigDict()
   for name, source in (teachers or {}).items():
@@ -248,7 +295,9 @@ def stage_config(model: str, resolution: int, teachers=None, **overrides) -> Con
   for key, value in overrides.items():
     if key not in s:
       raise ConfigError(f'stage_config: unknown field {key!r}')
-    if key in FIELD_GROUPS:  # set the named fields, keep the other defaults
+    if key == 'train_data':  # each source gets every field, its defaults for those not given
+      s.train_data = ConfigDict({name: _train_source(name, spec) for name, spec in value.items()})
+    elif key in FIELD_GROUPS:  # set the named fields, keep the other defaults
       for name, field in value.items():
         if name not in s[key]:
           raise ConfigError(f'stage_config: unknown field {key}.{name!r} (known: '
@@ -257,6 +306,15 @@ def stage_config(model: str, resolution: int, teachers=None, **overrides) -> Con
     else:
       s[key] = ConfigDict(value) if isinstance(value, dict) else value
   return s
+
+
+def _train_source(name: str, spec: dict) -> ConfigDict:
+  known = [field for field, _, _ in TRAIN_DATA_FIELDS]
+  unknown = sorted(set(spec) - set(known))
+  if unknown:
+    raise ConfigError(f'stage_config: train_data.{name}: unknown field {unknown[0]!r} (known: '
+                      f'{", ".join(known)})')
+  return _tree(TRAIN_DATA_FIELDS, spec)
 
 
 def born_again(config: ConfigDict, first: str, generations: int, ensemble: bool = False,
@@ -301,6 +359,21 @@ def comma_list(text: str) -> list[str]:
   return [name.strip() for name in text.split(',') if name.strip()]
 
 
+def class_list(text: str) -> tuple[int, ...]:
+  """'1,3,5-7' -> (1, 3, 5, 6, 7): the classes a `classes` field names; '' -> () (all).
+  Raises ConfigError (without the field's name: the caller adds it) on anything else."""
+  out = set()
+  for part in comma_list(text):
+    first, _, last = part.partition('-')
+    if not first.strip().isdigit() or (last and not last.strip().isdigit()):
+      raise ConfigError(f'{text!r} is not a list of classes such as \'0-4\' or \'1,3,5-7\'')
+    low, high = int(first), int(last or first)
+    if low > high:
+      raise ConfigError(f'{text!r}: the range {part!r} is empty')
+    out.update(range(low, high + 1))
+  return tuple(sorted(out))
+
+
 def stage_names(config: ConfigDict) -> list[str]:
   """The stages to run, in order (ConfigDict sorts its keys, so the order is explicit)."""
   return comma_list(config.stage_order)
@@ -320,7 +393,8 @@ def field_docs() -> dict[str, str]:
   """{field: meaning}, stage fields keyed 'stages.*.x', a teacher's 'stages.*.teachers.*.x'."""
   return {**{name: doc for name, _, doc in RUN_FIELDS},
           **{f'stages.*.{name}': doc for name, _, doc in STAGE_FIELDS},
-          **{f'stages.*.teachers.*.{name}': doc for name, _, doc in TEACHER_FIELDS}}
+          **{f'stages.*.teachers.*.{name}': doc for name, _, doc in TEACHER_FIELDS},
+          **{f'stages.*.train_data.*.{name}': doc for name, _, doc in TRAIN_DATA_FIELDS}}
 
 
 def field_key(path: str) -> str:
@@ -329,7 +403,7 @@ def field_key(path: str) -> str:
   parts = path.split('.')
   if parts[0] == 'stages' and len(parts) > 2:
     parts[1] = '*'
-    if parts[2] == 'teachers' and len(parts) > 4:
+    if parts[2] in ('teachers', 'train_data') and len(parts) > 4:
       parts[3] = '*'
     if parts[2] in ('optimizer', 'augment') and len(parts) > 3:
       parts = parts[2:]
@@ -386,7 +460,7 @@ def describe_fields(config: ConfigDict) -> str:
     shown = f'{path} = {value!r}' + ('' if default in (value, MISSING) else
                                      f'  (default {default!r})')
     doc = field_doc(path, docs)
-    if any(path == n or path.startswith(n + '.') for n in SAFE_TO_CHANGE):
+    if covered(path, SAFE_TO_CHANGE):
       doc = f'[safe to change] {doc}'
     lines.append(f'{shown:<58} {("# " + doc) if doc else ""}'.rstrip())
   return '\n'.join(lines)

@@ -307,8 +307,9 @@ def step_batch(run: Run, stage_name: str, step: int) -> Batch:
   if not 1 <= step <= plan.steps:
     raise ValueError(f'stage {stage_name}: step {step} is outside 1..{plan.steps} '
                      '(steps are numbered as logged, from 1)')
-  indices = step_batch_indices(plan, step, len(run.data.train))
-  return Batch(indices, *(np.asarray(x) for x in run.data.train.rows(indices)))
+  train = run.data.train_for(stage_name)
+  indices = step_batch_indices(plan, step, len(train))
+  return Batch(indices, *(np.asarray(x) for x in train.rows(indices)))
 
 
 def views(run: Run, stage_name: str, step: int) -> Views:

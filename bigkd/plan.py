@@ -10,10 +10,12 @@ import dataclasses
 import json
 
 from bigkd import checkpoint, paths, teacher_cache
-from bigkd.config import ConfigError, comma_list, merged, stage_names
+from bigkd.config import TRAIN_DATA_FIELDS, TRAIN_SOURCES, ConfigError, class_list, \
+    comma_list, is_labelled, merged, stage_names
 from bigkd.data.augment import CROP_SAMPLERS, TEACHING_MODES
+from bigkd.data.sampling import batch_rows
 from bigkd.losses import AT_MATCHES, DEFAULT_LOSS_TERMS, DISTILL_LOSSES, ENSEMBLE_MODES, \
-    FEATURE_LOSSES, LOSS_TERMS, PKT_FORMS, SELF_LOSSES, SUPERVISED_LOSS_TERMS
+    FEATURE_LOSSES, LABEL_TERMS, LOSS_TERMS, PKT_FORMS, SELF_LOSSES, SUPERVISED_LOSS_TERMS
 from bigkd.models import feature_shapes, model_names
 from bigkd.optim import DTYPES, OPTIMIZERS, SCHEDULES
 from bigkd.sharding import mesh_shape
@@ -45,6 +47,16 @@ class PairPlan:
   def label(self) -> str:
     """'student.TAP,TEACHER.TAP': how the config names the pair (and summary.json its CKA)."""
     return f'student.{self.student_tap},{self.teacher}.{self.teacher_tap}'
+
+
+@dataclasses.dataclass(frozen=True)
+class DataPlan:
+  """One source of a stage's train data (`train_data`), with its share of every batch."""
+  name: str       # its name in the stage's train_data
+  spec: dict      # its fields (config.TRAIN_DATA_FIELDS), as configured
+  labelled: bool  # its labels are the task's classes (`config.is_labelled`)
+  rows: int       # the rows of every batch drawn from it
+  examples: int   # its size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +105,7 @@ class StagePlan:
   teacher_cache: str = ''    # a folder of the teachers' cached logits ('': run the teachers)
   teacher_cache_top_k: int = 0
   teacher_cache_identity: dict = dataclasses.field(default_factory=dict)  # `teacher_cache.identity`
+  train_data: tuple = ()     # of DataPlan, by name (as ConfigDict keeps them); (): train split
 
   @property
   def step_seed(self) -> int:
@@ -131,6 +144,9 @@ def check_config(config, num_devices: int) -> None:
       ' (0, from the images, needs data.source=folder)' if data.base_size == 0 else ''))
   _need(data.num_classes >= 0, f'data.num_classes={data.num_classes} must be >= 0 (0: the '
         "source's class count)")
+  _need(not data.classes or data.source == 'digits',
+        f'data.classes={data.classes!r}: only the digits source keeps some classes')
+  _check_classes('data.classes', data.classes)
   _need(config.eval_batch_size % num_devices == 0,
         f'eval_batch_size={config.eval_batch_size} is not divisible by the {num_devices} devices')
   _need(config.teacher_dtype in DTYPES,
@@ -198,6 +214,7 @@ def _check_stage(config, name, earlier, num_devices):
   _need(0.0 <= stage.label_weight <= 1.0, f'{where}.label_weight must be in [0, 1]')
   if stage.teacher_cache:
     _check_teacher_cache(stage, where)
+  _check_train_data(stage, where)
   opt, aug = stage_groups(config, name)
   _need(aug['crop_sampler'] in CROP_SAMPLERS,
         f'{where}: augment.crop_sampler={aug["crop_sampler"]!r}: one of {", ".join(CROP_SAMPLERS)}')
@@ -235,6 +252,47 @@ def _check_stage(config, name, earlier, num_devices):
     _need(teacher.resolution <= base_size,
           f'{where}.teachers.{tname}.resolution={teacher.resolution} is above the stored '
           f'image size data.base_size={base_size}')
+
+
+def _check_classes(where, text) -> None:
+  try:
+    class_list(text)
+  except ConfigError as e:
+    raise ConfigError(f'{where}: {e}') from None
+
+
+def _check_train_data(stage, where) -> None:
+  """Each source of a stage's train_data by its fields; and a stage whose train data has
+  unlabeled images asks for no term that reads labels (they would read nothing)."""
+  known = [field for field, _, _ in TRAIN_DATA_FIELDS]
+  for name, source in stage.train_data.items():
+    at = f'{where}.train_data.{name}'
+    _need(hasattr(source, 'keys') and set(source.keys()) == set(known),
+          f'{at}: a source has the fields {", ".join(known)} (make it with stage_config(..., '
+          'train_data={name: dict(...)}))')
+    kind = source.source
+    _need(kind in TRAIN_SOURCES, f'{at}.source={kind!r}: one of {", ".join(TRAIN_SOURCES)}')
+    _need(kind not in ('folder', 'images', 'records') or source.data_dir,
+          f'{at}: source={kind} needs data_dir')
+    _need(kind != 'tfds' or source.name, f'{at}: source=tfds needs name')
+    _need(not source.classes or kind == 'digits',
+          f'{at}.classes={source.classes!r}: only the digits source keeps some classes')
+    _check_classes(f'{at}.classes', source.classes)
+    _need(isinstance(source.weight, (int, float)) and not isinstance(source.weight, bool)
+          and source.weight > 0, f'{at}.weight={source.weight!r} must be a number > 0')
+    _need(not (kind == 'images' and source.labels), f'{at}: source=images has no labels (a '
+          'folder of images without class folders); labels=True needs source=folder')
+  unlabeled = [name for name, source in stage.train_data.items() if not is_labelled(source)]
+  if not unlabeled:
+    return
+  none = (f'but its train_data.{unlabeled[0]} has no labels (labels=False; give a teacher and '
+          'a loss that reads none, e.g. kl with label_weight=0)')
+  _need(stage.teachers, f'{where}: a stage without teachers trains on labels, {none}')
+  _need(stage.label_weight == 0, f'{where}.label_weight={stage.label_weight} reads labels, '
+        f'{none}')
+  for term in LABEL_TERMS:
+    _need(not stage.loss_weights.get(term), f'{where}.loss_weights.{term}='
+          f'{stage.loss_weights.get(term)} reads labels, {none}')
 
 
 def _check_teacher_cache(stage, where) -> None:
@@ -461,30 +519,53 @@ def auto_base_size(config, median_long_side: int) -> int:
   return max(largest, min(canvas_size(largest), median_long_side))
 
 
+def _data_plans(name, stage, batch, sizes) -> tuple:
+  """The DataPlans of a stage's train_data: each source's rows per batch (`batch_rows`), at
+  least one and at most its examples (an epoch of it holds whole batches' shares)."""
+  where = f'stages.{name}.train_data'
+  _need(sizes is not None, f'{where}: the sizes of its sources are not known here (read them '
+        'first: bigkd.build.setup)')
+  sources = list(stage.train_data.items())
+  rows = batch_rows(batch, [s.weight for _, s in sources])
+  plans = []
+  for (source_name, source), n, size in zip(sources, rows, sizes):
+    _need(n > 0, f'{where}.{source_name}.weight={source.weight} gives it no row of the batch of '
+          f'{batch}; raise its weight or the batch size')
+    _need(n <= size, f'{where}.{source_name}: {size} examples, fewer than its {n} rows of '
+          f'every batch of {batch}; lower its weight or the batch size')
+    plans.append(DataPlan(source_name, source.to_dict(), is_labelled(source), n, size))
+  return tuple(plans)
+
+
 def plan_stages(config, workdir: str, num_train_examples: int, num_classes: int,
-                num_devices: int = 1, check_checkpoints: bool = True) -> list[StagePlan]:
+                num_devices: int = 1, check_checkpoints: bool = True,
+                train_sizes: dict | None = None) -> list[StagePlan]:
   """The stages of a checked config (see `check_config`), in order. Fits the batch to the
-  train split and checks that every checkpoint from outside this run (teachers, `init`)
-  exists and fits its model (shapes only, so nothing is loaded twice); `check_checkpoints`
-  False: they need not exist here (`bigkd.launch_plan` compiles with their shapes alone)."""
+  train split (or a stage's train_data: `train_sizes` {stage: examples of each source}) and
+  checks that every checkpoint from outside this run (teachers, `init`) exists and fits its
+  model (shapes only, so nothing is loaded twice); `check_checkpoints` False: they need not
+  exist here (`bigkd.launch_plan` compiles with their shapes alone)."""
   plans, cache = {}, {}
   model_shapes = lambda model, resolution, model_kwargs: _cached_feature_shapes(
       model, num_classes, resolution, model_kwargs, cache)
   for index, name in enumerate(stage_names(config)):
     stage = config.stages[name]
     accum = stage.grad_accum_steps or config.grad_accum_steps
-    batch = fitted_batch_size(name, stage.batch_size or config.batch_size, num_train_examples,
+    sizes = (train_sizes or {}).get(name)
+    examples = sum(sizes) if stage.train_data and sizes else num_train_examples
+    batch = fitted_batch_size(name, stage.batch_size or config.batch_size, examples,
                               accum * num_devices)
-    _need(not config.data.device_resident or batch * num_train_examples < 2 ** 31,
+    data_plans = _data_plans(name, stage, batch, sizes) if stage.train_data else ()
+    _need(not config.data.device_resident or batch * examples < 2 ** 31,
           f'stages.{name}: batch size x examples >= 2^31; use data.device_resident=False')
-    steps_per_epoch = num_train_examples / batch
+    steps_per_epoch = examples / batch
     steps = round(stage.epochs * steps_per_epoch) if stage.epochs > 0 else stage.steps
     opt, aug = stage_groups(config, name)
     warmup = (round(opt['warmup_epochs'] * steps_per_epoch) if opt['warmup_epochs'] > 0
               else opt['warmup_steps'])
     teachers = _teacher_plans(name, stage, workdir, plans, config.data.base_size)
     if stage.teachers and stage.loss_weights.crd:
-      _check_queue(name, stage.loss_options.crd_queue, batch, num_train_examples)
+      _check_queue(name, stage.loss_options.crd_queue, batch, examples)
     _need(stage.teacher_cache_top_k < num_classes, f'stages.{name}.teacher_cache_top_k='
           f'{stage.teacher_cache_top_k} must be below the {num_classes} classes')
     plans[name] = StagePlan(
@@ -506,11 +587,11 @@ def plan_stages(config, workdir: str, num_train_examples: int, num_classes: int,
         tensorboard=config.tensorboard, eval_every=config.eval_every,
         checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
         teacher_cache=str(paths.absolute(stage.teacher_cache)) if stage.teacher_cache else '',
-        teacher_cache_top_k=stage.teacher_cache_top_k,
+        teacher_cache_top_k=stage.teacher_cache_top_k, train_data=data_plans,
         **_objective(name, stage, teachers, model_shapes))
     if stage.teacher_cache:  # what the cache must have been made for (the weights: when built)
       plans[name] = dataclasses.replace(plans[name], teacher_cache_identity=teacher_cache.identity(
-          plans[name], config.data, num_train_examples))
+          plans[name], config.data, examples))
       teacher_cache.check_reusable(plans[name].teacher_cache, plans[name].teacher_cache_identity,
                                    f'stages.{name}.teacher_cache')
   plans = list(plans.values())

@@ -202,8 +202,9 @@ def logged_metrics(state, metrics) -> dict:
 def write_views(writer, stage, data: RunData) -> None:
   """TensorBoard image `views`: what the teacher and the student of a distilled stage are shown
   at step 1 under each teaching mode (`views.views_grid_image`), for a user watching the run."""
-  indices = step_batch_indices(stage.plan, 1, len(data.train))[:4]
-  grid = views.views_grid_image(stage.spec, *data.train.rows(indices), step=1)
+  train = data.train_for(stage.plan.name)
+  indices = step_batch_indices(stage.plan, 1, len(train))[:4]
+  grid = views.views_grid_image(stage.spec, *train.rows(indices), step=1)
   writer.write_images(1, {'views': grid[None]})
 
 
@@ -251,7 +252,8 @@ def run_stage(plan: StagePlan, data: RunData, mesh, workdir: str) -> dict:
   # are fetched there and nowhere else.
   progress = periodic_actions.ReportProgress(num_train_steps=plan.steps, writer=writer,
                                              every_steps=plan.log_every, every_secs=None)
-  decoded_before = getattr(data.train, 'decoded', None)
+  train = data.train_for(plan.name)
+  decoded_before = getattr(train, 'decoded', None)
   inputs = stage.inputs(start_step, plan.steps)
   try:
     with PreemptionWatch() as watch:
@@ -283,7 +285,7 @@ def run_stage(plan: StagePlan, data: RunData, mesh, workdir: str) -> dict:
     writer.close()
   if decoded_before is not None:  # streamed: each process reads only its rows of each batch
     print(f'[{plan.name}] process {jax.process_index()} read and decoded '
-          f'{data.train.decoded - decoded_before} training images', flush=True)
+          f'{train.decoded - decoded_before} training images', flush=True)
   summary = {'steps': plan.steps, 'model': plan.model, 'resolution': plan.resolution,
              **final_eval}
   if is_main:

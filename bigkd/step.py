@@ -270,17 +270,20 @@ def make_train_step(spec: StepSpec, tx: optax.GradientTransformation, lr_schedul
   return train_step
 
 
-def with_device_batches(train_step, seed, batch_size, batch_sharding, gather_images=None):
+def with_device_batches(train_step, seed, batch_size, batch_sharding, gather_images=None,
+                        batch_indices=None):
   """Wraps `train_step` for device-resident data: the batch is gathered on device from
   indices that are a pure function of (seed, step); the host sends nothing per step.
 
   `gather_images(all_images, indices)` replaces `all_images[indices]` when the resident images
   are split over devices (their row count then includes padding: the example count is that of
-  the labels)."""
+  the labels). `batch_indices(step)`: the indices (a train_data mixture's,
+  `sampling.device_step_indices`); None: `device_batch_indices` over all the examples."""
 
   def step_on_resident_data(state, teacher_params, all_images, all_sizes, all_labels,
                             all_cached=None):
-    indices = device_batch_indices(seed, state.step, batch_size, all_labels.shape[0])
+    indices = (batch_indices(state.step) if batch_indices else
+               device_batch_indices(seed, state.step, batch_size, all_labels.shape[0]))
     sharded_indices = jax.lax.with_sharding_constraint(indices, batch_sharding)
     images = (gather_images(all_images, indices) if gather_images
               else all_images[sharded_indices])

@@ -31,7 +31,7 @@ INFO = 'cache.json'
 
 
 def identity(plan, data_cfg, num_examples: int, teacher_checksums=None) -> dict:
-  """What a cache of `plan`'s teachers on its train split depends on. `teacher_checksums`
+  """What a cache of `plan`'s teachers on its train split (or train_data) depends on. `teacher_checksums`
   None: all but the weights (known before any teacher is loaded: checked with the config)."""
   out = {
       'format': FORMAT_VERSION, 'top_k': plan.teacher_cache_top_k,
@@ -42,6 +42,10 @@ def identity(plan, data_cfg, num_examples: int, teacher_checksums=None) -> dict:
       'data': {'source': data_cfg.source, 'name': data_cfg.name,
                'train_split': data_cfg.train_split, 'base_size': data_cfg.base_size,
                'examples': num_examples}}
+  if data_cfg.get('classes'):  # (only where set: the identity of earlier caches stays)
+    out['data']['classes'] = data_cfg.classes
+  if getattr(plan, 'train_data', ()):  # the stage's own train data, by its sources' fields
+    out['data']['train_data'] = {d.name: d.spec for d in plan.train_data}
   if teacher_checksums is not None:
     out['teacher_checksums'] = [int(c) for c in teacher_checksums]
   return out

@@ -10,7 +10,7 @@ import os
 import time
 
 from bigkd import paths
-from bigkd.config import SAFE_TO_CHANGE, ConfigError, comma_list, flatten
+from bigkd.config import SAFE_TO_CHANGE, ConfigError, comma_list, covered, flatten
 from bigkd.checkpoint import read_stage_info, short_reason
 
 ABSENT = '(absent)'
@@ -19,11 +19,6 @@ ABSENT = '(absent)'
 def _need(ok, message):
   if not ok:
     raise ConfigError(message)
-
-
-def covered(field: str, names) -> bool:
-  """Whether `field` is one of `names` or lies under one of them."""
-  return any(field == n or field.startswith(n + '.') for n in names)
 
 
 def config_differences(stored: dict, current: dict) -> dict:

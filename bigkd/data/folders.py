@@ -92,3 +92,16 @@ def scan_split(root: str, split: str, class_names: list[str]) -> FolderSplit:
   if not paths:
     raise DataError(f'no images under {split_dir}')
   return FolderSplit(paths, labels, skipped)
+
+
+def scan_images(root: str) -> FolderSplit:
+  """The images directly in `root` (sorted, by the rule above), unlabeled (label -1 each): a
+  folder of images without class folders."""
+  if not os.path.isdir(root):
+    raise DataError(f'image folder {root} does not exist')
+  files = [n for n in sorted(os.listdir(root)) if os.path.isfile(os.path.join(root, n))]
+  images = [os.path.join(root, n) for n in visible(files) if is_image(os.path.join(root, n))]
+  if not images:
+    raise DataError(f'no images directly in {root} ({", ".join(IMAGE_EXTENSIONS)}; sub-folders '
+                    'are not read)')
+  return FolderSplit(images, [-1] * len(images), len(files) - len(images))

@@ -5,7 +5,7 @@ so that its long side is the canvas side, at the top-left corner, the rest fille
 its edge pixels; its valid (height, width) travels with it. Crop boxes are then sampled over the
 whole image with its own aspect ratio (`augment.py`), never over a pre-cut centre square, and
 each model renders the same box at its own resolution. A batch is `(images [B, S, S, 3] uint8,
-sizes [B, 2] int32, labels [B] int32)`.
+sizes [B, 2] int32, labels [B] int32)`; an image without a label has label -1 (`NO_LABEL`).
 
 Two kinds of split give such batches through one method, `rows(indices)`:
   `Split`          decoded once into host memory (small data: it then lives on the devices);
@@ -13,9 +13,14 @@ Two kinds of split give such batches through one method, `rows(indices)`:
                    `python -m bigkd.prepare`, or a tfds dataset prepared as ArrayRecord) whose
                    rows are read and decoded when asked for: memory does not grow with the data.
 
+A stage's `train_data` (`load_train_data`) may take its training images from other sources,
+possibly unlabeled, mixed by weight: one split over all of them (`MixedSplit`, or their images
+concatenated in memory), example i of source k at index offset_k + i.
+
 Bundled digits: scikit-learn's 1,797 8x8 grey digits, shuffled once with a fixed seed (0) and
 split 1,197 train / 300 val / 300 test. The split is part of the data's definition; it never
-depends on the run's seed.
+depends on the run's seed. `classes` keeps only some digits of a split (labels unchanged): the
+digits 0-4 as a task, 5-9 as images from outside it.
 """
 import functools
 import threading
@@ -23,10 +28,14 @@ from typing import NamedTuple
 
 import numpy as np
 
+from bigkd.config import class_list, is_labelled
 from bigkd.data import folders
 from bigkd.data.errors import DataError  # noqa: F401  (re-exported: bigkd.data.sources.DataError)
 from bigkd.data.records import RecordSplit
 from bigkd.tf_quiet import import_tensorflow, import_tfds
+
+
+NO_LABEL = -1  # the label of an image that has none (its one-hot target is all zeros)
 
 
 class Split(NamedTuple):
@@ -107,8 +116,9 @@ DIGITS_SPLIT_SIZES = {'train': 1197, 'val': 300, 'test': 300}
 DIGITS_SPLIT_SEED = 0
 
 
-def load_digits(split: str, base_size: int) -> Split:
-  """One split of the bundled digits, upscaled to `base_size` (grey copied to 3 channels)."""
+def load_digits(split: str, base_size: int, classes=()) -> Split:
+  """One split of the bundled digits, upscaled to `base_size` (grey copied to 3 channels);
+  `classes`: only the digits of those classes (labels unchanged), () all."""
   if split not in DIGITS_SPLIT_SIZES:
     raise DataError(f'digits has splits {sorted(DIGITS_SPLIT_SIZES)}, not {split!r}')
   from sklearn.datasets import load_digits as sk_digits
@@ -120,6 +130,10 @@ def load_digits(split: str, base_size: int) -> Split:
       break
     start += DIGITS_SPLIT_SIZES[name]
   idx = order[start:start + DIGITS_SPLIT_SIZES[split]]
+  if classes:
+    idx = idx[np.isin(digits.target[idx], classes)]
+    if not len(idx):
+      raise DataError(f'digits split {split!r} has no digit of classes {list(classes)}')
   grey = (digits.images[idx] * (255.0 / 16.0)).round().astype(np.uint8)  # values 0..16
   tf = import_tensorflow()
   images = tf.image.resize(grey[..., None], (base_size, base_size), method='bilinear')
@@ -146,6 +160,36 @@ class FolderSource:
   def __getitem__(self, i):
     with open(self.paths[i], 'rb') as f:
       return f.read(), int(self.labels[i]), self.paths[i]
+
+
+class ImageFilesSource:
+  """The images directly in one folder (`folders.scan_images`), without labels."""
+
+  def __init__(self, root: str):
+    found = folders.scan_images(root)
+    self.paths, self.skipped, self.class_names = found.paths, found.skipped, []
+
+  def __len__(self):
+    return len(self.paths)
+
+  def __getitem__(self, i):
+    with open(self.paths[i], 'rb') as f:
+      return f.read(), NO_LABEL, self.paths[i]
+
+
+class UnlabeledSource:
+  """A random-access source whose labels are not the task's: each example's label is NO_LABEL."""
+
+  def __init__(self, source):
+    self.source, self.class_names = source, []
+    self.labels = np.full(len(source), NO_LABEL, np.int32)
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, i):
+    data, _, what = self.source[i]
+    return data, NO_LABEL, what
 
 
 def median_long_side(root: str, sample: int = 200) -> int:
@@ -193,14 +237,16 @@ class TfdsSource:
       raise DataError(f'tfds dataset {name!r} split {split!r} in data_dir {data_dir!r} has no '
                       f'random-access (ArrayRecord) files ({str(e).splitlines()[0]}); convert '
                       'it once with python -m bigkd.prepare --tfds') from None
-    self.class_names = list(getattr(self.source.dataset_info.features['label'], 'names', []))
+    features = self.source.dataset_info.features
+    self.class_names = (list(getattr(features['label'], 'names', []))
+                        if 'label' in features else [])
 
   def __len__(self):
     return len(self.source)
 
   def __getitem__(self, i):
     example = self.source[i]
-    return example['image'], int(example['label']), f'example {i}'
+    return example['image'], int(example.get('label', NO_LABEL)), f'example {i}'
 
 
 class StreamedSplit:
@@ -237,7 +283,7 @@ def load_tfds(name: str, split: str, data_dir: str, base_size: int) -> Split:
   images, labels = [], []
   for example in tfds.as_numpy(ds):
     images.append(example['image'])
-    labels.append(example['label'])
+    labels.append(example.get('label', NO_LABEL))  # (an unlabeled dataset has none)
   if not images:
     raise DataError(f'tfds dataset {name!r} split {split!r} is empty')
   canvases, sizes = stack_canvases([fit_to_canvas(image, base_size) for image in images])
@@ -265,7 +311,7 @@ def load_split(data_cfg, split_key: str):
   a `Split` in memory when `data.device_resident`, else a `StreamedSplit`."""
   split = data_cfg[split_key]
   if data_cfg.source == 'digits':
-    return load_digits(split, data_cfg.base_size)
+    return load_digits(split, data_cfg.base_size, class_list(data_cfg.get('classes', '')))
   if data_cfg.device_resident and data_cfg.source == 'tfds':
     return load_tfds(data_cfg.name, split, data_cfg.data_dir, data_cfg.base_size)
   source = open_source(data_cfg, split)
@@ -281,7 +327,7 @@ def class_names(data_cfg, train) -> list[str]:
   """The names of the classes, by label ('0'..'9' for the digits, the folder names of an image
   folder, the names a prepared or tfds dataset records); [] when the source names none."""
   if data_cfg.source == 'digits':
-    return [str(d) for d in range(10)]
+    return [str(d) for d in range(known_classes(train))]
   if data_cfg.source == 'tfds' and isinstance(train, Split):
     tfds = import_tfds()
     try:
@@ -315,3 +361,97 @@ def num_classes(data_cfg, train) -> int:
   if not known:
     raise DataError('the streamed source does not name its classes: set data.num_classes')
   return known
+
+
+# --- A stage's train data: other sources than the train split, possibly mixed. -------------
+
+class MixedSplit:
+  """Several splits (`Split` or `StreamedSplit`) as one: index offsets[k] + i is example i of
+  part k. `rows` reads each part's rows and returns them in the order asked."""
+
+  def __init__(self, parts):
+    self.parts = list(parts)
+    self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
+
+  def __len__(self):
+    return int(self.offsets[-1])
+
+  @property
+  def decoded(self):
+    """Images read and decoded so far by the streamed parts (None: none is streamed)."""
+    counts = [p.decoded for p in self.parts if hasattr(p, 'decoded')]
+    return sum(counts) if counts else None
+
+  def rows(self, indices):
+    indices = np.asarray(indices)
+    part = np.searchsorted(self.offsets, indices, side='right') - 1
+    images, sizes, labels = [None] * 3
+    for k in np.unique(part):
+      where = np.nonzero(part == k)[0]
+      got = self.parts[k].rows(indices[where] - self.offsets[k])
+      if images is None:
+        images, sizes, labels = (np.zeros((len(indices),) + x.shape[1:], x.dtype) for x in got)
+      images[where], sizes[where], labels[where] = got
+    return images, sizes, labels
+
+
+class TrainData(NamedTuple):
+  """A stage's training examples: one split over all its sources (in their order) and the
+  number of examples of each."""
+  split: object
+  sizes: tuple
+
+
+def without_labels(split):
+  """`split` with every label NO_LABEL (its labels are not the task's classes)."""
+  if isinstance(split, Split):
+    return Split(split.images, split.sizes, np.full(len(split), NO_LABEL, np.int32))
+  return StreamedSplit(UnlabeledSource(split.source), split.canvas_size)
+
+
+def load_source(data_cfg, spec: dict, task_train, task_classes: list, num_classes: int,
+                where: str):
+  """One train_data source (`config.TRAIN_DATA_FIELDS`) as a split of canvases of the data
+  block's size, in memory or streamed as `data.device_resident` says; unlabeled
+  (`without_labels`) unless `is_labelled`, and then its classes must be the task's
+  (`task_classes`, by name where both are named: label i means the same class)."""
+  if spec['source'] == 'task':
+    return task_train
+  if spec['source'] == 'images':
+    source = ImageFilesSource(spec['data_dir'])
+    if source.skipped:
+      print(f'bigkd: {where}: skipped {source.skipped} files that are not images', flush=True)
+    split = (in_memory(source, data_cfg.base_size) if data_cfg.device_resident
+             else StreamedSplit(source, data_cfg.base_size))
+  else:
+    cfg = data_cfg.copy_and_resolve_references()
+    with cfg.unlocked():
+      cfg.update(source=spec['source'], data_dir=spec['data_dir'], name=spec['name'],
+                 train_split=spec['split'], classes=spec['classes'])
+    split = load_split(cfg, 'train_split')
+  if not is_labelled(spec):
+    return without_labels(split)
+  known = known_classes(split)
+  if known > num_classes:
+    raise DataError(f'{where}: labels up to {known - 1}, but the task has {num_classes} '
+                    'classes (labels=True says they are the task\'s)')
+  names = class_names(cfg, split)
+  if names and task_classes and names != task_classes[:len(names)]:
+    raise DataError(f'{where}: its classes ({", ".join(names[:5])}, ...) are not the task\'s '
+                    f'({", ".join(task_classes[:5])}, ...); labels=True needs the same classes')
+  return split
+
+
+def load_train_data(data_cfg, sources: dict, task_train, task_classes: list,
+                    num_classes: int, where: str) -> TrainData:
+  """A stage's `train_data` ({name: source fields}, in that order: a ConfigDict's, by name) as
+  one split: the sources' images concatenated in memory when all of them are, else a
+  `MixedSplit`."""
+  parts = [load_source(data_cfg, spec, task_train, task_classes, num_classes, f'{where}.{name}')
+           for name, spec in sources.items()]
+  sizes = tuple(len(p) for p in parts)
+  if len(parts) == 1:
+    return TrainData(parts[0], sizes)
+  if all(isinstance(p, Split) for p in parts):
+    return TrainData(Split(*(np.concatenate(x) for x in zip(*parts))), sizes)
+  return TrainData(MixedSplit(parts), sizes)
