@@ -18,8 +18,9 @@ LOSS_TERMS = ('kl', 'labels', *FEATURE_LOSSES, 'dkd', 'dist', *SELF_LOSSES)
 # a supervised stage's loss is SUPERVISED_LOSS_TERMS.
 DEFAULT_LOSS_TERMS = (('kl', 1.0),)
 SUPERVISED_LOSS_TERMS = (('labels', 1.0),)
-# The terms that read the labels (the step's targets): cross-entropy, and DKD's target class (and
-# `kl` where label_weight > 0). A stage whose train data has no labels may not weigh them.
+# The terms that read the labels (the step's targets): cross-entropy (the model's and its own
+# classifiers'), DKD's target class (and `kl` where label_weight > 0). A stage whose train data
+# has no labels may not weigh them.
 LABEL_TERMS = ('labels', 'dkd', 'self_ce')
 
 
