@@ -33,9 +33,9 @@ from bigkd.sharding import batch_sharding, fsdp_compute_sharding, gather_rows, i
 from bigkd.models.adapters import ContrastiveHeads, FeatureAdapter, ShallowClassifier, \
     StudentBranch
 from bigkd.objective import initial_queues
-from bigkd.step import FeaturePair, Objective, SelfHead, SftnBranch, StepSpec, Teacher, TrainState, \
-    fixed_view_teacher_logits, make_eval_step, make_train_step, optimized_tree, summed_metrics, \
-    with_device_batches
+from bigkd.step import FeaturePair, Objective, SelfHead, SftnBranch, StepSpec, Teacher, \
+    TrainState, fixed_view_teacher_logits, make_eval_step, make_train_step, optimized_tree, \
+    summed_metrics, with_device_batches
 
 # optimizer.skip_nonfinite_updates: this many non-finite updates in a row are skipped; the next
 # is applied, its non-finite parameters stop the run (a run that only makes NaNs should end).

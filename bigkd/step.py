@@ -20,7 +20,8 @@ from bigkd.forward import Teacher, eval_draws, eval_forward, forward, render_vie
 from bigkd.objective import FeaturePair, Objective, Outputs, SelfHead, SftnBranch
 
 __all__ = ['TrainState', 'StepSpec', 'Teacher', 'FeaturePair', 'SelfHead', 'SftnBranch',
-           'Objective', 'make_train_step', 'make_eval_step', 'make_loss_fn', 'augmented_batch', 'with_device_batches']
+           'Objective', 'make_train_step', 'make_eval_step', 'make_loss_fn', 'augmented_batch',
+           'with_device_batches']
 
 
 @flax.struct.dataclass
