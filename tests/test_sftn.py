@@ -148,14 +148,15 @@ def test_student_branch_is_its_transform_then_the_students_later_layers():
   student = get_model('resnet8', 10)
   x = jax.random.normal(jax.random.key(2), (2, 4, 4, 256))
   branch = StudentBranch(student, 'stage2', (8, 8, 32))
-  params = branch.init(jax.random.key(3), x[:1])['params']
+  params = host_params(branch, x[:1])
   conv = np.einsum('bhwc,cd->bhwd', np.asarray(x), params['transform_conv']['kernel'][0, 0])
   resized = np.asarray(jax.image.resize(conv, (2, 8, 8, 32), 'bilinear'))
   norm = params['transform_norm']
   y = np.maximum(np_group_norm(resized, 32, norm['scale'], norm['bias'], eps=1e-6), 0)
-  want = student.apply({'params': params['student']}, jnp.asarray(y, jnp.float32),
-                       from_tap='stage2')
-  np.testing.assert_allclose(branch.apply({'params': params}, x), want, rtol=1e-4, atol=1e-5)
+  want, got = jax.jit(lambda p, y, x: (
+      student.apply({'params': p['student']}, y, from_tap='stage2'),
+      branch.apply({'params': p}, x)))(params, jnp.asarray(y, jnp.float32), x)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
   assert set(params['student']) == {'BasicBlock_2', 'Dense_0'}  # resnet8's stage3 and head
 
 
