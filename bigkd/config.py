@@ -121,7 +121,8 @@ RUN_FIELDS = (
 
 STAGE_FIELDS = (
     ('model', '', 'registry name of the model this stage trains'),
-    ('model_kwargs', {}, 'extra model arguments (e.g. remat=True for BiT)'),
+    ('model_kwargs', {},
+     "extra model arguments (e.g. remat=True for BiT and ViT; pool='gap' for ViT)"),
     ('resolution', 0, 'its input resolution'),
     ('compute_dtype', 'float32',
      "dtype of this stage's convolutions and matmuls (bfloat16 on accelerators); parameters, "
