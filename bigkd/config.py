@@ -285,7 +285,8 @@ def base_config() -> ConfigDict:
 
 def stage_config(model: str, resolution: int, teachers=None, **overrides) -> ConfigDict:
   """One stage. `teachers`: {name: source} where source is an earlier stage's name, a bigkd
-  run's stage folder, or a BiT .npz file (then also give model and resolution as a dict).
+  run's stage folder, or a BiT or ViT .npz file (then also give model and resolution as a dict;
+  a ViT file's position embedding is resized to that resolution's patch grid).
   `train_data={name: {field: value}}` (TRAIN_DATA_FIELDS): its training images, when not the
   data block's train split."""
   s = _tree(STAGE_FIELDS, {'model': model, 'resolution': resolution})

@@ -167,3 +167,22 @@ def test_eight_devices_give_the_same_metrics(runs):  # last: the others overlap 
       if isinstance(value, float):
         np.testing.assert_allclose(eight_summary[stage][key], value, atol=2e-3,
                                    err_msg=f'{stage} {key}')
+
+
+def test_digits_vit_config_pairs_each_family_with_the_other():
+  """configs/digits_vit.py: each student has the other family's teacher, and a baseline of its
+  own model, resolution and budget trained on labels (that teacher of the other student)."""
+  from bigkd import cli
+  c = cli.config_module('digits_vit').get_config('steps=50')
+  check_config(c, 1)
+  plans = {p.name: p for p in plan_stages(c, '/nonexistent', 1197, 10)}
+  assert list(plans) == ['resnet8', 'vit', 'vit_from_resnet8', 'resnet8_from_vit']
+  for student, baseline in (('vit_from_resnet8', 'vit'), ('resnet8_from_vit', 'resnet8')):
+    s, b = plans[student], plans[baseline]
+    assert (s.model, s.resolution) == (b.model, b.resolution) and s.steps == b.steps == 50
+    assert not b.teachers and b.label_weight == 1.0
+    [t] = s.teachers
+    assert t.model == plans[student.split('_from_')[1]].model != s.model
+    assert s.teaching_mode == 'function_matching'
+  with pytest.raises(ValueError, match="unknown variant 'steps=0'"):
+    cli.config_module('digits_vit').get_config('steps=0')
