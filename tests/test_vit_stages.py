@@ -1,14 +1,17 @@
-"""ViTs as stages of a run (issue 26): a ViT teacher trained on the digits' labels, then a ViT
-student distilled from it by function matching at another resolution (the same crop box
-rendered at 16 px for the teacher and 12 px for the student: each model's position embedding
-is for its own patch grid, 4 x 4 and 3 x 3), with a FitNet term between their last blocks
-(3 x 3 -> 4 x 4 tokens through an adapter) and RKD distances between their prelogits.
+"""ViTs in a stage (issue 26): a ViT student distilled on the digits by function matching from a
+ViT teacher at another resolution (the same crop box rendered at 16 px for the teacher and 12 px
+for the student: each model's position embedding is for its own patch grid, 4 x 4 and 3 x 3),
+with a FitNet term between their last blocks (3 x 3 -> 4 x 4 tokens through an adapter) and RKD
+distances between their prelogits. The teacher is a stage folder of random ViT weights (drawn on
+the host: no training to compile); ViTs trained on labels, and ResNets and ViTs teaching each
+other: configs/digits_vit.py (the test below plans it).
 
-The run on 1 device (this process) and on 8 (a 4 x 2 data x fsdp mesh with the ViT kernels
-split over fsdp; a subprocess started first, so the two overlap) log the same metrics and end
-with the same parameters; the student resumed from its middle checkpoint (as after a kill) ends
-bitwise where the uninterrupted run ends. The bfloat16 compute option reaches a ViT stage.
+The stage on 1 device (this process) and on 8 (a 4 x 2 data x fsdp mesh with the ViT kernels
+split over fsdp; a subprocess started first, so the two overlap) logs the same metrics and ends
+with the same parameters; resumed from its middle checkpoint (as after a kill) it ends bitwise
+where the uninterrupted run ends. The bfloat16 compute option reaches a ViT stage.
 """
+import dataclasses
 import json
 import os
 import shutil
@@ -22,28 +25,27 @@ import pytest
 from bigkd import build
 from bigkd.config import stage_config
 from bigkd.plan import check_config, plan_stages
-from support import MIN_FSDP, finish, final_params, read_metrics, start, tiny_config
+from support import (MIN_FSDP, finish, final_params, random_params, random_stage, read_metrics,
+                     start, tiny_config)
 
 STEPS, LOG_EVERY = 40, 10
 MODEL, TEACHER_RES, STUDENT_RES = 'vit_tiny_test', 16, 12  # patch 4: 4 x 4 and 3 x 3 patches
 WEIGHTS = dict(kl=1.0, fitnet=1.0, rkd_distance=10.0)
 
 
-def vit_config():
-  """Teacher (ViT at 16 px, labels) and student (ViT at 12 px, distilled), a few steps each."""
+def vit_config(teacher_dir):
+  """The student (ViT at 12 px) distilled from the ViT at 16 px in `teacher_dir`."""
   c = tiny_config()
   c.data.base_size = TEACHER_RES
   c.log_every = LOG_EVERY
   c.checkpoint_every = STEPS // 2  # a middle checkpoint for the resume test
   c.mesh.min_fsdp_size = MIN_FSDP  # the ViT's larger kernels split over fsdp on 8 devices
-  c.stages.teacher = stage_config(MODEL, TEACHER_RES, steps=STEPS, label_weight=1.0,
-                                  augment=dict(mixup_alpha=0.0))
   c.stages.student = stage_config(
-      MODEL, STUDENT_RES, teachers={'teacher': 'teacher'}, steps=STEPS,
+      MODEL, STUDENT_RES, teachers={'teacher': teacher_dir}, steps=STEPS,
       teaching_mode='function_matching', loss_weights=WEIGHTS,
       feature_pairs=(('student.block2', 'teacher.block2', 'fitnet'),
                      ('student.prelogits', 'teacher.prelogits', 'rkd_distance')))
-  c.stage_order = 'teacher,student'
+  c.stage_order = 'student'
   return c
 
 
@@ -51,24 +53,25 @@ RUNNER = """
 import sys
 from bigkd import stages
 from test_vit_stages import vit_config
-config = vit_config()
+config = vit_config(sys.argv[1])
 config.mesh.data, config.mesh.fsdp = 4, 2
-stages.run(config, sys.argv[1])
+stages.run(config, sys.argv[2])
 """
 
 
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
-  """(1-device workdir, its summary, the 8-device subprocess, its workdir)."""
+  """(1-device workdir, its summary, the 8-device subprocess, its workdir, the teacher)."""
   from bigkd import stages
   root = tmp_path_factory.mktemp('vit_stages')
-  proc = start([sys.executable, '-c', RUNNER, str(root / 'eight')], devices=8)
+  teacher = random_stage(str(root / 'teacher'), MODEL, TEACHER_RES)
+  proc = start([sys.executable, '-c', RUNNER, teacher, str(root / 'eight')], devices=8)
   try:
-    summary = stages.run(vit_config(), str(root / 'one'))['stages']
+    summary = stages.run(vit_config(teacher), str(root / 'one'))['stages']
   except BaseException:
     proc.kill()
     raise
-  yield root / 'one', summary, proc, root / 'eight'
+  yield root / 'one', summary, proc, root / 'eight', teacher
   proc.kill()  # ended already unless a test failed before waiting for it
 
 
@@ -77,34 +80,33 @@ def params(stage_dir, resolution):
 
 
 @pytest.mark.integration
-def test_vit_teacher_and_student_train_and_the_student_learns_the_teacher(runs):
-  one, summary, _, _ = runs
-  teacher, student = read_metrics(one / 'teacher'), read_metrics(one / 'student')
-  assert [m['step'] for m in student] == list(range(LOG_EVERY, STEPS + 1, LOG_EVERY))
-  assert teacher[-1]['loss'] < teacher[0]['loss']
-  assert student[-1]['kl_T1'] < student[0]['kl_T1']
+def test_vit_student_learns_the_vit_teacher_with_each_model_at_its_resolution(runs):
+  one, summary, _, _, teacher = runs
+  log = read_metrics(one / 'student')
+  assert [m['step'] for m in log] == list(range(LOG_EVERY, STEPS + 1, LOG_EVERY))
+  assert log[-1]['kl_T1'] < 0.8 * log[0]['kl_T1'], log
   for term in WEIGHTS:
-    assert np.isfinite([m[f'loss_{term}'] for m in student]).all(), term
-  assert summary['teacher']['test_accuracy'] > 0.3, summary  # 10 classes: chance is 0.1
-  assert summary['student']['test_agreement'] > 0.3, summary
+    assert np.isfinite([m[f'loss_{term}'] for m in log]).all(), term
+  assert log[-1]['loss_fitnet'] < log[0]['loss_fitnet'], log
+  assert summary['student']['test_agreement'] > 0.3, summary  # 10 classes
   # Each model's position embedding covers its own patch grid (plus the class token).
-  for stage, res in (('teacher', TEACHER_RES), ('student', STUDENT_RES)):
-    pos = params(one / stage, res)['Transformer']['posembed_input']['pos_embedding']
-    assert pos.shape == (1, 1 + (res // 4) ** 2, 32), (stage, pos.shape)
+  for stage_dir, res in ((teacher, TEACHER_RES), (one / 'student', STUDENT_RES)):
+    pos = params(stage_dir, res)['Transformer']['posembed_input']['pos_embedding']
+    assert pos.shape == (1, 1 + (res // 4) ** 2, 32), (stage_dir, pos.shape)
 
 
 @pytest.mark.integration
-def test_student_resumed_from_its_middle_checkpoint_ends_bitwise_the_same(runs, tmp_path,
-                                                                          capsys):
+def test_resumed_from_its_middle_checkpoint_it_ends_bitwise_the_same(runs, tmp_path, capsys):
+  """As after a kill: the stage resumes at step 20 (adapter and optimiser state included)."""
   from bigkd import stages
-  one, summary, _, _ = runs
+  one, summary, _, _, teacher = runs
   resumed = tmp_path / 'resumed'
   shutil.copytree(one, resumed)
   shutil.rmtree(resumed / 'student' / 'checkpoints' / str(STEPS))
   for path in (resumed / 'student' / 'summary.json', resumed / 'summary.json'):
     os.remove(path)
   capsys.readouterr()
-  again = stages.run(vit_config(), str(resumed))['stages']
+  again = stages.run(vit_config(teacher), str(resumed))['stages']
   assert f'[student] resuming from step {STEPS // 2}' in capsys.readouterr().out
   assert again == summary
   jax.tree.map(np.testing.assert_array_equal, params(resumed / 'student', STUDENT_RES),
@@ -117,16 +119,16 @@ def test_student_resumed_from_its_middle_checkpoint_ends_bitwise_the_same(runs, 
 def test_bfloat16_compute_reaches_a_vit_stage():
   """`stages.X.compute_dtype` (the paper configs' bfloat16 students) builds the ViT computing in
   bfloat16 with float32 parameters and logits, close to the float32 forward."""
-  c = vit_config()
-  c.stages.student.compute_dtype = 'bfloat16'
+  c = tiny_config()
+  c.stages.teacher = stage_config(MODEL, STUDENT_RES, steps=5, compute_dtype='bfloat16')
   check_config(c, 1)
-  plans = {p.name: p for p in plan_stages(c, '/nonexistent', 1197, 10)}
-  half, full = build.student_model(plans['student']), build.student_model(plans['teacher'])
+  [plan] = plan_stages(c, '/nonexistent', 1197, 10)
+  half = build.student_model(plan)
+  full = build.student_model(dataclasses.replace(plan, compute_dtype='float32'))
   assert (half.dtype, full.dtype) == (jnp.bfloat16, jnp.float32)
   x = np.random.default_rng(0).uniform(-1, 1, (4, STUDENT_RES, STUDENT_RES, 3)).astype(np.float32)
-  p = full.init(jax.random.key(0), x)['params']
-  p['head']['kernel'] = np.random.default_rng(1).normal(size=p['head']['kernel'].shape) / 6
-  want, got = full.apply({'params': p}, x), half.apply({'params': p}, x)
+  p = random_params(MODEL, STUDENT_RES)  # a random head: the model's own starts at zero
+  want, got = (jax.jit(m.apply)({'params': p}, x) for m in (full, half))
   assert got.dtype == jnp.float32
   err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
   assert 0 < err < 3e-2, err  # bfloat16 differs, a little
@@ -147,9 +149,9 @@ def without_key_bias(tree):
 @pytest.mark.integration
 def test_eight_devices_give_the_same_metrics(runs):  # last: the others overlap its run
   import chex
-  one, summary, proc, eight = runs
+  one, summary, proc, eight, _ = runs
   finish(proc)
-  for stage, res in (('teacher', TEACHER_RES), ('student', STUDENT_RES)):
+  for stage, res in (('student', STUDENT_RES),):
     a, b = read_metrics(one / stage), read_metrics(eight / stage)
     assert [m['step'] for m in a] == [m['step'] for m in b]
     for x, y in zip(a, b):
