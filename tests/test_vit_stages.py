@@ -2,9 +2,10 @@
 ViT teacher at another resolution (the same crop box rendered at 16 px for the teacher and 12 px
 for the student: each model's position embedding is for its own patch grid, 4 x 4 and 3 x 3),
 with a FitNet term between their last blocks (3 x 3 -> 4 x 4 tokens through an adapter) and RKD
-distances between their prelogits. The teacher is a stage folder of random ViT weights (drawn on
-the host: no training to compile); ViTs trained on labels, and ResNets and ViTs teaching each
-other: configs/digits_vit.py (the test below plans it).
+distances between their prelogits. The teacher is an AugReg-layout .npz of random ViT weights
+(drawn on the host: no training to compile) made for 8 px: its position embedding is resized
+from a 2 x 2 to the teacher's 4 x 4 patch grid when it is loaded. ViTs trained on labels, and
+ResNets and ViTs teaching each other: configs/digits_vit.py (the test below plans it).
 
 The stage on 1 device (this process) and on 8 (a 4 x 2 data x fsdp mesh with the ViT kernels
 split over fsdp; a subprocess started first, so the two overlap) logs the same metrics and ends
@@ -23,25 +24,29 @@ import numpy as np
 import pytest
 
 from bigkd import build
+from bigkd.models import vit
 from bigkd.config import stage_config
 from bigkd.plan import check_config, plan_stages
-from support import (MIN_FSDP, finish, final_params, random_params, random_stage, read_metrics,
-                     start, tiny_config)
+from support import (MIN_FSDP, finish, final_params, random_params, read_metrics, start,
+                     tiny_config)
 
 STEPS, LOG_EVERY = 40, 10
 MODEL, TEACHER_RES, STUDENT_RES = 'vit_tiny_test', 16, 12  # patch 4: 4 x 4 and 3 x 3 patches
+FILE_RES = 8  # the teacher file's position embedding: a 2 x 2 patch grid
+POS = 'Transformer/posembed_input/pos_embedding'
 WEIGHTS = dict(kl=1.0, fitnet=1.0, rkd_distance=10.0)
 
 
-def vit_config(teacher_dir):
-  """The student (ViT at 12 px) distilled from the ViT at 16 px in `teacher_dir`."""
+def vit_config(teacher_file):
+  """The student (ViT at 12 px) distilled from the ViT .npz `teacher_file` run at 16 px."""
   c = tiny_config()
   c.data.base_size = TEACHER_RES
   c.log_every = LOG_EVERY
   c.checkpoint_every = STEPS // 2  # a middle checkpoint for the resume test
   c.mesh.min_fsdp_size = MIN_FSDP  # the ViT's larger kernels split over fsdp on 8 devices
   c.stages.student = stage_config(
-      MODEL, STUDENT_RES, teachers={'teacher': teacher_dir}, steps=STEPS,
+      MODEL, STUDENT_RES, steps=STEPS,
+      teachers={'teacher': dict(source=teacher_file, model=MODEL, resolution=TEACHER_RES)},
       teaching_mode='function_matching', loss_weights=WEIGHTS,
       feature_pairs=(('student.block2', 'teacher.block2', 'fitnet'),
                      ('student.prelogits', 'teacher.prelogits', 'rkd_distance')))
@@ -64,7 +69,8 @@ def runs(tmp_path_factory):
   """(1-device workdir, its summary, the 8-device subprocess, its workdir, the teacher)."""
   from bigkd import stages
   root = tmp_path_factory.mktemp('vit_stages')
-  teacher = random_stage(str(root / 'teacher'), MODEL, TEACHER_RES)
+  teacher = str(root / 'teacher.npz')
+  vit.save_npz(random_params(MODEL, FILE_RES), teacher)
   proc = start([sys.executable, '-c', RUNNER, teacher, str(root / 'eight')], devices=8)
   try:
     summary = stages.run(vit_config(teacher), str(root / 'one'))['stages']
@@ -90,9 +96,11 @@ def test_vit_student_learns_the_vit_teacher_with_each_model_at_its_resolution(ru
   assert log[-1]['loss_fitnet'] < log[0]['loss_fitnet'], log
   assert summary['student']['test_agreement'] > 0.3, summary  # 10 classes
   # Each model's position embedding covers its own patch grid (plus the class token).
-  for stage_dir, res in ((teacher, TEACHER_RES), (one / 'student', STUDENT_RES)):
-    pos = params(stage_dir, res)['Transformer']['posembed_input']['pos_embedding']
-    assert pos.shape == (1, 1 + (res // 4) ** 2, 32), (stage_dir, pos.shape)
+  with np.load(teacher) as f:
+    assert f[POS].shape == (1, 1 + 2 * 2, 32)
+  for source, res in ((teacher, TEACHER_RES), (one / 'student', STUDENT_RES)):
+    pos = params(source, res)['Transformer']['posembed_input']['pos_embedding']
+    assert pos.shape == (1, 1 + (res // 4) ** 2, 32), (source, pos.shape)
 
 
 @pytest.mark.integration
