@@ -126,7 +126,8 @@ def test_resumed_from_its_middle_checkpoint_it_ends_bitwise_the_same(runs, tmp_p
 
 def test_bfloat16_compute_reaches_a_vit_stage():
   """`stages.X.compute_dtype` (the paper configs' bfloat16 students) builds the ViT computing in
-  bfloat16 with float32 parameters and logits, close to the float32 forward."""
+  bfloat16 with float32 parameters and logits, close to the float32 forward; so is the forward
+  of a bfloat16 teacher (`teacher_dtype`: its parameters stored in bfloat16 too)."""
   c = tiny_config()
   c.stages.teacher = stage_config(MODEL, STUDENT_RES, steps=5, compute_dtype='bfloat16')
   check_config(c, 1)
@@ -136,10 +137,13 @@ def test_bfloat16_compute_reaches_a_vit_stage():
   assert (half.dtype, full.dtype) == (jnp.bfloat16, jnp.float32)
   x = np.random.default_rng(0).uniform(-1, 1, (4, STUDENT_RES, STUDENT_RES, 3)).astype(np.float32)
   p = random_params(MODEL, STUDENT_RES)  # a random head: the model's own starts at zero
-  want, got = (jax.jit(m.apply)({'params': p}, x) for m in (full, half))
-  assert got.dtype == jnp.float32
-  err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
-  assert 0 < err < 3e-2, err  # bfloat16 differs, a little
+  as_teacher = jax.tree.map(lambda a: a.astype(jnp.bfloat16), p)  # teacher_dtype's parameters
+  want, got, teacher = (jax.jit(m.apply)({'params': q}, x)
+                        for m, q in ((full, p), (half, p), (half, as_teacher)))
+  assert got.dtype == teacher.dtype == jnp.float32
+  for logits in (got, teacher):
+    err = float(jnp.max(jnp.abs(logits - want)) / jnp.max(jnp.abs(want)))
+    assert 0 < err < 3e-2, err  # bfloat16 differs, a little
 
 
 def without_key_bias(tree):
