@@ -33,7 +33,8 @@ def get_config(variant=None):
   fast = 'fast' in tokens
   steps = int(counts[-1][6:]) if counts else (40 if fast else DEFAULT_STEPS)
   c = config_module('digits').get_config('fast' if fast else None)  # the demo's run settings
-  c.eval_every = 0 if not fast else c.eval_every  # only the final evaluation: the table's
+  if not fast:
+    c.eval_every = 0  # the final evaluation only (what the table reads)
   labels = dict(steps=steps, label_weight=1.0, augment=dict(mixup_alpha=0.0))
   distilled = dict(steps=steps, teaching_mode='function_matching')
   with c.unlocked():
