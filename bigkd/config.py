@@ -121,7 +121,8 @@ RUN_FIELDS = (
 
 STAGE_FIELDS = (
     ('model', '', 'registry name of the model this stage trains'),
-    ('model_kwargs', {}, 'extra model arguments (e.g. remat=True for BiT)'),
+    ('model_kwargs', {},
+     "extra model arguments (e.g. remat=True for BiT and ViT; pool='gap' for ViT)"),
     ('resolution', 0, 'its input resolution'),
     ('compute_dtype', 'float32',
      "dtype of this stage's convolutions and matmuls (bfloat16 on accelerators); parameters, "
@@ -305,7 +306,8 @@ def base_config() -> ConfigDict:
 
 def stage_config(model: str, resolution: int, teachers=None, **overrides) -> ConfigDict:
   """One stage. `teachers`: {name: source} where source is an earlier stage's name, a bigkd
-  run's stage folder, or a BiT .npz file (then also give model and resolution as a dict).
+  run's stage folder, or a BiT or ViT .npz file (then also give model and resolution as a dict;
+  a ViT file's position embedding is resized to that resolution's patch grid).
   `train_data={name: {field: value}}` (TRAIN_DATA_FIELDS): its training images, when not the
   data block's train split."""
   s = _tree(STAGE_FIELDS, {'model': model, 'resolution': resolution})
