@@ -230,7 +230,8 @@ def run_stage(plan: StagePlan, data: RunData, mesh, workdir: str) -> dict:
   stage = build_stage(plan, data, mesh)  # may refuse a teacher (or its cache): nothing written yet
   if is_main:
     checkpoint.write_stage_info(stage_dir, plan.model, plan.model_kwargs, plan.resolution,
-                                plan.num_classes, data.class_names)
+                                plan.num_classes, data.class_names,
+                                workdir_guard.peer_records(plan))
   mngr = checkpoint.manager(stage_dir, plan.keep_checkpoints)
   try:
     state, start_step = checkpoint.restore_newest_good(mngr, stage.state, plan.name)
@@ -278,6 +279,9 @@ def run_stage(plan: StagePlan, data: RunData, mesh, workdir: str) -> dict:
           mngr.wait_until_finished()
           raise Preempted(plan.name, step, preempted)
       mngr.wait_until_finished()
+    if plan.peers:  # each peer as a stage folder of its own, before the summary says "done"
+      checkpoint.save_peers(stage_dir, plan.steps, state.params, workdir_guard.peer_records(plan),
+                            plan.num_classes, data.class_names)
     final_eval = stage.evaluate(state.params)
     writer.write_scalars(plan.steps, final_eval)
   finally:
@@ -287,7 +291,7 @@ def run_stage(plan: StagePlan, data: RunData, mesh, workdir: str) -> dict:
     print(f'[{plan.name}] process {jax.process_index()} read and decoded '
           f'{train.decoded - decoded_before} training images', flush=True)
   summary = {'steps': plan.steps, 'model': plan.model, 'resolution': plan.resolution,
-             **final_eval}
+             **({'peers': workdir_guard.peer_records(plan)} if plan.peers else {}), **final_eval}
   if is_main:
     paths.write_json(summary_path, summary)
   return summary
