@@ -106,7 +106,7 @@ def dml_config(with_student=True):
   c.checkpoint_every = STEPS // 2  # a middle checkpoint for the resume test
   c.stages.mutual = mutual_stage(PEERS, steps=STEPS, loss_weights=dict(mutual_kl=2.0),
                                  loss_options=dict(mutual_temperature=2.0))
-  c.stages.student = stage_config('cnn_tiny', 8, teachers={'peer': 'mutual/b'}, steps=10)
+  c.stages.student = stage_config('cnn_tiny', 8, teachers={'peer': 'mutual/b'}, steps=20)
   c.stage_order = 'mutual,student' if with_student else 'mutual'
   return c
 
@@ -189,7 +189,8 @@ def test_peers_train_with_their_own_metrics_and_evaluation(runs):
 def test_a_later_stage_distils_from_one_peer(runs):
   student = runs.summary['student']
   # Its teacher is peer b: the teacher's accuracy in the student's evaluation is b's.
-  assert student['test_teacher_accuracy'] == pytest.approx(runs.summary['mutual']['b/test_accuracy'])
+  assert student['test_teacher_accuracy'] == pytest.approx(
+      runs.summary['mutual']['b/test_accuracy'])
   log = read_metrics(runs.one / 'student')
   assert log[-1]['kl_T1'] < log[0]['kl_T1']
 
