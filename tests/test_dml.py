@@ -98,6 +98,40 @@ def test_each_peer_learns_from_its_own_forward_alone():
   assert np.abs(coupled - flat(grads['a'])).max() > 1e-3 * np.abs(coupled).max()
 
 
+def test_a_peer_without_mutual_kl_trains_as_alone():
+  """With mutual_kl=0 a peer's steps are those of its model trained alone from the same
+  parameters on the same batches: the same draws, its own optimiser state, and its gradient
+  clipped by its own norm (a clip by the global norm over both peers would change it: the
+  norms here are above clip_norm=0.5)."""
+  from bigkd import build
+
+  def built(stage):
+    c = tiny_config()
+    c.stages = type(c.stages)()
+    c.stages.s, c.stage_order = stage, 's'
+    mesh, data, [plan] = build.setup(c, '/nonexistent')
+    return build.build_stage(plan, data, mesh)
+
+  same = dict(steps=3, augment=dict(mixup_alpha=0.5), optimizer=dict(clip_norm=0.5))
+  alone = built(stage_config('cnn_tiny', 8, **same))
+  mutual = built(mutual_stage({'x': ('cnn_tiny', 8), 'y': ('cnn_tiny', 6)},
+                              loss_weights=dict(mutual_kl=0.0), **same))
+  copy = lambda tree: jax.tree.map(lambda x: x.copy(), tree)  # the steps donate their state
+  states = [alone.state, mutual.state.replace(
+      params={**mutual.state.params, 'x': copy(alone.state.params)},
+      opt_state={**mutual.state.opt_state, 'x': copy(alone.state.opt_state)})]
+  inputs = [alone.inputs(0), mutual.inputs(0)]
+  for _ in range(3):
+    (states[0], m_alone), (states[1], m_mutual) = [
+        s.train_step(state, s.teacher_params, *next(i))
+        for s, state, i in zip((alone, mutual), states, inputs)]
+    assert float(m_mutual['x/grad_norm']) == pytest.approx(float(m_alone['grad_norm']), rel=1e-5)
+    assert float(m_alone['grad_norm']) > 0.5
+  # (Bitwise here, but the two graphs may fuse differently: a coupled clip is off by far more.)
+  for got, want in zip(jax.tree.leaves(states[1].params['x']), jax.tree.leaves(states[0].params)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
 # --- End to end. ------------------------------------------------------------------------------
 
 def dml_config(with_student=True):
