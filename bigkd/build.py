@@ -274,7 +274,8 @@ def initial_state(plan: StagePlan, student, tx, mesh, pairs=()) -> TrainState:
     params = random_params(student, plan.resolution, init_key, targets)
   aux_params = initial_adapters(plan, pairs, mesh)
   opt_state = init_opt_state(tx, optimized_tree(params, aux_params), mesh, plan.min_fsdp_size)
-  return TrainState.create(params, opt_state, stage_metrics(plan), aux_params, initial_queues(pairs, plan.loss_options),
+  return TrainState.create(params, opt_state, stage_metrics(plan), aux_params,
+                           initial_queues(pairs, plan.loss_options),
                            put=lambda x: jax.device_put(x, replicated(mesh)))
 
 

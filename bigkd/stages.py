@@ -297,7 +297,20 @@ def run_stage(plan: StagePlan, data: RunData, mesh, workdir: str) -> dict:
   return summary
 
 
+def table_rows(summaries: dict) -> dict:
+  """{row: summary}: each stage, then a mutual stage's peers ('STAGE/PEER', their `PEER/...`
+  metrics; agreement with the other peers' mean prediction)."""
+  rows = {}
+  for name, s in summaries.items():
+    rows[name] = s
+    for peer in s.get('peers', {}):
+      rows[f'{name}/{peer}'] = {k[len(peer) + 1:]: v for k, v in s.items()
+                                if k.startswith(f'{peer}/')}
+  return rows
+
+
 def print_table(summaries: dict) -> None:
+  summaries = table_rows(summaries)
   width = max([12, *map(len, summaries)])
   print(f'\n{"stage":<{width}} {"test acc":>9} {"teacher acc":>12} {"agreement":>10}')
   for name, s in summaries.items():

@@ -20,7 +20,8 @@ from bigkd.forward import Peer, Teacher, eval_draws, eval_forward, forward, rend
 from bigkd.objective import FeaturePair, Objective, Outputs, SelfHead
 
 __all__ = ['TrainState', 'StepSpec', 'Teacher', 'Peer', 'FeaturePair', 'SelfHead', 'Objective',
-           'make_train_step', 'make_eval_step', 'make_loss_fn', 'augmented_batch', 'with_device_batches']
+           'make_train_step', 'make_eval_step', 'make_mutual_eval_step', 'make_loss_fn',
+           'augmented_batch', 'with_device_batches']
 
 
 @flax.struct.dataclass
