@@ -363,3 +363,31 @@ def test_peer_shorthand_and_fields_are_checked_where_a_config_names_them():
   assert all(docs.get(k) for k in ('stages.*.peers', 'stages.*.peers.*.model',
                                    'stages.*.loss_weights.mutual_kl',
                                    'stages.*.loss_options.mutual_temperature'))
+
+
+def test_digits_config_and_the_table_tool():
+  """configs/digits_dml.py: the peers and each model alone for as many steps; the table tool
+  reads a mutual stage's peers as rows of their own."""
+  import importlib.util
+  from bigkd.cli import config_module
+  module = config_module('digits_dml')
+  plans = planned(module.get_config('fast'))
+  assert [p.name for p in plans] == ['mutual', 'cnn_alone', 'resnet_alone']
+  assert [(p.model, p.resolution) for p in plans[0].peers] == [(p.model, p.resolution)
+                                                              for p in plans[1:]]
+  assert len({p.steps for p in plans}) == 1 and plans[0].loss_terms == (
+      ('labels', 1.0), ('mutual_kl', 1.0))
+  same = module.get_config('same')
+  assert [p.model for p in same.stages.mutual.peers.values()] == ['cnn_small'] * 2
+  with pytest.raises(ValueError, match='unknown variant'):
+    module.get_config('fast,bogus')
+  spec = importlib.util.spec_from_file_location(
+      'dml_table', os.path.join(os.path.dirname(__file__), '..', 'tools', 'dml_table.py'))
+  tool = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tool)
+  rows = tool.model_rows({'mutual': {'peers': {'cnn': {}}, 'cnn/test_accuracy': 0.9,
+                                     'test_ensemble_accuracy': 0.95, 'test_accuracy': 0.9},
+                          'cnn_alone': {'test_accuracy': 0.8}})
+  assert rows == {'mutual/cnn': {'test_accuracy': 0.9},
+                  'mutual (ensemble)': {'test_accuracy': 0.95},
+                  'cnn_alone': {'test_accuracy': 0.8}}
