@@ -555,6 +555,8 @@ def _teacher_plans(name, stage, workdir, earlier, base_size):
         info = checkpoint.read_stage_info(t.source)
       except checkpoint.CheckpointError as e:
         raise ConfigError(f'stages.{name}.teachers.{tname}: {e}') from None
+      _need(not info.get('peers'), f'stages.{name}.teachers.{tname}: {t.source!r} trains peers; '
+            'name one of them: ' + ', '.join(f"'{t.source}/{p}'" for p in info.get('peers', {})))
       plan = TeacherPlan(tname, t.source, t.model or info['model'],
                          t.resolution or info['resolution'],
                          t.model_kwargs.to_dict() or info.get('model_kwargs', {}))

@@ -395,3 +395,16 @@ def test_digits_config_and_the_table_tool():
   assert rows == {'mutual/cnn': {'test_accuracy': 0.9},
                   'mutual (ensemble)': {'test_accuracy': 0.95},
                   'cnn_alone': {'test_accuracy': 0.8}}
+
+
+def test_a_mutual_stage_folder_from_another_run_is_not_a_teacher(tmp_path):
+  """Named by its folder (not by this run's stage name), a mutual stage is refused too: its
+  peers are the teachers, 'FOLDER/PEER'."""
+  checkpoint.write_stage_info(tmp_path / 'mutual', '', {}, 0, 10,
+                              peers={'a': dict(model='cnn_tiny', model_kwargs={}, resolution=8)})
+  c = tiny_config()
+  c.stages.student = stage_config('cnn_tiny', 8, teachers={'t': str(tmp_path / 'mutual')},
+                                  steps=5)
+  c.stage_order = 'student'
+  with pytest.raises(ConfigError, match=f"trains peers; name one of them: '{tmp_path}/mutual/a'"):
+    planned(c)
