@@ -315,6 +315,7 @@ class Views(NamedTuple):
   labels: np.ndarray   # int [B]
   student: np.ndarray  # [B, r, r, 3] at the stage's resolution
   teachers: dict       # {resolution: [B, R, R, 3]}, one per teacher resolution; {}: supervised
+  #                      (a stage with peers: the peers' views, and `student` None)
   targets: np.ndarray  # [B, classes]: one-hot labels, mixed like the student view
 
 
