@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bigkd import checkpoint, inspect, objective, stages
+from bigkd import checkpoint, inspect, objective, report, stages
 from bigkd.config import ConfigError, mutual_stage, stage_config
 from bigkd.forward import forward
 from bigkd.models import get_model
@@ -217,6 +217,9 @@ def test_peers_train_with_their_own_metrics_and_evaluation(runs):
                  final_params(str(runs.one / 'mutual' / p), model, resolution), params[p])
   assert run.stage('mutual/b').evaluate('test')['test_accuracy'] == pytest.approx(
       summary['b/test_accuracy'])
+  table = report.summary_table(run, 'test')  # the report page's: the peers, the mean accuracy
+  assert '<td>a: cnn_tiny 8px, b: cnn_small 12px</td>' in table
+  assert f'<td>{summary["test_accuracy"]:.4f}</td>' in table
 
 
 @pytest.mark.integration
