@@ -156,7 +156,8 @@ STAGE_FIELDS = (
      'distillation, Zhang et al. 2018): K >= 2 models trained together in one step on the same '
      'augmented batch (the same crop box rendered at each resolution), each on CE(labels) + '
      'mutual_kl·T²·KL(the others\' mean prediction ‖ its own), each with its own parameters, '
-     'optimiser state (gradients clipped per peer) and metrics (`PEER/...`). The stage\'s model '
+     'optimiser state (the stage\'s optimizer, gradients clipped per peer) and metrics '
+     '(`PEER/...`), all computing in the stage\'s compute_dtype. The stage\'s model '
      "and resolution stay ''/0, it has no teachers; each peer is written as a stage folder "
      "STAGE/PEER that later stages name as a teacher (teachers={'t': 'STAGE/PEER'}) or init. "
      'Make it with `mutual_stage`. {}: an ordinary stage'),
@@ -310,7 +311,8 @@ def stage_config(model: str, resolution: int, teachers=None, **overrides) -> Con
   """One stage. `teachers`: {name: source} where source is an earlier stage's name, a bigkd
   run's stage folder, or a BiT .npz file (then also give model and resolution as a dict).
   `train_data={name: {field: value}}` (TRAIN_DATA_FIELDS): its training images, when not the
-  data block's train split."""
+  data block's train split. `peers={name: (model, resolution)}` (PEER_FIELDS): a deep mutual
+  learning stage (model '' and resolution 0; `mutual_stage` sets its loss weights)."""
   s = _tree(STAGE_FIELDS, {'model': model, 'resolution': resolution})
   s.teachers = ConfigDict()
   for name, source in (teachers or {}).items():
