@@ -7,7 +7,7 @@ what reads a run's outputs (training never imports those).
   paths.py        local or bucket (gs://) paths, one type (etils.epath): files written whole, moves
   losses.py       the formulas: KL at temperature, Hinton, ensembles; FitNet, AT, SP, PKT, RKD,
                   DKD, DIST, CKA
-  models/         registry name -> linen module (CNN, CIFAR ResNets, BiT and its .npz format),
+  models/         registry name -> linen module (CNN, CIFAR ResNets, BiT, ViT; their .npz formats),
                   feature taps, FitNet adapters
   optim/          optax chain from config (clip, adam/sgd/shampoo/muon, weight decay, schedule)
   config.py       every config field with its default and meaning; ConfigError
@@ -37,6 +37,6 @@ what reads a run's outputs (training never imports those).
   report.py       WORKDIR/report.html (bigkd-report)
   prepare.py      python -m bigkd.prepare (data/prepare.py)
   study/          the paper's findings in miniature on the digits (python -m bigkd.study)
-The bundled configs (digits demo, your own image folder, the paper's BiT runs) are in configs/
-beside this package (installed inside it, as bigkd.configs).
+The bundled configs (digits demo, your own image folder, the paper's BiT runs, a ViT pair) are in
+configs/ beside this package (installed inside it, as bigkd.configs).
 """

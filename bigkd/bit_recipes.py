@@ -25,13 +25,14 @@ def placeholder(filename: str) -> str:
   return f'{PLACEHOLDER_DIR}/{filename}'
 
 
-def parse_variant(variant, config, slots):
+def parse_variant(variant, config, slots, init_default=None):
   """Reads a variant string: its leading names, then the options `epochs=N`, `init[=PATH]`.
 
   `config`: the config file, for messages. `slots`: [(label, allowed names, default)], the
   leading names in order; a slot whose default is None must be given. Returns
-  ({label: name}, {'epochs': float, 'init': str}) with only the options given; anything else is
-  a one-line ValueError naming the allowed values and the variant grammar.
+  ({label: name}, {'epochs': float, 'init': str}) with only the options given (a bare `init` is
+  `init_default`, by default the placeholder of the public BiT-M-R50x1); anything else is a
+  one-line ValueError naming the allowed values and the variant grammar.
   """
   grammar = ''
   for label, _, default in slots:
@@ -66,7 +67,7 @@ def parse_variant(variant, config, slots):
       if not 0 < options['epochs'] < math.inf:
         fail(f'option {token!r}: epochs must be a positive number')
     elif key == 'init':
-      options['init'] = value.strip() or placeholder(STUDENT_INIT_FILE)
+      options['init'] = value.strip() or init_default or placeholder(STUDENT_INIT_FILE)
     else:
       fail(f'unknown option {token!r}; options: epochs=N, init[=PATH.npz]')
   return names, options
@@ -82,9 +83,10 @@ def canvas_size(resolution: int) -> int:
 def distill_config(*, dataset, num_classes, splits, base_size, device_resident, batch_size,
                    eval_batch_size, teachers, student_resolution, epochs, lr, paper_wd,
                    temperature, warmup_steps, log_every, eval_every, checkpoint_every,
-                   eval_crop_fraction, init='', ensemble='probs'):
-  """One stage, `student`: BiT-R50x1 distilled by function matching from `teachers`
-  ({name: (.npz path, resolution)}, BiT-M-R152x2 each)."""
+                   eval_crop_fraction, init='', ensemble='probs', teacher_model=TEACHER_MODEL,
+                   student_model=STUDENT_MODEL):
+  """One stage, `student`: `student_model` (BiT-R50x1) distilled by function matching from
+  `teachers` ({name: (.npz path, resolution)}, `teacher_model` each: BiT-M-R152x2)."""
   c = base_config()
   c.batch_size = batch_size                 # paper Sec. 3: 512; 4096 on ImageNet
   c.eval_batch_size = eval_batch_size
@@ -124,8 +126,8 @@ def distill_config(*, dataset, num_classes, splits, base_size, device_resident, 
   c.optimizer.weight_decay_scaled_by_lr = False  # decay wd·lr(t)/lr, see the docstring
   c.optimizer.clip_norm = 1.0
   c.stages.student = stage_config(
-      STUDENT_MODEL, student_resolution, epochs=epochs, init=init,
-      teachers={name: dict(source=path, model=TEACHER_MODEL, resolution=res)
+      student_model, student_resolution, epochs=epochs, init=init,
+      teachers={name: dict(source=path, model=teacher_model, resolution=res)
                 for name, (path, res) in teachers.items()},
       teaching_mode='function_matching', loss='kl', temperature=temperature,
       label_weight=0.0, ensemble=ensemble, compute_dtype='bfloat16')

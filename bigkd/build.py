@@ -30,11 +30,12 @@ from bigkd.optim import build_optimizer, per_peer
 from bigkd.plan import StagePlan, auto_base_size, check_config, plan_stages
 from bigkd.sharding import batch_sharding, fsdp_compute_sharding, gather_rows, init_opt_state, \
     make_mesh, mesh_shape, put_global, put_rows_sharded, replicated, tree_shardings
-from bigkd.models.adapters import ContrastiveHeads, FeatureAdapter, ShallowClassifier
+from bigkd.models.adapters import ContrastiveHeads, FeatureAdapter, ShallowClassifier, \
+    StudentBranch
 from bigkd.objective import initial_queues
-from bigkd.step import FeaturePair, Objective, Peer, SelfHead, StepSpec, Teacher, TrainState, \
-    fixed_view_teacher_logits, make_eval_step, make_mutual_eval_step, make_train_step, \
-    optimized_tree, summed_metrics, with_device_batches
+from bigkd.step import FeaturePair, Objective, Peer, SelfHead, SftnBranch, StepSpec, Teacher, \
+    TrainState, fixed_view_teacher_logits, make_eval_step, make_mutual_eval_step, \
+    make_train_step, optimized_tree, summed_metrics, with_device_batches
 
 # optimizer.skip_nonfinite_updates: this many non-finite updates in a row are skipped; the next
 # is applied, its non-finite parameters stop the run (a run that only makes NaNs should end).
@@ -214,14 +215,29 @@ def self_heads(plan: StagePlan) -> tuple:
                         f'self_{tap}') for tap, _ in plan.self_taps)
 
 
+# Folded into the adapters' key for the SFTN branches: their draws apart from the others'.
+SFTN_STREAM = 2
+
+
+def sftn_branches(plan: StagePlan) -> tuple:
+  """The stage's student branches (`objective.SftnBranch`): the student model (in the stage's
+  compute dtype) from each tap, behind its transform."""
+  if not plan.sftn_student:
+    return ()
+  student = get_model(plan.sftn_student, plan.num_classes, dtype=jnp.dtype(plan.compute_dtype))
+  return tuple(SftnBranch(tap, StudentBranch(student, tap, student_shape), f'sftn_{tap}')
+               for tap, _, student_shape in plan.sftn_branches)
+
+
 def initial_adapters(plan: StagePlan, pairs, mesh):
-  """{key: params} of the stage's adapters, CRD heads and shallow classifiers, drawn from
-  (seed, stage index) apart from the student's init and sharded by the parameter rule; {} when
-  the stage has none."""
+  """{key: params} of the stage's adapters, CRD heads, shallow classifiers and SFTN branches,
+  drawn from (seed, stage index) apart from the student's init and sharded by the parameter
+  rule; {} when the stage has none."""
   with_adapter = [(p, planned) for p, planned in zip(pairs, plan.feature_pairs)
                   if p.adapter or p.heads]
   own = self_heads(plan)
-  if not with_adapter and not own:
+  branches = sftn_branches(plan)
+  if not with_adapter and not own and not branches:
     return {}
   key = jax.random.fold_in(jax.random.fold_in(jax.random.key(plan.seed), plan.index),
                            ADAPTER_STREAM)
@@ -240,6 +256,10 @@ def initial_adapters(plan: StagePlan, pairs, mesh):
     for i, (head, (_, shape)) in enumerate(zip(own, plan.self_taps)):
       params[head.key] = head.module.init(jax.random.fold_in(key, 2 * len(with_adapter) + i),
                                           jnp.zeros((1, *shape)))['params']
+    for i, (branch, (_, shape, _)) in enumerate(zip(branches, plan.sftn_branches)):
+      params[branch.key] = branch.module.init(
+          jax.random.fold_in(jax.random.fold_in(key, SFTN_STREAM), i),
+          jnp.zeros((1, *shape)))['params']
     return params
 
   shardings = tree_shardings(mesh, jax.eval_shape(init), plan.min_fsdp_size)
@@ -401,7 +421,7 @@ def stage_optimizer(plan: StagePlan):
 def stage_spec(plan: StagePlan, student, teachers, pairs) -> StepSpec:
   objective = Objective(plan.loss_terms, plan.loss, plan.temperature, plan.label_weight,
                         plan.ensemble, tuple(sorted(plan.loss_options.items())), pairs,
-                        self_heads(plan))
+                        self_heads(plan), sftn_branches(plan))
   if plan.peers:  # `student`: their modules (`student_model`)
     return StepSpec(None, 0, (), plan.num_classes, tuple(sorted(plan.augment.items())),
                     plan.teaching_mode, objective, plan.step_seed, peer_specs(plan, student))

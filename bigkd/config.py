@@ -121,7 +121,8 @@ RUN_FIELDS = (
 
 STAGE_FIELDS = (
     ('model', '', "registry name of the model this stage trains ('' for a stage with peers)"),
-    ('model_kwargs', {}, 'extra model arguments (e.g. remat=True for BiT)'),
+    ('model_kwargs', {},
+     "extra model arguments (e.g. remat=True for BiT and ViT; pool='gap' for ViT)"),
     ('resolution', 0, 'its input resolution'),
     ('compute_dtype', 'float32',
      "dtype of this stage's convolutions and matmuls (bfloat16 on accelerators); parameters, "
@@ -173,13 +174,28 @@ STAGE_FIELDS = (
     ('self_taps', (),
      "the student's own spatial taps (e.g. ('stage1', 'stage2')) that get a shallow classifier "
      'for the self_* terms (be your own teacher; a stage with or without teachers)'),
+    ('sftn_student', '',
+     'student-friendly teacher (SFTN, Park et al. 2021): registry name of the student whose '
+     'layers form the branches trained with this stage (a stage without teachers; its model is '
+     'the teacher). Each branch maps this model\'s feature at a tap of sftn_taps through a '
+     "transform (1x1 conv + norm + ReLU, resized to the student's map) into the student's "
+     'layers after that tap; branches are trained with it and never exported. '
+     "'': none. Weights: loss_weights.labels (λ_T), sftn_kl, sftn_ce (SFTN_LOSS_WEIGHTS)"),
+    ('sftn_taps', (),
+     "taps of both models where the branches start (e.g. ('stage1', 'stage2')): spatial "
+     'features [H, W, C], each a block output of this model and of sftn_student'),
+    ('sftn_resolution', 0,
+     'the resolution sftn_student is laid out for (the shapes its branches take); 0: this '
+     "stage's resolution"),
     ('cka_pairs', (),
      'pairs (as feature_pairs) whose linear CKA the evaluation reports (val_cka, test_cka: '
      'mean over the pairs, and one value per pair when several); (): the feature_pairs'),
     ('loss_weights.kl', 1.0,
      'the logit loss above (loss, temperature, label_weight: α·CE(labels) + (1−α)·T²·KL at '
      "the default loss='kl')"),
-    ('loss_weights.labels', 0.0, "cross-entropy on the (mixed) labels, outside Hinton's α"),
+    ('loss_weights.labels', 0.0,
+     "cross-entropy on the (mixed) labels, outside Hinton's α (a stage without teachers: "
+     'weight 1, the only weight it takes, except an SFTN stage, where it is λ_T; 0: 1)'),
     ('loss_weights.fitnet', 0.0,
      'FitNets hints: mean squared error of the student feature (through a 1x1 conv + norm '
      "adapter where shapes differ, trained with the student, never exported) vs the teacher's"),
@@ -206,6 +222,11 @@ STAGE_FIELDS = (
     ('loss_weights.self_feature', 0.0,
      "be your own teacher: mean squared difference of each shallow classifier's embedding and "
      'the final one (prelogits)'),
+    ('loss_weights.sftn_kl', 0.0,
+     'SFTN: τ²·KL(this model ‖ each student branch) at loss_options.sftn_temperature, summed '
+     'over the branches; gradients reach both sides (the paper: 3)'),
+    ('loss_weights.sftn_ce', 0.0,
+     'SFTN: cross-entropy of each student branch on the (mixed) labels, summed (the paper: 1)'),
     ('loss_weights.mutual_kl', 0.0,
      "stages with peers: each peer's T²·KL(mean of the other peers' probabilities ‖ its own) at "
      'loss_options.mutual_temperature, the others a target (no gradient flows into them), beside '
@@ -228,6 +249,7 @@ STAGE_FIELDS = (
      'at most the training examples'),
     ('loss_options.crd_temperature', 0.07, 'CRD: temperature τ of the critic (the paper: 0.07)'),
     ('loss_options.self_temperature', 3.0, 'be your own teacher: the KL\'s temperature'),
+    ('loss_options.sftn_temperature', 1.0, "SFTN: the KL's temperature τ (the paper: 1)"),
     ('loss_options.mutual_temperature', 1.0,
      'deep mutual learning: the temperature of the peers\' KL (the paper: 1)'),
     ('loss_options.dkd_alpha', 1.0, 'DKD: weights of the target / non-target class terms'),
@@ -309,7 +331,8 @@ def base_config() -> ConfigDict:
 
 def stage_config(model: str, resolution: int, teachers=None, **overrides) -> ConfigDict:
   """One stage. `teachers`: {name: source} where source is an earlier stage's name, a bigkd
-  run's stage folder, or a BiT .npz file (then also give model and resolution as a dict).
+  run's stage folder, or a BiT or ViT .npz file (then also give model and resolution as a dict;
+  a ViT file's position embedding is resized to that resolution's patch grid).
   `train_data={name: {field: value}}` (TRAIN_DATA_FIELDS): its training images, when not the
   data block's train split. `peers={name: (model, resolution)}` (PEER_FIELDS): a deep mutual
   learning stage (model '' and resolution 0; `mutual_stage` sets its loss weights)."""
@@ -399,6 +422,12 @@ def born_again(config: ConfigDict, first: str, generations: int, ensemble: bool 
       config.stages[name].model_kwargs = ConfigDict(base.model_kwargs.to_dict())
   config.stage_order = ','.join(order[:at] + [m for m, _ in made] + order[at:])
   return config
+
+
+# The loss weights of a student-friendly teacher stage in the SFTN paper (Park et al. 2021,
+# sec. 4.1): λ_T (the teacher's cross-entropy, `labels`) = 1, λ_R^KL = 3, λ_R^CE = 1; its KL
+# temperature τ = 1 is loss_options.sftn_temperature's default.
+SFTN_LOSS_WEIGHTS = {'labels': 1.0, 'sftn_kl': 3.0, 'sftn_ce': 1.0}
 
 
 # Stage fields that are groups of fields with defaults: a stage_config(...) argument such as

@@ -13,17 +13,20 @@ ENSEMBLE_MODES = ('logits', 'probs')
 FEATURE_LOSSES = ('fitnet', 'at', 'sp', 'pkt', 'rkd_distance', 'rkd_angle', 'crd')
 # Self-distillation ("be your own teacher"): classifiers on a model's own intermediate taps.
 SELF_LOSSES = ('self_ce', 'self_kl', 'self_feature')
+# Student-friendly teachers (SFTN): student branches on the trained model's own taps.
+SFTN_LOSSES = ('sftn_kl', 'sftn_ce')
 # Deep mutual learning: peers trained together, each taught by the others (stages with peers).
 MUTUAL_LOSSES = ('mutual_kl',)
-LOSS_TERMS = ('kl', 'labels', *FEATURE_LOSSES, 'dkd', 'dist', *SELF_LOSSES, *MUTUAL_LOSSES)
+LOSS_TERMS = ('kl', 'labels', *FEATURE_LOSSES, 'dkd', 'dist', *SELF_LOSSES, *SFTN_LOSSES,
+              *MUTUAL_LOSSES)
 # (term, weight) of a distilled stage whose loss_weights are the defaults: its logit loss alone;
 # a supervised stage's loss is SUPERVISED_LOSS_TERMS.
 DEFAULT_LOSS_TERMS = (('kl', 1.0),)
 SUPERVISED_LOSS_TERMS = (('labels', 1.0),)
-# The terms that read the labels (the step's targets): cross-entropy (the model's and its own
-# classifiers'), DKD's target class (and `kl` where label_weight > 0). A stage whose train data
-# has no labels may not weigh them.
-LABEL_TERMS = ('labels', 'dkd', 'self_ce')
+# The terms that read the labels (the step's targets): cross-entropy (the model's, its own
+# classifiers' and its student branches'), DKD's target class (and `kl` where label_weight > 0).
+# A stage whose train data has no labels may not weigh them.
+LABEL_TERMS = ('labels', 'dkd', 'self_ce', 'sftn_ce')
 
 
 def cross_entropy(logits, labels):

@@ -32,6 +32,13 @@ class SelfHead(NamedTuple):
   key: str                   # its parameters' key in TrainState.aux_params
 
 
+class SftnBranch(NamedTuple):
+  """A student branch on one of the trained model's taps (a student-friendly teacher, SFTN)."""
+  tap: str
+  module: Any                # a `StudentBranch`: the model's feature -> branch logits
+  key: str                   # its parameters' key in TrainState.aux_params
+
+
 class Objective(NamedTuple):
   """Everything static about a stage's loss (hashable: jit closes over it)."""
   terms: tuple                   # (term, weight): the loss is Σ weight·term
@@ -42,6 +49,7 @@ class Objective(NamedTuple):
   options: tuple = ()            # sorted (key, value) pairs of the stage's loss_options
   feature_pairs: tuple = ()      # of FeaturePair
   self_heads: tuple = ()         # of SelfHead
+  sftn_branches: tuple = ()      # of SftnBranch
 
 
 class Outputs(NamedTuple):
@@ -51,7 +59,8 @@ class Outputs(NamedTuple):
   teacher_logits: Any            # the teachers' combined logits; None: no teachers
   teacher_feats: list            # {tap: feature} of each teacher
   targets: Any                   # (mixed) one-hot labels [B, classes]
-  aux_params: dict               # parameters trained with the student (adapters, CRD heads)
+  aux_params: dict               # parameters trained with the student (adapters, CRD heads,
+                                 # shallow classifiers, SFTN branches)
   step: Any                      # the 0-based step being taken
   loss_state: dict = {}          # state the terms read, not trained (CRD's queues)
 
@@ -184,6 +193,32 @@ def self_feature_term(o: Outputs, obj: Objective):
   return sum(losses.fitnet_loss(final, embedding) for _, embedding in self_outputs(o, obj))
 
 
+def sftn_logits(o: Outputs, obj: Objective) -> list:
+  """[q_R^i]: the logits of each student branch on the trained model's feature at its tap."""
+  return [b.module.apply({'params': o.aux_params[b.key]}, o.student_feats[b.tap])
+          for b in obj.sftn_branches]
+
+
+def sftn_kl_term(o: Outputs, obj: Objective):
+  """Σ over the student branches of τ²·KL(q_T ‖ q_R^i) at τ (SFTN's L_R^KL; q_T: the trained
+  model's logits, `student_logits` here, since the stage trains the teacher).
+
+  No stop-gradient on either side, as the paper minimises L_SFTN jointly over the teacher and
+  the branches: the gradient moves each branch towards the teacher, and moves the teacher both
+  through q_T (its output towards what the branches can express) and through the branches'
+  input (its blocks up to the tap towards features the student's later blocks can use). That
+  is what makes the teacher student-friendly; "be your own teacher" (`self_kl_term`) instead
+  holds its final output fixed as a target."""
+  temperature = dict(obj.options)['sftn_temperature']
+  return sum(losses.kl_divergence(o.student_logits, logits, temperature)
+             for logits in sftn_logits(o, obj))
+
+
+def sftn_ce_term(o: Outputs, obj: Objective):
+  """Σ over the student branches of their cross-entropy on the (mixed) labels (L_R^CE)."""
+  return sum(losses.cross_entropy(logits, o.targets) for logits in sftn_logits(o, obj))
+
+
 def mutual_kl_term(o: Outputs, obj: Objective):
   """Deep mutual learning: T²·KL(the other peers' mean prediction ‖ this peer's) at T, the
   others a target: each peer's gradient comes from its own forward alone (`peer_outputs`)."""
@@ -193,7 +228,8 @@ def mutual_kl_term(o: Outputs, obj: Objective):
 
 TERMS = {'kl': kl_term, 'labels': labels_term, 'dkd': dkd_term, 'dist': dist_term,
          'crd': crd_term, 'self_ce': self_ce_term, 'self_kl': self_kl_term,
-         'self_feature': self_feature_term, 'mutual_kl': mutual_kl_term,
+         'self_feature': self_feature_term, 'sftn_kl': sftn_kl_term, 'sftn_ce': sftn_ce_term,
+         'mutual_kl': mutual_kl_term,
          **{name: feature_term(name) for name in FEATURE_TERMS}}
 
 

@@ -15,9 +15,9 @@ from bigkd.config import PEER_FIELDS, STAGE_FIELDS, TRAIN_DATA_FIELDS, TRAIN_SOU
 from bigkd.data.augment import CROP_SAMPLERS, TEACHING_MODES
 from bigkd.data.sampling import batch_rows
 from bigkd.losses import AT_MATCHES, DEFAULT_LOSS_TERMS, DISTILL_LOSSES, ENSEMBLE_MODES, \
-    FEATURE_LOSSES, LABEL_TERMS, LOSS_TERMS, MUTUAL_LOSSES, PKT_FORMS, SELF_LOSSES, \
+    FEATURE_LOSSES, LABEL_TERMS, LOSS_TERMS, MUTUAL_LOSSES, PKT_FORMS, SELF_LOSSES, SFTN_LOSSES, \
     SUPERVISED_LOSS_TERMS
-from bigkd.models import feature_shapes, model_names
+from bigkd.models import feature_shapes, model_names, runs_from_tap
 from bigkd.optim import DTYPES, OPTIMIZERS, SCHEDULES
 from bigkd.sharding import mesh_shape
 
@@ -112,6 +112,8 @@ class StagePlan:
   cka_pairs: tuple = ()      # of PairPlan: what the evaluation's CKA compares
   self_taps: tuple = ()      # (tap, per-example shape) of the student's shallow classifiers
   prelogits_width: int = 0   # ... whose embeddings match the final one, of this width
+  sftn_student: str = ''     # SFTN: the student model whose layers form the branches
+  sftn_branches: tuple = ()  # ... (tap, this model's feature shape, the student's) of each
   teacher_cache: str = ''    # a folder of the teachers' cached logits ('': run the teachers)
   teacher_cache_top_k: int = 0
   teacher_cache_identity: dict = dataclasses.field(default_factory=dict)  # `teacher_cache.identity`
@@ -227,7 +229,8 @@ def _check_peers(stage, where, base_size) -> None:
   _need(not stage.model and not stage.resolution, f'{where}: a stage with peers trains their '
         f'models; leave its model and resolution unset (model={stage.model!r}, resolution='
         f'{stage.resolution}; use mutual_stage)')
-  for key in ('teachers', 'init', 'teacher_cache', 'feature_pairs', 'cka_pairs', 'self_taps'):
+  for key in ('teachers', 'init', 'teacher_cache', 'feature_pairs', 'cka_pairs', 'self_taps',
+              'sftn_student', 'sftn_taps'):
     _need(not stage[key], f'{where}.{key}: a stage with peers has none (its peers teach one '
           'another)')
   weights = stage.loss_weights.to_dict()
@@ -393,9 +396,10 @@ def _check_objective(stage, where) -> None:
         f'{where}.self_taps needs a weighted self_ce, self_kl or self_feature term' if
         stage.self_taps else f'{where}.loss_weights.{self_terms[0] if self_terms else ""}: '
         'self-distillation terms need self_taps (the student taps that get a classifier)')
+  _check_sftn(stage, where, weights)
   if not stage.teachers:
-    changed = sorted(t for t, w in weights.items()
-                     if w != default.get(t, 0.0) and t not in SELF_LOSSES)
+    own = SELF_LOSSES + (('labels',) + SFTN_LOSSES if stage.sftn_student else ())
+    changed = sorted(t for t, w in weights.items() if w != default.get(t, 0.0) and t not in own)
     _need(not changed, f'{where}.loss_weights.{",".join(changed)}: a stage without teachers '
           'trains on labels alone (cross-entropy); these terms need a teacher')
     for key in ('feature_pairs', 'cka_pairs'):
@@ -422,6 +426,31 @@ def _check_objective(stage, where) -> None:
   for key, known in (('at_match', AT_MATCHES), ('pkt_form', PKT_FORMS)):
     _need(options[key] in known, f'{where}.loss_options.{key}={options[key]!r}: one of '
           f'{", ".join(known)}')
+
+
+def _check_sftn(stage, where, weights) -> None:
+  """A student-friendly teacher stage (SFTN) by its fields: a known student, taps, a weighted
+  branch term, no teachers (its shapes: `_sftn_branches`)."""
+  terms = [t for t in SFTN_LOSSES if weights.get(t)]
+  if not stage.sftn_student:
+    _need(not terms and not stage.sftn_taps, f'{where}.' + (
+        f'loss_weights.{terms[0]}' if terms else 'sftn_taps') + ': SFTN needs sftn_student '
+        '(the student model whose layers form the branches)')
+    return
+  _need(stage.sftn_student in model_names(),
+        f'{where}.sftn_student={stage.sftn_student!r}: unknown model')
+  taps = stage.sftn_taps
+  _need(isinstance(taps, (tuple, list)) and len(taps) > 0 and all(isinstance(t, str) for t in taps)
+        and len(set(taps)) == len(taps), f'{where}.sftn_taps={taps!r} must name one or more '
+        "distinct taps where the branches start, e.g. ('stage1', 'stage2')")
+  _need(terms, f'{where}.sftn_student needs a weighted sftn_kl or sftn_ce term (the paper: '
+        'config.SFTN_LOSS_WEIGHTS, labels 1, sftn_kl 3, sftn_ce 1)')
+  _need(not stage.teachers, f'{where}: an SFTN stage trains a teacher on labels with its '
+        f'student branches; it has no teachers of its own ({", ".join(stage.teachers)})')
+  _need(stage.sftn_resolution >= 0, f'{where}.sftn_resolution={stage.sftn_resolution} must be '
+        ">= 0 (0: the stage's resolution)")
+  _need(stage.loss_options.sftn_temperature > 0, f'{where}.loss_options.sftn_temperature='
+        f'{stage.loss_options.sftn_temperature} must be positive')
 
 
 def _parse_pair(pair, stage, where, feature_terms) -> tuple[str, str, str, tuple]:
@@ -503,6 +532,29 @@ def _self_taps(name, stage, model_shapes) -> dict:
               prelogits_width=shapes['prelogits'][0])
 
 
+def _sftn_branches(name, stage, model_shapes) -> dict:
+  """The StagePlan fields of an SFTN stage's student branches: at each tap, this model's
+  feature shape (the branch's input) and the student's (what its transform makes of it). A
+  tap missing from either model, not spatial in both, or a student that cannot run from a tap
+  is a ConfigError naming it."""
+  where = f'stages.{name}.sftn_taps'
+  student, resolution = stage.sftn_student, stage.sftn_resolution or stage.resolution
+  _need(runs_from_tap(student), f'stages.{name}.sftn_student={student!r} cannot run its '
+        "layers from a tap (models with from_tap: the CIFAR ResNets, cnn_*, bit_*)")
+  mine = model_shapes(stage.model, stage.resolution, stage.model_kwargs.to_dict())
+  theirs = model_shapes(student, resolution, {})
+  branches = []
+  for tap in stage.sftn_taps:
+    for model, shapes in ((stage.model, mine), (student, theirs)):
+      _need(tap in shapes, f'{where}: {model} has no tap {tap!r} (it has '
+            f'{", ".join(sorted(shapes))})')
+    _need(len(mine[tap]) == 3 and len(theirs[tap]) == 3 and tap != 'prelogits',
+          f'{where}: a branch cannot start at {tap!r}: {stage.model} {mine[tap]} -> {student} '
+          f'{theirs[tap]}; the transform maps a spatial block output [H, W, C] to another')
+    branches.append((tap, mine[tap], theirs[tap]))
+  return dict(sftn_student=student, sftn_branches=tuple(branches))
+
+
 def _objective(name, stage, teachers, model_shapes) -> dict:
   """The StagePlan fields of a stage's loss: its weighted terms, their options and the feature
   pairs they (and the evaluation's CKA) compare. Default loss_weights: DEFAULT_LOSS_TERMS."""
@@ -511,9 +563,12 @@ def _objective(name, stage, teachers, model_shapes) -> dict:
     return dict(loss_terms=tuple((t, float(weights[t])) for t in ('labels', *MUTUAL_LOSSES)
                                  if weights[t]), loss_options=stage.loss_options.to_dict())
   own = _self_taps(name, stage, model_shapes) if stage.self_taps else {}
+  if stage.sftn_student:
+    own.update(_sftn_branches(name, stage, model_shapes))
   if not stage.teachers:
-    return dict(loss_terms=SUPERVISED_LOSS_TERMS + tuple(
-        (t, float(weights[t])) for t in SELF_LOSSES if weights.get(t)),
+    labels = float(weights['labels']) if stage.sftn_student and weights.get('labels') else 1.0
+    return dict(loss_terms=(('labels', labels),) + tuple(
+        (t, float(weights[t])) for t in SELF_LOSSES + SFTN_LOSSES if weights.get(t)),
                 loss_options=stage.loss_options.to_dict(), **own)
   terms = tuple((t, float(weights[t])) for t in LOSS_TERMS if weights.get(t))
   feature_terms = [t for t, _ in terms if t in FEATURE_LOSSES]

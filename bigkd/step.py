@@ -17,11 +17,11 @@ from bigkd.data import augment
 from bigkd.data.sampling import device_batch_indices
 from bigkd.forward import Peer, Teacher, eval_draws, eval_forward, forward, render_views, \
     teacher_forward
-from bigkd.objective import FeaturePair, Objective, Outputs, SelfHead
+from bigkd.objective import FeaturePair, Objective, Outputs, SelfHead, SftnBranch
 
-__all__ = ['TrainState', 'StepSpec', 'Teacher', 'Peer', 'FeaturePair', 'SelfHead', 'Objective',
-           'make_train_step', 'make_eval_step', 'make_mutual_eval_step', 'make_loss_fn',
-           'augmented_batch', 'with_device_batches']
+__all__ = ['TrainState', 'StepSpec', 'Teacher', 'Peer', 'FeaturePair', 'SelfHead', 'SftnBranch',
+           'Objective', 'make_train_step', 'make_eval_step', 'make_mutual_eval_step',
+           'make_loss_fn', 'augmented_batch', 'with_device_batches']
 
 
 @flax.struct.dataclass
@@ -37,7 +37,8 @@ class TrainState:
   # count: a logged value is the mean over its whole log interval. Checkpointed with the state.
   metric_sums: dict
   # Parameters trained with the student that are not the student's: the feature adapters of
-  # FitNet pairs ({adapter key: params}; {}: none). Checkpointed, never exported.
+  # FitNet pairs, CRD heads, shallow classifiers, SFTN student branches ({key: params}; {}:
+  # none). Checkpointed, never exported.
   aux_params: dict = flax.struct.field(default_factory=dict)
   # State that loss terms read and the step updates, not trained: CRD's queues of earlier
   # batches' embeddings ({heads key: queue}, `objective.initial_queues`; {}: none).
@@ -193,10 +194,11 @@ def make_loss_fn(spec: StepSpec, gather_params=None):
   and teacher parameters take for compute (FSDP); None: as stored."""
   obj = spec.objective
   pairs = obj.feature_pairs
-  has_adapters = bool(obj.self_heads) or any(p.adapter is not None or p.heads is not None
-                                              for p in pairs)
+  has_adapters = bool(obj.self_heads or obj.sftn_branches) or any(
+      p.adapter is not None or p.heads is not None for p in pairs)
   student_taps = tuple(sorted({p.student_tap for p in pairs} | {h.tap for h in obj.self_heads}
-                              | ({'prelogits'} if obj.self_heads else set())))
+                              | ({'prelogits'} if obj.self_heads else set())
+                              | {b.tap for b in obj.sftn_branches}))
   taps = teacher_taps(len(spec.teachers), pairs)
 
   def loss_fn(trainable, teacher_params, step, student_view, views, targets, cached=None,

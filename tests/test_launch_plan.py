@@ -3,6 +3,7 @@
 they must obey, not against hard-coded values."""
 import json
 
+import jax
 import pytest
 
 from bigkd import launch_plan
@@ -146,3 +147,49 @@ def test_bad_input_is_one_line_and_exit_2():
     result = run_main('bigkd.launch_plan', args)
     assert result.returncode == 2 and says in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+# --- The ViT pair of configs/vit_imagenet.py: ViT-B/16 at 384 px teaching ViT-S/16 at 224 px. --
+
+VIT_PAIR = ['--config', 'configs/vit_imagenet.py:b16_384_s16_224', '--train_examples', '1255544']
+
+
+def test_vit_pair_plans_its_real_models_without_their_files():
+  """bigkd-plan's path for the ViT pair up to XLA (the compile itself, a minute or more of CPU
+  for ViT-B/16 even at a tiny batch, is the slow test below): real models at real resolutions,
+  the teacher's .npz a placeholder that planning does not need, the step lowered for 4 v5e
+  chips with the shardings of the config's mesh."""
+  from bigkd import build, cli
+  from bigkd.models import param_shapes
+  c = cli.config_module('vit_imagenet').get_config('b16_384_s16_224')
+  c.batch_size = 8  # the lowered program's shapes, not its size, are checked here
+  devices = launch_plan.tpu_devices(TARGET)
+  plans, mesh = launch_plan.stages_and_mesh(c, devices, 1255544, 1000)
+  [p] = plans
+  assert (p.model, p.resolution, p.compute_dtype) == ('vit_s16', 224, 'bfloat16')
+  assert [(t.model, t.resolution) for t in p.teachers] == [('vit_b16', 384)]
+  step, args = build.abstract_stage(p, mesh, 1255544, c.data.base_size)
+  state, teacher_params, *_ = args
+  count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
+  assert count(state.params) == count(param_shapes('vit_s16', 1000, 224))
+  # The teacher's position embedding is for its own 24 x 24 patch grid (and the class token).
+  pos = teacher_params[0]['Transformer']['posembed_input']['pos_embedding']
+  assert pos.shape == (1, 1 + 24 * 24, 768) and str(pos.dtype) == 'bfloat16'
+  assert 'mhlo.num_partitions = 4' in step.lower(*args).as_text()  # one program, 4 chips
+
+
+@pytest.mark.slow
+def test_vit_pair_compiles_for_a_tpu_slice(tmp_path):
+  """The whole bigkd-plan for the ViT pair at batch 8 (XLA:TPU compile, about a minute of CPU):
+  per chip, the float32 ViT-S/16 and the bfloat16 ViT-B/16 weigh what their parameter counts
+  say."""
+  from bigkd.models import param_shapes
+  out = tmp_path / 'plan.json'
+  result = run_main('bigkd.launch_plan', [*VIT_PAIR, '--target', 'v5e-4', '--nolevers',
+                                          '--config.batch_size=8', '--out', str(out)])
+  assert result.returncode == 0, result.stderr
+  student = json.loads(out.read_text())['stages']['student']
+  count = lambda name, res: sum(x.size for x in jax.tree.leaves(param_shapes(name, 1000, res)))
+  assert student['params_bytes'] == 4 * count('vit_s16', 224)
+  assert student['teacher_bytes'] == 2 * count('vit_b16', 384)
+  assert student['fits'] and student['flops'] > 0

@@ -391,3 +391,39 @@ def test_two_steps_at_real_bit_depth(tmp_path):
   runs = [('bit_imagenet', 't384_s224,init')]
   results = run_smoke(str(tmp_path), runs, TINY_WIDTH, timeout=3600)
   check_two_steps(results['bit_imagenet:t384_s224,init'], TINY_WIDTH)
+
+
+# --- configs/vit_imagenet.py: the paper's ImageNet schedule for a ViT-B/16 -> ViT-S/16 pair. ----
+
+@pytest.mark.parametrize('variant, teacher_res', [('b16_384_s16_224', 384),
+                                                  ('b16_224_s16_224', 224)])
+def test_vit_pair_resolves_to_the_paper_schedule_with_vit_models(variant, teacher_res,
+                                                                 monkeypatch):
+  c = load('vit_imagenet', variant)
+  for devices in (1, 8):
+    check_config(c, devices)
+  bit = load('bit_imagenet', f't{teacher_res}_s224')  # the paper's: everything but the models
+  for block in ('data', 'augment'):
+    assert c[block].to_dict() == bit[block].to_dict(), block
+  assert (c.batch_size, c.teacher_dtype, c.stages.student.compute_dtype) == (4096, 'bfloat16',
+                                                                             'bfloat16')
+  opt = c.optimizer  # big_vision's ImageNet ViT recipe (vit_i1k.py), not BiT's lr 0.03
+  assert (opt.name, opt.schedule, opt.clip_norm, opt.mu_dtype) == ('adam', 'cosine', 1.0,
+                                                                    'bfloat16')
+  assert (opt.lr, opt.weight_decay, opt.weight_decay_scaled_by_lr, opt.warmup_steps) == (
+      1e-3, 1e-4, False, 10_000)
+  monkeypatch.setattr(plan, 'check_external_checkpoints', lambda plans, workdir: None)
+  [p] = plan_stages(c, '/unused', TRAIN_EXAMPLES['imagenet2012'], 1000)
+  assert (p.model, p.resolution, p.init) == ('vit_s16', 224, '')
+  assert p.steps == round(1200 * TRAIN_EXAMPLES['imagenet2012'] / 4096)
+  assert (p.teaching_mode, p.loss, p.temperature, p.label_weight) == ('function_matching', 'kl',
+                                                                      1.0, 0.0)
+  [t] = p.teachers
+  assert (t.model, t.resolution) == ('vit_b16', teacher_res)
+  assert t.source.endswith(f'res_{teacher_res}.npz')
+  assert load('vit_imagenet', None).to_dict() == load('vit_imagenet', 'b16_384_s16_224').to_dict()
+  assert load('vit_imagenet', 'epochs=300,init').stages.student.init.endswith(
+      '/S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0.npz')
+  with pytest.raises(ValueError, match="unknown preset 't384_s224'; presets: b16_384_s16_224, "
+                                       'b16_224_s16_224'):
+    load('vit_imagenet', 't384_s224')

@@ -14,7 +14,10 @@ Each model's module docstring lists its names and shapes. A plain `apply` is unc
 collection is not mutable there, so sowing is a no-op) and `init` returns only 'params'.
 To read them:
     logits, feats = features(model, params, images, ['stage2', 'prelogits'])
+The CIFAR ResNets, the small CNNs and BiT also run from a tap: `model.apply({'params': params},
+feature, from_tap='stage1')` is what the full model computes after its `stage1` tap
+(`runs_from_tap(name)` says whether a model can).
 """
 from bigkd.models.registry import feature_shapes, features, get_model, model_names, param_shapes, \
-    register  # noqa: F401
+    register, runs_from_tap  # noqa: F401
 from bigkd.models import bit, cifar, vit  # noqa: E402,F401  (register bit_*, cnn_*, resnet*, vit_*)

@@ -14,6 +14,10 @@ returns it.
 `ShallowClassifier`: a classifier on an intermediate feature ("be your own teacher"), trained
 with the model and never exported.
 
+`StudentBranch`: a student-friendly teacher's branch (Park et al. 2021): a transform of a
+teacher feature to the shape of the student's feature at the same tap, then the student's own
+layers after that tap; trained with the teacher, never exported.
+
 `ContrastiveHeads`: CRD's two embedding heads (a linear map of each side's vector feature to a
 `dim`-dimensional unit vector), trained with the student and never exported.
 """
@@ -79,3 +83,23 @@ class ShallowClassifier(nn.Module):
     y = nn.relu(nn.GroupNorm(num_groups=math.gcd(32, self.width))(y))
     feature = jnp.mean(y, axis=(1, 2))
     return nn.Dense(self.num_classes)(feature), feature
+
+
+class StudentBranch(nn.Module):
+  """Logits of a student branch on a teacher feature [B, H, W, C_t] (SFTN, Park et al. 2021):
+  the transform layer T_i, a 1x1 convolution to the student's channels + GroupNorm + ReLU (the
+  paper's conv + BN + ReLU, GroupNorm like the models), with a bilinear resize when the
+  teacher's map is not the student's size (a teacher at another resolution); then `student`
+  (a registry model that takes `from_tap`) from tap `tap` onward: its later blocks and head."""
+  student: nn.Module
+  tap: str
+  tap_shape: tuple[int, ...]  # the student's feature at `tap`: (H, W, C)
+
+  @nn.compact
+  def __call__(self, x):
+    height, width, channels = self.tap_shape
+    y = nn.Conv(channels, (1, 1), use_bias=False, name='transform_conv')(x.astype(jnp.float32))
+    if y.shape[1:3] != (height, width):
+      y = jax.image.resize(y, (y.shape[0], height, width, channels), 'bilinear')
+    y = nn.relu(nn.GroupNorm(num_groups=math.gcd(32, channels), name='transform_norm')(y))
+    return self.student(y, from_tap=self.tap)

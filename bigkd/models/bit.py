@@ -19,6 +19,8 @@ c = base * width root channels (64 * width for the released models):
   network is pre-activation, so no block ends with one); every halving rounds up.
   prelogits [B, 32c]: after the final GroupNorm + ReLU and the global average pool, what the
   head reads.
+`apply(params, feature, from_tap='stageK')` runs only the blocks after tap stageK and the head
+(a student branch of a student-friendly teacher, `bigkd.models.adapters.StudentBranch`).
 """
 import re
 import zipfile
@@ -163,14 +165,24 @@ class ResNetV2(nn.Module):
   remat: bool = False
 
   @nn.compact
-  def __call__(self, images):
+  def __call__(self, images, from_tap=None):
+    """Logits of `images`; with `from_tap` ('stage1' ... 'stage4'), `images` is that tap's
+    feature and only the blocks after it, the final norm and the head run (parameter names as
+    in the full model)."""
     c = self.base * self.width
-    x = Conv(c, 7, 2, self.dtype, name='root_block')(images.astype(self.dtype))
-    x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))  # zeros, then VALID: BiT's pool, not SAME
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='VALID')
-    for b, units in enumerate(self.block_units):
+    taps = [f'stage{b + 1}' for b in range(len(self.block_units))]
+    if from_tap is not None and from_tap not in taps:
+      raise ValueError(f'cannot run from tap {from_tap!r}: one of {", ".join(taps)}')
+    first = 0 if from_tap is None else taps.index(from_tap) + 1
+    x = images.astype(self.dtype)
+    if first == 0:
+      x = Conv(c, 7, 2, self.dtype, name='root_block')(x)
+      x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))  # zeros, then VALID: BiT's pool, not SAME
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='VALID')
+    for b in range(first, len(self.block_units)):
       stride = 1 if b == 0 else 2
-      x = Block(c * 2**b, units, stride, self.dtype, self.remat, name=f'block{b + 1}')(x)
+      x = Block(c * 2**b, self.block_units[b], stride, self.dtype, self.remat,
+                name=f'block{b + 1}')(x)
       self.sow('intermediates', f'stage{b + 1}', x)
     x = nn.relu(_group_norm(self.dtype)(x))
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(self.dtype)

@@ -48,18 +48,37 @@ class CifarResNet(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, images):
+  def __call__(self, images, from_tap=None):
+    """Logits of `images`; with `from_tap` ('stage1', 'stage2' or 'stage3'), `images` is that
+    tap's feature and only the blocks after it (and the head) run. Every layer is made either
+    way, so the parameter names are the full model's (a branch's parameters are a subtree of
+    the full model's)."""
+    stem_conv = nn.Conv(16 * self.width, (3, 3), use_bias=False, dtype=self.dtype)
+    stem_norm = _norm(16 * self.width, self.dtype)
+    stages = [[BasicBlock(channels * self.width, 2 if (stage > 0 and i == 0) else 1, self.dtype)
+               for i in range(self.blocks_per_stage)]
+              for stage, channels in enumerate((16, 32, 64))]
+    first = _first_stage_after(from_tap, len(stages))
     x = images.astype(self.dtype)
-    x = nn.Conv(16 * self.width, (3, 3), use_bias=False, dtype=self.dtype)(x)
-    x = nn.relu(_norm(16 * self.width, self.dtype)(x))
-    for stage, channels in enumerate((16, 32, 64)):
-      for i in range(self.blocks_per_stage):
-        stride = 2 if (stage > 0 and i == 0) else 1
-        x = BasicBlock(channels * self.width, stride, self.dtype)(x)
+    if first == 0:
+      x = nn.relu(stem_norm(stem_conv(x)))
+    for stage in range(first, len(stages)):
+      for block in stages[stage]:
+        x = block(x)
       self.sow('intermediates', f'stage{stage + 1}', x)
     x = jnp.mean(x, axis=(1, 2))
     self.sow('intermediates', 'prelogits', x)
     return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
+
+
+def _first_stage_after(from_tap, num_stages: int) -> int:
+  """The index of the first stage to run: 0 for the whole model, k after tap 'stage{k}'."""
+  if from_tap is None:
+    return 0
+  taps = [f'stage{k + 1}' for k in range(num_stages)]
+  if from_tap not in taps:
+    raise ValueError(f'cannot run from tap {from_tap!r}: one of {", ".join(taps)}')
+  return taps.index(from_tap) + 1
 
 
 class SmallCNN(nn.Module):
@@ -70,11 +89,13 @@ class SmallCNN(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, images):
+  def __call__(self, images, from_tap=None):
+    """Logits of `images`; with `from_tap` ('stage1' or 'stage2'), of that tap's feature
+    through the layers after it (names as in the full model, see `CifarResNet`)."""
+    convs = [nn.Conv(self.width * mult, (3, 3), dtype=self.dtype) for mult in (1, 2)]
     x = images.astype(self.dtype)
-    for stage, mult in enumerate((1, 2)):
-      x = nn.Conv(self.width * mult, (3, 3), dtype=self.dtype)(x)
-      x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+    for stage in range(_first_stage_after(from_tap, len(convs)), len(convs)):
+      x = nn.max_pool(nn.relu(convs[stage](x)), (2, 2), strides=(2, 2))
       self.sow('intermediates', f'stage{stage + 1}', x)
     x = x.reshape(x.shape[0], -1)
     self.sow('intermediates', 'prelogits', x)

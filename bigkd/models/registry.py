@@ -1,4 +1,5 @@
 """The model registry: name -> factory of a linen module; shapes and feature taps of a model."""
+import inspect
 from typing import Callable
 
 import jax
@@ -27,6 +28,13 @@ def get_model(name: str, num_classes: int, dtype=jnp.float32, **kwargs) -> nn.Mo
   if name not in _REGISTRY:
     raise KeyError(f'unknown model {name!r}; known: {", ".join(model_names())}')
   return _REGISTRY[name](num_classes=num_classes, dtype=dtype, **kwargs)
+
+
+def runs_from_tap(name: str) -> bool:
+  """Whether model `name` can run only its layers after a feature tap (`from_tap`, as a
+  student-friendly teacher's branches do: `bigkd.models.adapters.StudentBranch`)."""
+  module = type(get_model(name, num_classes=2))
+  return 'from_tap' in inspect.signature(module.__call__).parameters
 
 
 def _abstract_init(model: nn.Module, resolution: int, collections):

@@ -168,7 +168,8 @@ for _size in SIZES:
 
 @register('vit_tiny_test')
 def _tiny(num_classes, dtype=jnp.float32, pool='token', patch=4, remat=False):
-  """For tests only: width 32, 2 blocks of 2 heads, mlp 64; 4 x 4 patches by default."""
+  """For tests and the digits (configs/digits_vit.py): width 32, 2 blocks of 2 heads, mlp 64;
+  4 x 4 patches by default."""
   return VisionTransformer(num_classes, 32, 2, 2, 64, patch, pool, dtype, remat)
 
 
