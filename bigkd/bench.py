@@ -128,6 +128,7 @@ def run(config, stage='', steps=30, warmup=3, peak_tflops=0.0) -> dict:
   achieved = setup['flops_per_image'] * images_per_sec / 1e12
   return dict(stage=plan.name, model=plan.model, resolution=plan.resolution,
               teachers=[f'{t.model}@{t.resolution}' for t in plan.teachers],
+              peers=[f'{p.name}: {p.model}@{p.resolution}' for p in plan.peers],
               batch_size=plan.batch_size, grad_accum_steps=plan.grad_accum_steps,
               devices=mesh.size, platform=jax.devices()[0].platform,
               mesh={'data': mesh.shape['data'], 'fsdp': mesh.shape['fsdp']},
@@ -141,8 +142,9 @@ def run(config, stage='', steps=30, warmup=3, peak_tflops=0.0) -> dict:
 
 def report(r) -> str:
   teachers = f' from {", ".join(r["teachers"])}' if r['teachers'] else ''
+  models = ' + '.join(r.get('peers', [])) or f'{r["model"]}@{r["resolution"]}'
   return '\n'.join([
-      f'bench: stage {r["stage"]} ({r["model"]}@{r["resolution"]}{teachers}), batch '
+      f'bench: stage {r["stage"]} ({models}{teachers}), batch '
       f'{r["batch_size"]} (grad_accum {r["grad_accum_steps"]}), mesh {r["mesh"]["data"]}x'
       f'{r["mesh"]["fsdp"]} on {r["devices"]} {r["platform"]} device(s)',
       f'  pipeline  {1e3 * r["step_seconds"]:9.2f} ms/step {r["images_per_sec"]:10.1f} img/s',

@@ -26,16 +26,16 @@ from bigkd.data.sampling import device_step_indices, host_batch_indices, host_st
     plan_rows_and_sizes
 from bigkd.evaluate import evaluate
 from bigkd.models import get_model, param_shapes
-from bigkd.optim import build_optimizer
+from bigkd.optim import build_optimizer, per_peer
 from bigkd.plan import StagePlan, auto_base_size, check_config, plan_stages
 from bigkd.sharding import batch_sharding, fsdp_compute_sharding, gather_rows, init_opt_state, \
     make_mesh, mesh_shape, put_global, put_rows_sharded, replicated, tree_shardings
 from bigkd.models.adapters import ContrastiveHeads, FeatureAdapter, ShallowClassifier, \
     StudentBranch
 from bigkd.objective import initial_queues
-from bigkd.step import FeaturePair, Objective, SelfHead, SftnBranch, StepSpec, Teacher, \
-    TrainState, fixed_view_teacher_logits, make_eval_step, make_train_step, optimized_tree, \
-    summed_metrics, with_device_batches
+from bigkd.step import FeaturePair, Objective, Peer, SelfHead, SftnBranch, StepSpec, Teacher, \
+    TrainState, fixed_view_teacher_logits, make_eval_step, make_mutual_eval_step, \
+    make_train_step, optimized_tree, summed_metrics, with_device_batches
 
 # optimizer.skip_nonfinite_updates: this many non-finite updates in a row are skipped; the next
 # is applied, its non-finite parameters stop the run (a run that only makes NaNs should end).
@@ -266,23 +266,36 @@ def initial_adapters(plan: StagePlan, pairs, mesh):
   return jax.jit(init, out_shardings=shardings)()
 
 
+def stage_param_targets(plan: StagePlan, mesh):
+  """ShapeDtypeStructs (float32, sharded) of what the stage trains: its model's parameters, or
+  for a stage with peers {peer: its model's parameters}."""
+  if plan.peers:
+    return {p.name: param_targets(p.model, p.model_kwargs, plan.num_classes, p.resolution,
+                                  jnp.float32, mesh, plan.min_fsdp_size) for p in plan.peers}
+  return param_targets(plan.model, plan.model_kwargs, plan.num_classes, plan.resolution,
+                       jnp.float32, mesh, plan.min_fsdp_size)
+
+
 def initial_state(plan: StagePlan, student, tx, mesh, pairs=()) -> TrainState:
   """Step 0: parameters from `plan.init` (head re-initialised) or drawn from (seed, stage
-  index), the adapters of `pairs` (`step_pairs`) if any, and the optimiser state of both, each
-  sharded by the parameter rule (`sharding.py`)."""
-  targets = param_targets(plan.model, plan.model_kwargs, plan.num_classes, plan.resolution,
-                          jnp.float32, mesh, plan.min_fsdp_size)
-  if plan.init:
+  index; peer i of a mutual stage: folded with i), the adapters of `pairs` (`step_pairs`) if
+  any, and the optimiser state of both, each sharded by the parameter rule (`sharding.py`)."""
+  targets = stage_param_targets(plan, mesh)
+  init_key = jax.random.fold_in(jax.random.key(plan.seed), plan.index)
+  if plan.peers:
+    params = {p.name: random_params(model, p.resolution, jax.random.fold_in(init_key, i),
+                                    targets[p.name])
+              for i, (p, model) in enumerate(zip(plan.peers, student))}
+  elif plan.init:
     params = checked_finite(checkpoint.load_params(plan.init, targets, f'stages.{plan.name}.init',
                                                    new_head_classes=plan.num_classes),
                             f'stages.{plan.name}.init ({plan.init})')
   else:
-    init_key = jax.random.fold_in(jax.random.key(plan.seed), plan.index)
     params = random_params(student, plan.resolution, init_key, targets)
   aux_params = initial_adapters(plan, pairs, mesh)
   opt_state = init_opt_state(tx, optimized_tree(params, aux_params), mesh, plan.min_fsdp_size)
-  return TrainState.create(params, opt_state, summed_metrics(bool(plan.teachers), plan.loss_terms),
-                           aux_params, initial_queues(pairs, plan.loss_options),
+  return TrainState.create(params, opt_state, stage_metrics(plan), aux_params,
+                           initial_queues(pairs, plan.loss_options),
                            put=lambda x: jax.device_put(x, replicated(mesh)))
 
 
@@ -380,8 +393,17 @@ class Stage:
   teacher_cache: dict | None = None  # the cached teacher logits the step reads (host memory)
 
 
+def stage_metrics(plan: StagePlan) -> tuple:
+  """The names the stage's `metric_sums` keep (`step.summed_metrics`)."""
+  return summed_metrics(bool(plan.teachers), plan.loss_terms, [p.name for p in plan.peers])
+
+
 def student_model(plan: StagePlan):
-  """The stage's model, computing in its compute dtype (its parameters are float32)."""
+  """The stage's model, computing in its compute dtype (its parameters are float32); for a
+  stage with peers, the tuple of their modules."""
+  if plan.peers:
+    return tuple(get_model(p.model, plan.num_classes, dtype=jnp.dtype(plan.compute_dtype),
+                           **p.model_kwargs) for p in plan.peers)
   return get_model(plan.model, plan.num_classes, dtype=jnp.dtype(plan.compute_dtype),
                    **plan.model_kwargs)
 
@@ -389,6 +411,8 @@ def student_model(plan: StagePlan):
 def stage_optimizer(plan: StagePlan):
   """(optax transformation, learning-rate schedule) of a stage."""
   tx, lr_schedule = build_optimizer(plan.optimizer, plan.steps, plan.warmup_steps)
+  if plan.peers:  # each peer's update from its own gradient (clipped by its own norm)
+    tx = per_peer(tx, [p.name for p in plan.peers])
   if plan.optimizer.get('skip_nonfinite_updates'):
     tx = optax.apply_if_finite(tx, MAX_SKIPPED_IN_A_ROW)
   return tx, lr_schedule
@@ -398,9 +422,17 @@ def stage_spec(plan: StagePlan, student, teachers, pairs) -> StepSpec:
   objective = Objective(plan.loss_terms, plan.loss, plan.temperature, plan.label_weight,
                         plan.ensemble, tuple(sorted(plan.loss_options.items())), pairs,
                         self_heads(plan), sftn_branches(plan))
+  if plan.peers:  # `student`: their modules (`student_model`)
+    return StepSpec(None, 0, (), plan.num_classes, tuple(sorted(plan.augment.items())),
+                    plan.teaching_mode, objective, plan.step_seed, peer_specs(plan, student))
   return StepSpec(student, plan.resolution, teachers, plan.num_classes,
                   tuple(sorted(plan.augment.items())), plan.teaching_mode, objective,
                   plan.step_seed)
+
+
+def peer_specs(plan: StagePlan, modules) -> tuple:
+  """The `Peer`s of a mutual stage, with their modules (`student_model`)."""
+  return tuple(Peer(p.name, model, p.resolution) for p, model in zip(plan.peers, modules))
 
 
 def train_data_indices(plan: StagePlan, seed: int, draw):
@@ -455,8 +487,9 @@ def build_stage(plan: StagePlan, data: RunData, mesh, random_params=False) -> St
         num_threads=plan.reader_threads, cache=cache,
         batch_indices=train_data_indices(plan, spec.seed, host_step_indices))
   train_step = jit_step(fed_step(plan, spec, raw_step, mesh), state, mesh)
-  eval_step = jax.jit(make_eval_step(student, plan.resolution, teachers, plan.ensemble,
-                                     plan.eval_crop_fraction, eval_cka_pairs(plan)))
+  eval_step = jax.jit(make_mutual_eval_step(spec.peers, plan.eval_crop_fraction) if plan.peers
+                      else make_eval_step(student, plan.resolution, teachers, plan.ensemble,
+                                          plan.eval_crop_fraction, eval_cka_pairs(plan)))
   if teachers and not random_params:
     check_teacher_logits(eval_step, state.params, teacher_params, data.val, plan.eval_batch_size,
                          batches, plan)
@@ -466,11 +499,24 @@ def build_stage(plan: StagePlan, data: RunData, mesh, random_params=False) -> St
     for name in splits:
       metrics = evaluate(eval_step, params, teacher_params, getattr(data, name),
                          plan.eval_batch_size, batches)
-      results.update({f'{name}_{k}': v for k, v in metrics.items()})
+      results.update(split_results(name, metrics, [p.name for p in plan.peers]))
     return results
 
   return Stage(plan, mesh, student, teachers, teacher_params, tx, lr_schedule, spec, state,
                raw_step, train_step, inputs, evaluate_splits, cache)
+
+
+def split_results(split: str, metrics: dict, peers=()) -> dict:
+  """An evaluation's metrics keyed by split ('val_accuracy'); a mutual stage's per peer
+  ('PEER/val_accuracy', ...), beside the peers' ensemble ('val_ensemble_accuracy') and the mean
+  of their accuracies ('val_accuracy', so that tables of stages read it)."""
+  out = {}
+  for key, value in metrics.items():
+    peer, _, name = key.rpartition('/')
+    out[f'{peer}/{split}_{name}' if peer in peers else f'{split}_{key}'] = value
+  if peers:
+    out[f'{split}_accuracy'] = float(np.mean([metrics[f'{p}/accuracy'] for p in peers]))
+  return out
 
 
 def _abstract(shapes, shardings):
@@ -486,17 +532,15 @@ def abstract_stage(plan: StagePlan, mesh, num_train_examples: int, canvas: int):
   teachers, teacher_params = teacher_targets(plan, mesh)
   tx, lr_schedule = stage_optimizer(plan)
   pairs = step_pairs(plan)
-  params = param_targets(plan.model, plan.model_kwargs, plan.num_classes, plan.resolution,
-                         jnp.float32, mesh, plan.min_fsdp_size)
+  params = stage_param_targets(plan, mesh)
   shapes = jax.eval_shape(lambda: initial_adapters(plan, pairs, mesh))
   aux_params = _abstract(shapes, tree_shardings(mesh, shapes, plan.min_fsdp_size))
   shapes = jax.eval_shape(tx.init, optimized_tree(params, aux_params))
   opt_state = _abstract(shapes, tree_shardings(mesh, shapes, plan.min_fsdp_size))
   scalar = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated(mesh))
   loss_state = jax.eval_shape(lambda: initial_queues(pairs, plan.loss_options))
-  state = TrainState.create(params, opt_state, summed_metrics(bool(plan.teachers),
-                                                              plan.loss_terms),
-                            aux_params, loss_state, put=lambda x: jax.tree.map(scalar, x))
+  state = TrainState.create(params, opt_state, stage_metrics(plan), aux_params, loss_state,
+                            put=lambda x: jax.tree.map(scalar, x))
   spec = stage_spec(plan, student, teachers, pairs)
   raw_step = make_train_step(spec, tx, lr_schedule, plan.grad_accum_steps,
                              fsdp_compute_sharding(mesh), plan.log_every)

@@ -187,12 +187,37 @@ def check_fit(params, abstract_params, what: str) -> None:
 
 
 def write_stage_info(stage_dir, model, model_kwargs, resolution, num_classes,
-                     class_names=()) -> None:
+                     class_names=(), peers=None) -> None:
   """stage.json: what a stage's parameters are (enough to load them without the config) and the
-  names of its classes by label (so predictions read as names)."""
-  paths.write_json(paths.Path(stage_dir) / 'stage.json', dict(
-      model=model, model_kwargs=model_kwargs, resolution=resolution, num_classes=num_classes,
-      class_names=list(class_names)), indent=None)
+  names of its classes by label (so predictions read as names). A mutual stage's (model '')
+  also names its `peers` {name: {model, model_kwargs, resolution}}: its parameters are
+  {peer: params}, and each peer has a stage folder of its own (`save_peers`)."""
+  info = dict(model=model, model_kwargs=model_kwargs, resolution=resolution,
+              num_classes=num_classes, class_names=list(class_names))
+  if peers:
+    info['peers'] = peers
+  paths.write_json(paths.Path(stage_dir) / 'stage.json', info, indent=None)
+
+
+def save_peers(stage_dir, step: int, params: dict, peers: dict, num_classes: int,
+               class_names=()) -> None:
+  """Writes each peer of a mutual stage ({peer: params} at `step`; `peers` {peer: {model,
+  model_kwargs, resolution}}) as a stage folder STAGE_DIR/PEER of its own: stage.json and a
+  checkpoint of its parameters alone, so that a later stage names it as a teacher, or `init`,
+  or a notebook opens it, as any stage. A peer already saved at `step` is left as it is (a
+  re-run after a stop between this and the summary writes the same values)."""
+  for name, info in peers.items():
+    peer_dir = paths.Path(stage_dir) / name
+    if jax.process_index() == 0:
+      write_stage_info(peer_dir, info['model'], info['model_kwargs'], info['resolution'],
+                       num_classes, class_names)
+    mngr = manager(peer_dir, keep=1)
+    if mngr.latest_step() != step:
+      mngr.save(step, args=ocp.args.Composite(
+          integrity=ocp.args.JsonSave({'params': int(checksum(params[name]))}),
+          params=ocp.args.StandardSave(params[name])))
+    mngr.wait_until_finished()
+    mngr.close()
 
 
 def read_stage_info(stage_dir: str) -> dict:

@@ -120,7 +120,7 @@ RUN_FIELDS = (
 )
 
 STAGE_FIELDS = (
-    ('model', '', 'registry name of the model this stage trains'),
+    ('model', '', "registry name of the model this stage trains ('' for a stage with peers)"),
     ('model_kwargs', {},
      "extra model arguments (e.g. remat=True for BiT and ViT; pool='gap' for ViT)"),
     ('resolution', 0, 'its input resolution'),
@@ -152,6 +152,16 @@ STAGE_FIELDS = (
      'per step, all a pure function of (seed, step). {}: the train split of the data block. '
      "Evaluation stays on the data block's val/test splits; epochs and warmup_epochs count the "
      'examples of all the sources'),
+    ('peers', {},
+     '{name: {model, resolution, model_kwargs}} (PEER_FIELDS): deep mutual learning (online '
+     'distillation, Zhang et al. 2018): K >= 2 models trained together in one step on the same '
+     'augmented batch (the same crop box rendered at each resolution), each on CE(labels) + '
+     'mutual_kl·T²·KL(the others\' mean prediction ‖ its own), each with its own parameters, '
+     'optimiser state (the stage\'s optimizer, gradients clipped per peer) and metrics '
+     '(`PEER/...`), all computing in the stage\'s compute_dtype. The stage\'s model '
+     "and resolution stay ''/0, it has no teachers; each peer is written as a stage folder "
+     "STAGE/PEER that later stages name as a teacher (teachers={'t': 'STAGE/PEER'}) or init. "
+     'Make it with `mutual_stage`. {}: an ordinary stage'),
     ('optimizer', {}, 'overrides of config.optimizer for this stage'),
     ('augment', {}, 'overrides of config.augment for this stage'),
     ('feature_pairs', (),
@@ -217,6 +227,12 @@ STAGE_FIELDS = (
      'over the branches; gradients reach both sides (the paper: 3)'),
     ('loss_weights.sftn_ce', 0.0,
      'SFTN: cross-entropy of each student branch on the (mixed) labels, summed (the paper: 1)'),
+    ('loss_weights.mutual_kl', 0.0,
+     "stages with peers: each peer's T²·KL(mean of the other peers' probabilities ‖ its own) at "
+     'loss_options.mutual_temperature, the others a target (no gradient flows into them), beside '
+     "its cross-entropy on the labels (loss_weights.labels); mutual_stage sets both to 1 (the "
+     'paper). 0: the peers train side by side, independently (the baseline, same batches). Only '
+     'for stages with peers'),
     ('loss_weights.dkd', 0.0, 'decoupled KD on the logits (target class: label argmax)'),
     ('loss_weights.dist', 0.0, "DIST: Pearson relations of the logits' probabilities"),
     ('loss_options.at_p', 2.0, 'attention map: mean over channels of |feature|^p'),
@@ -234,6 +250,8 @@ STAGE_FIELDS = (
     ('loss_options.crd_temperature', 0.07, 'CRD: temperature τ of the critic (the paper: 0.07)'),
     ('loss_options.self_temperature', 3.0, 'be your own teacher: the KL\'s temperature'),
     ('loss_options.sftn_temperature', 1.0, "SFTN: the KL's temperature τ (the paper: 1)"),
+    ('loss_options.mutual_temperature', 1.0,
+     'deep mutual learning: the temperature of the peers\' KL (the paper: 1)'),
     ('loss_options.dkd_alpha', 1.0, 'DKD: weights of the target / non-target class terms'),
     ('loss_options.dkd_beta', 8.0, 'DKD: weights of the target / non-target class terms'),
     ('loss_options.dkd_temperature', 4.0, 'DKD temperature (the loss is scaled by T²)'),
@@ -248,6 +266,13 @@ TEACHER_FIELDS = (
     ('model', '', "'': from the stage / stage.json"),
     ('model_kwargs', {}, "its model's extra arguments"),
     ('resolution', 0, '0: from the stage / stage.json'),
+)
+
+# A peer of a deep-mutual-learning stage: `stage_config(..., peers={name: {field: value}})`.
+PEER_FIELDS = (
+    ('model', '', 'registry name of the peer\'s model'),
+    ('resolution', 0, 'its input resolution (the crop box every peer sees, rendered at it)'),
+    ('model_kwargs', {}, 'its extra model arguments'),
 )
 
 # A stage's train_data source: `stage_config(..., train_data={name: {field: value}})`.
@@ -309,7 +334,8 @@ def stage_config(model: str, resolution: int, teachers=None, **overrides) -> Con
   run's stage folder, or a BiT or ViT .npz file (then also give model and resolution as a dict;
   a ViT file's position embedding is resized to that resolution's patch grid).
   `train_data={name: {field: value}}` (TRAIN_DATA_FIELDS): its training images, when not the
-  data block's train split."""
+  data block's train split. `peers={name: (model, resolution)}` (PEER_FIELDS): a deep mutual
+  learning stage (model '' and resolution 0; `mutual_stage` sets its loss weights)."""
   s = _tree(STAGE_FIELDS, {'model': model, 'resolution': resolution})
   s.teachers = ConfigDict()
   for name, source in (teachers or {}).items():
@@ -320,6 +346,8 @@ def stage_config(model: str, resolution: int, teachers=None, **overrides) -> Con
       raise ConfigError(f'stage_config: unknown field {key!r}')
     if key == 'train_data':  # each source gets every field, its defaults for those not given
       s.train_data = ConfigDict({name: _train_source(name, spec) for name, spec in value.items()})
+    elif key == 'peers':
+      s.peers = ConfigDict({name: _peer(name, spec) for name, spec in value.items()})
     elif key in FIELD_GROUPS:  # set the named fields, keep the other defaults
       for name, field in value.items():
         if name not in s[key]:
@@ -338,6 +366,30 @@ def _train_source(name: str, spec: dict) -> ConfigDict:
     raise ConfigError(f'stage_config: train_data.{name}: unknown field {unknown[0]!r} (known: '
                       f'{", ".join(known)})')
   return _tree(TRAIN_DATA_FIELDS, spec)
+
+
+def _peer(name: str, spec) -> ConfigDict:
+  """A peer's fields from {field: value} or the shorthand (model, resolution)."""
+  if isinstance(spec, (tuple, list)):
+    if len(spec) != 2:
+      raise ConfigError(f'stage_config: peers.{name}={spec!r}: give (model, resolution) or a dict '
+                        'of model, resolution, model_kwargs')
+    spec = dict(model=spec[0], resolution=spec[1])
+  known = [field for field, _, _ in PEER_FIELDS]
+  unknown = sorted(set(spec) - set(known))
+  if unknown:
+    raise ConfigError(f'stage_config: peers.{name}: unknown field {unknown[0]!r} (known: '
+                      f'{", ".join(known)})')
+  return _tree(PEER_FIELDS, dict(spec))
+
+
+def mutual_stage(peers: dict, **overrides) -> ConfigDict:
+  """A deep-mutual-learning stage (Zhang et al. 2018; the KD survey's online distillation):
+  `peers` {name: (model, resolution) or {model, resolution, model_kwargs}}, K >= 2, trained
+  together; `overrides` are stage_config fields (steps, optimizer, loss_weights=dict(mutual_kl=
+  ...), loss_options=dict(mutual_temperature=...), ...)."""
+  weights = {'labels': 1.0, 'mutual_kl': 1.0, **overrides.pop('loss_weights', {})}
+  return stage_config('', 0, peers=peers, loss_weights=weights, **overrides)
 
 
 def born_again(config: ConfigDict, first: str, generations: int, ensemble: bool = False,
@@ -423,7 +475,8 @@ def field_docs() -> dict[str, str]:
   return {**{name: doc for name, _, doc in RUN_FIELDS},
           **{f'stages.*.{name}': doc for name, _, doc in STAGE_FIELDS},
           **{f'stages.*.teachers.*.{name}': doc for name, _, doc in TEACHER_FIELDS},
-          **{f'stages.*.train_data.*.{name}': doc for name, _, doc in TRAIN_DATA_FIELDS}}
+          **{f'stages.*.train_data.*.{name}': doc for name, _, doc in TRAIN_DATA_FIELDS},
+          **{f'stages.*.peers.*.{name}': doc for name, _, doc in PEER_FIELDS}}
 
 
 def field_key(path: str) -> str:
@@ -432,7 +485,7 @@ def field_key(path: str) -> str:
   parts = path.split('.')
   if parts[0] == 'stages' and len(parts) > 2:
     parts[1] = '*'
-    if parts[2] in ('teachers', 'train_data') and len(parts) > 4:
+    if parts[2] in ('teachers', 'train_data', 'peers') and len(parts) > 4:
       parts[3] = '*'
     if parts[2] in ('optimizer', 'augment') and len(parts) > 3:
       parts = parts[2:]

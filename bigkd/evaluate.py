@@ -39,8 +39,9 @@ def evaluate(eval_step, params, teacher_params, split, batch_size, sharding) -> 
   count = float(totals.pop('count'))
   hsic = {k.split('/', 1)[1]: totals.pop(k) for k in sorted(totals) if k.startswith('hsic/')}
   names = {'student_correct': 'accuracy', 'teacher_correct': 'teacher_accuracy',
-           'agreement': 'agreement', 'kl': 'kl'}
-  results = {names[k]: float(v) / count for k, v in totals.items()}
+           'agreement': 'agreement', 'kl': 'kl', 'ensemble_correct': 'ensemble_accuracy'}
+  renamed = lambda key: '/'.join(key.split('/')[:-1] + [names[key.split('/')[-1]]])  # PEER/...
+  results = {renamed(k): float(v) / count for k, v in totals.items()}
   return {**results, **cka_results(hsic)}
 
 

@@ -19,6 +19,14 @@ class Teacher(NamedTuple):
   resolution: int
 
 
+class Peer(NamedTuple):
+  """A model of a deep-mutual-learning stage: its name (its key in the stage's parameters), its
+  module (computing in the stage's compute dtype) and input resolution."""
+  name: str
+  model: nn.Module
+  resolution: int
+
+
 def forward(model: nn.Module, params, view, taps=()):
   """(float32 logits, {tap: float32 feature}) of `model` on `view`, computed in the model's
   dtype; `taps` are sown in the same pass (`bigkd.models.features`)."""
@@ -31,7 +39,7 @@ def forward(model: nn.Module, params, view, taps=()):
 
 
 def render_views(teachers, images, draws, image_hw=None) -> dict:
-  """The teachers' views {resolution: view}, rendered once per distinct resolution."""
+  """The teachers' (or peers') views {resolution: view}, rendered once per distinct resolution."""
   return {size: augment.render_view(images, draws, size, image_hw)
           for size in sorted({t.resolution for t in teachers})}
 

@@ -126,9 +126,22 @@ class Run:
     return all(name in self.summary['stages'] for name in self.planned)
 
   def teachers_of(self, name: str) -> list[str]:
-    """The stages of this run that teach stage `name` (teachers from elsewhere are left out)."""
-    teachers = self.config['stages'][name].get('teachers', {})
-    return [t['source'] for t in teachers.values() if t['source'] in self.config['stages']]
+    """The stages (or peers, 'STAGE/PEER') of this run that teach stage `name` (teachers from
+    elsewhere are left out; a peer is taught by no stage)."""
+    teachers = self.config['stages'].get(name, {}).get('teachers', {})
+    return [t['source'] for t in teachers.values()
+            if t['source'].split('/')[0] in self.config['stages']]
+
+  def models(self) -> list[str]:
+    """The run's trained models with a checkpoint, in order: each stage, a mutual stage's peers
+    in its place ('STAGE/PEER', once the stage has written them)."""
+    out = []
+    for name in self.stages:
+      info = read_json(paths.Path(self.workdir) / name / 'stage.json') or {}
+      peers = [f'{name}/{p}' for p in info.get('peers', {})]
+      out += [p for p in peers if complete_steps(paths.Path(self.workdir) / p)] if peers else (
+          [name] if self.checkpoints[name] else [])
+    return out
 
   @functools.cached_property
   def config_here(self) -> ml_collections.ConfigDict:
@@ -167,9 +180,15 @@ class Run:
 
   def stage(self, name: str, step: int | None = None) -> 'TrainedStage':
     """Stage `name` at checkpoint `step` (default: its newest complete one)."""
-    if name not in self.checkpoints:
+    stage, _, peer = name.partition('/')
+    if stage not in self.checkpoints:
       raise ValueError(f'{self.workdir}: no stage {name!r} (started: {self.stages})')
-    steps = self.checkpoints[name]
+    peers = (read_json(paths.Path(self.workdir) / stage / 'stage.json') or {}).get('peers', {})
+    if bool(peers) != bool(peer) or (peer and peer not in peers):
+      raise ValueError(f'stage {stage} trains the peers {", ".join(peers)}: open one, e.g. '
+                       f"'{stage}/{next(iter(peers))}'" if peers else
+                       f'stage {stage} has no peers (open {stage!r})')
+    steps = complete_steps(paths.Path(self.workdir) / name) if peer else self.checkpoints[name]
     if not steps:
       raise ValueError(f'stage {name}: no complete checkpoint yet')
     step = steps[-1] if step is None else step
@@ -266,6 +285,9 @@ class TrainedStage:
   def evaluate(self, split: str = 'val') -> dict:
     """The loop's evaluation of this step on `split`: {f'{split}_accuracy': ..., and for a
     distilled stage f'{split}_teacher_accuracy', f'{split}_agreement', f'{split}_kl'}."""
+    if '/' in self.name:  # a peer alone (its stage's evaluation needs every peer): accuracy
+      logits, labels = self.predict_split(split)
+      return {f'{split}_accuracy': float(np.mean(np.argmax(logits, -1) == labels))}
     return self.run.built_stage(self.name).evaluate(self.params, (split,))
 
 
@@ -293,6 +315,7 @@ class Views(NamedTuple):
   labels: np.ndarray   # int [B]
   student: np.ndarray  # [B, r, r, 3] at the stage's resolution
   teachers: dict       # {resolution: [B, R, R, 3]}, one per teacher resolution; {}: supervised
+  #                      (a stage with peers: the peers' views, and `student` None)
   targets: np.ndarray  # [B, classes]: one-hot labels, mixed like the student view
 
 

@@ -316,8 +316,9 @@ def plan(config, target: str, stage: str = '', num_train: int = 0, mfu: float = 
   for p in plans:
     if stage and p.name != stage:
       continue
-    out(f'[{p.name}] compiling: {p.model} ({p.compute_dtype}) at {p.resolution} px, batch '
-        f'{p.batch_size}'
+    models = ' + '.join(f'{peer.name} {peer.model} at {peer.resolution} px'
+                        for peer in p.peers) or f'{p.model} at {p.resolution} px'
+    out(f'[{p.name}] compiling: {models} ({p.compute_dtype}), batch {p.batch_size}'
         + ''.join(f', teacher {t.model} ({p.teacher_dtype}) at {t.resolution} px'
                   for t in p.teachers) + ' ...')
     result = dict(compute_dtype=p.compute_dtype, teacher_dtype=p.teacher_dtype,

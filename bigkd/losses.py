@@ -15,7 +15,10 @@ FEATURE_LOSSES = ('fitnet', 'at', 'sp', 'pkt', 'rkd_distance', 'rkd_angle', 'crd
 SELF_LOSSES = ('self_ce', 'self_kl', 'self_feature')
 # Student-friendly teachers (SFTN): student branches on the trained model's own taps.
 SFTN_LOSSES = ('sftn_kl', 'sftn_ce')
-LOSS_TERMS = ('kl', 'labels', *FEATURE_LOSSES, 'dkd', 'dist', *SELF_LOSSES, *SFTN_LOSSES)
+# Deep mutual learning: peers trained together, each taught by the others (stages with peers).
+MUTUAL_LOSSES = ('mutual_kl',)
+LOSS_TERMS = ('kl', 'labels', *FEATURE_LOSSES, 'dkd', 'dist', *SELF_LOSSES, *SFTN_LOSSES,
+              *MUTUAL_LOSSES)
 # (term, weight) of a distilled stage whose loss_weights are the defaults: its logit loss alone;
 # a supervised stage's loss is SUPERVISED_LOSS_TERMS.
 DEFAULT_LOSS_TERMS = (('kl', 1.0),)

@@ -219,9 +219,17 @@ def sftn_ce_term(o: Outputs, obj: Objective):
   return sum(losses.cross_entropy(logits, o.targets) for logits in sftn_logits(o, obj))
 
 
+def mutual_kl_term(o: Outputs, obj: Objective):
+  """Deep mutual learning: T²·KL(the other peers' mean prediction ‖ this peer's) at T, the
+  others a target: each peer's gradient comes from its own forward alone (`peer_outputs`)."""
+  others = jax.lax.stop_gradient(o.teacher_logits)
+  return losses.kl_divergence(others, o.student_logits, dict(obj.options)['mutual_temperature'])
+
+
 TERMS = {'kl': kl_term, 'labels': labels_term, 'dkd': dkd_term, 'dist': dist_term,
          'crd': crd_term, 'self_ce': self_ce_term, 'self_kl': self_kl_term,
          'self_feature': self_feature_term, 'sftn_kl': sftn_kl_term, 'sftn_ce': sftn_ce_term,
+         'mutual_kl': mutual_kl_term,
          **{name: feature_term(name) for name in FEATURE_TERMS}}
 
 
@@ -265,3 +273,26 @@ def loss_and_metrics(o: Outputs, obj: Objective):
     metrics['agreement'] = jnp.mean(per_example_agreement(o.teacher_logits, o.student_logits))
   metrics['loss'] = loss
   return loss, metrics
+
+
+def peer_outputs(logits: dict, targets, step, temperature: float) -> dict:
+  """{peer: Outputs} of a deep-mutual-learning stage: each peer is the student of its own
+  Outputs, the mean of the others' probabilities at `temperature` (as T·log p: an ensemble of
+  teachers, `losses.ensemble_logits`) its teacher. For two peers that is the other's logits."""
+  return {name: Outputs(own, {}, losses.ensemble_logits(
+      [other for o, other in logits.items() if o != name], 'probs', temperature), [], targets, {},
+      step) for name, own in logits.items()}
+
+
+def peers_loss_and_metrics(outputs: dict, obj: Objective):
+  """(loss, metrics) of a stage with peers: the sum over the peers of each one's
+  `loss_and_metrics` (its labels and mutual_kl terms), whose metrics are logged as
+  `PEER/loss`, `PEER/loss_TERM`, `PEER/kl_T1` and `PEER/agreement` (with the others' mean
+  prediction), beside the total `loss`."""
+  total, metrics = 0.0, {}
+  for name, o in outputs.items():
+    loss, own = loss_and_metrics(o, obj)
+    total = total + loss
+    metrics.update({f'{name}/{key}': value for key, value in own.items()})
+  metrics['loss'] = total
+  return total, metrics

@@ -10,12 +10,12 @@ import dataclasses
 import json
 
 from bigkd import checkpoint, paths, teacher_cache
-from bigkd.config import TRAIN_DATA_FIELDS, TRAIN_SOURCES, ConfigError, class_list, \
-    comma_list, is_labelled, merged, stage_names
+from bigkd.config import PEER_FIELDS, STAGE_FIELDS, TRAIN_DATA_FIELDS, TRAIN_SOURCES, \
+    ConfigError, class_list, comma_list, is_labelled, merged, stage_names
 from bigkd.data.augment import CROP_SAMPLERS, TEACHING_MODES
 from bigkd.data.sampling import batch_rows
 from bigkd.losses import AT_MATCHES, DEFAULT_LOSS_TERMS, DISTILL_LOSSES, ENSEMBLE_MODES, \
-    FEATURE_LOSSES, LABEL_TERMS, LOSS_TERMS, PKT_FORMS, SELF_LOSSES, SFTN_LOSSES, \
+    FEATURE_LOSSES, LABEL_TERMS, LOSS_TERMS, MUTUAL_LOSSES, PKT_FORMS, SELF_LOSSES, SFTN_LOSSES, \
     SUPERVISED_LOSS_TERMS
 from bigkd.models import feature_shapes, model_names, runs_from_tap
 from bigkd.optim import DTYPES, OPTIMIZERS, SCHEDULES
@@ -28,6 +28,15 @@ SOURCES = ('digits', 'tfds', 'folder', 'records')
 class TeacherPlan:
   name: str
   source: str       # a stage folder (of this run or another) or a .npz file
+  model: str
+  resolution: int
+  model_kwargs: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerPlan:
+  """A model of a deep-mutual-learning stage (`stage_config(..., peers=...)`)."""
+  name: str         # its key in the stage's parameters, its metrics' prefix, its folder
   model: str
   resolution: int
   model_kwargs: dict
@@ -109,6 +118,7 @@ class StagePlan:
   teacher_cache_top_k: int = 0
   teacher_cache_identity: dict = dataclasses.field(default_factory=dict)  # `teacher_cache.identity`
   train_data: tuple = ()     # of DataPlan, by name (as ConfigDict keeps them); (): train split
+  peers: tuple = ()          # of PeerPlan: deep mutual learning (model '', resolution 0)
 
   @property
   def step_seed(self) -> int:
@@ -189,15 +199,65 @@ def stage_groups(config, name) -> tuple[dict, dict]:
   return opt, {k: tuple(v) if isinstance(v, list) else v for k, v in aug.items()}
 
 
+def _check_model(where, model, resolution, base_size) -> None:
+  _need(model in model_names(), f'{where}.model={model!r}: unknown model')
+  _need(0 < resolution <= base_size,
+        f'{where}.resolution={resolution} is above the stored image size '
+        f'data.base_size={base_size}' if resolution > 0 else
+        f'{where}.resolution must be positive')
+
+
+# Folders a stage folder already holds: no peer may be written there.
+STAGE_FOLDER_NAMES = ('checkpoints', 'damaged_checkpoints')
+
+
+def _check_peers(stage, where, base_size) -> None:
+  """A deep-mutual-learning stage: two or more peers, each a known model at a resolution the
+  canvas holds and a name that can be a folder and a metric prefix; the stage's own model,
+  teachers and teacher-feature fields unset; only the labels and mutual_kl terms."""
+  _need(len(stage.peers) >= 2, f'{where}.peers: deep mutual learning needs at least 2 peers '
+        f'(has {len(stage.peers)}: {", ".join(stage.peers) or "none"})')
+  known = [field for field, _, _ in PEER_FIELDS]
+  for peer, spec in stage.peers.items():
+    at = f'{where}.peers.{peer}'
+    _need(peer.replace('_', '').replace('-', '').isalnum() and peer not in STAGE_FOLDER_NAMES,
+          f'{at}: a peer name is letters, digits, _ and - (its folder and its metrics\' '
+          f'prefix), not {", ".join(STAGE_FOLDER_NAMES)}')
+    _need(hasattr(spec, 'keys') and set(spec.keys()) == set(known), f'{at}: a peer has the '
+          f'fields {", ".join(known)} (make it with mutual_stage or stage_config(peers=...))')
+    _check_model(at, spec.model, spec.resolution, base_size)
+  _need(not stage.model and not stage.resolution, f'{where}: a stage with peers trains their '
+        f'models; leave its model and resolution unset (model={stage.model!r}, resolution='
+        f'{stage.resolution}; use mutual_stage)')
+  for key in ('teachers', 'init', 'teacher_cache', 'feature_pairs', 'cka_pairs', 'self_taps',
+              'sftn_student', 'sftn_taps'):
+    _need(not stage[key], f'{where}.{key}: a stage with peers has none (its peers teach one '
+          'another)')
+  weights = stage.loss_weights.to_dict()
+  default = {field.split('.')[1]: value for field, value, _ in STAGE_FIELDS
+             if field.startswith('loss_weights.')}
+  other = sorted(t for t, w in weights.items()
+                 if w != default.get(t) and t not in ('labels', *MUTUAL_LOSSES))
+  _need(not other, f'{where}.loss_weights.{",".join(other)}: a stage with peers has the labels '
+        'and mutual_kl terms only')
+  _need(weights['labels'] or weights['mutual_kl'],
+        f'{where}.loss_weights: labels and mutual_kl are 0; nothing to train')
+  temperature = stage.loss_options.mutual_temperature
+  _need(isinstance(temperature, (int, float)) and temperature > 0,
+        f'{where}.loss_options.mutual_temperature={temperature!r} must be positive')
+
+
 def _check_stage(config, name, earlier, num_devices):
   stage, where, base_size = config.stages[name], f'stages.{name}', config.data.base_size
-  _need(stage.model in model_names(), f'{where}.model={stage.model!r}: unknown model')
+  if stage.peers:
+    _check_peers(stage, where, base_size)
+  else:
+    _check_model(where, stage.model, stage.resolution, base_size)
+    _need(not stage.loss_weights.get('mutual_kl'), f'{where}.loss_weights.mutual_kl='
+          f'{stage.loss_weights.get("mutual_kl")}: deep mutual learning needs peers (a stage '
+          'made with mutual_stage)')
   _need(stage.compute_dtype in DTYPES,
         f'{where}.compute_dtype={stage.compute_dtype!r}: one of {", ".join(DTYPES)}')
-  _need(0 < stage.resolution <= base_size,
-        f'{where}.resolution={stage.resolution} is above the stored image size '
-        f'data.base_size={base_size}' if stage.resolution > 0 else
-        f'{where}.resolution must be positive')
   for key in ('steps', 'epochs', 'batch_size', 'grad_accum_steps'):
     _need(stage[key] >= 0, f'{where}.{key}={stage[key]} must be >= 0')
   batch = stage.batch_size or config.batch_size
@@ -246,9 +306,16 @@ def _check_stage(config, name, earlier, num_devices):
   for tname, teacher in stage.teachers.items():
     _need(teacher.resolution >= 0, f'{where}.teachers.{tname}.resolution={teacher.resolution} '
           'must be >= 0 (0: the resolution its stage was trained at)')
-    if teacher.source in config.stages:
-      _need(teacher.source in earlier, f'{where}.teachers.{tname}: stage {teacher.source!r} '
+    source, _, peer = teacher.source.partition('/')
+    if teacher.source in config.stages or (peer and source in config.stages):
+      _need(source in earlier, f'{where}.teachers.{tname}: stage {source!r} '
             'must run before the stage it teaches (see stage_order)')
+      peers = config.stages[source].peers
+      _need(not peers or peer in peers, f'{where}.teachers.{tname}={teacher.source!r}: stage '
+            f'{source!r} trains peers; name one of them: ' + ', '.join(
+                f"'{source}/{p}'" for p in peers))
+      _need(not peer or peers, f'{where}.teachers.{tname}={teacher.source!r}: stage {source!r} '
+            'has no peers (it is a teacher by its name alone)')
     elif teacher.source.endswith('.npz'):
       _need(teacher.model and teacher.resolution > 0, f'{where}.teachers.{tname}: a .npz '
             'teacher needs model and resolution')
@@ -321,6 +388,8 @@ def _check_objective(stage, where) -> None:
   for term, weight in weights.items():
     _need(isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight >= 0,
           f'{where}.loss_weights.{term}={weight!r} must be a number >= 0')
+  if stage.peers:  # the rest: `_check_peers`
+    return
   default = dict(DEFAULT_LOSS_TERMS)
   self_terms = [t for t in SELF_LOSSES if weights.get(t)]
   _need(bool(self_terms) == bool(stage.self_taps),
@@ -490,6 +559,9 @@ def _objective(name, stage, teachers, model_shapes) -> dict:
   """The StagePlan fields of a stage's loss: its weighted terms, their options and the feature
   pairs they (and the evaluation's CKA) compare. Default loss_weights: DEFAULT_LOSS_TERMS."""
   weights = stage.loss_weights.to_dict()
+  if stage.peers:  # deep mutual learning: each peer's labels and mutual_kl terms
+    return dict(loss_terms=tuple((t, float(weights[t])) for t in ('labels', *MUTUAL_LOSSES)
+                                 if weights[t]), loss_options=stage.loss_options.to_dict())
   own = _self_taps(name, stage, model_shapes) if stage.self_taps else {}
   if stage.sftn_student:
     own.update(_sftn_branches(name, stage, model_shapes))
@@ -513,13 +585,23 @@ def stage_folder(workdir, name: str) -> str:
   return str(paths.Path(workdir) / name)
 
 
+def peer_folder(workdir, stage: str, peer: str) -> str:
+  """WORKDIR/STAGE/PEER: where a mutual stage writes each peer as a stage folder of its own."""
+  return str(paths.Path(workdir) / stage / peer)
+
+
 def _teacher_plans(name, stage, workdir, earlier, base_size):
   """The teachers of stage `name`, each resolved to a source path, model and resolution."""
   teachers = []
   for tname, t in stage.teachers.items():
+    source, _, peer = t.source.partition('/')
     if t.source in earlier:
       src = earlier[t.source]
       plan = TeacherPlan(tname, stage_folder(workdir, t.source), src.model, src.resolution,
+                         src.model_kwargs)
+    elif peer and source in earlier:  # a peer of an earlier mutual stage: its own folder
+      src = {p.name: p for p in earlier[source].peers}[peer]
+      plan = TeacherPlan(tname, peer_folder(workdir, source, peer), src.model, src.resolution,
                          src.model_kwargs)
     elif t.source.endswith('.npz'):
       plan = TeacherPlan(tname, t.source, t.model, t.resolution, t.model_kwargs.to_dict())
@@ -528,6 +610,8 @@ def _teacher_plans(name, stage, workdir, earlier, base_size):
         info = checkpoint.read_stage_info(t.source)
       except checkpoint.CheckpointError as e:
         raise ConfigError(f'stages.{name}.teachers.{tname}: {e}') from None
+      _need(not info.get('peers'), f'stages.{name}.teachers.{tname}: {t.source!r} trains peers; '
+            'name one of them: ' + ', '.join(f"'{t.source}/{p}'" for p in info.get('peers', {})))
       plan = TeacherPlan(tname, t.source, t.model or info['model'],
                          t.resolution or info['resolution'],
                          t.model_kwargs.to_dict() or info.get('model_kwargs', {}))
@@ -570,7 +654,8 @@ def auto_base_size(config, median_long_side: int) -> int:
   from bigkd.bit_recipes import canvas_size
   stages = [config.stages[n] for n in stage_names(config) if n in config.stages]
   largest = max([s.resolution for s in stages] +
-                [t.resolution for s in stages for t in s.teachers.values()], default=1)
+                [t.resolution for s in stages for t in s.teachers.values()] +
+                [p.resolution for s in stages for p in s.peers.values()], default=1)
   return max(largest, min(canvas_size(largest), median_long_side))
 
 
@@ -643,6 +728,8 @@ def plan_stages(config, workdir: str, num_train_examples: int, num_classes: int,
         checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
         teacher_cache=str(paths.absolute(stage.teacher_cache)) if stage.teacher_cache else '',
         teacher_cache_top_k=stage.teacher_cache_top_k, train_data=data_plans,
+        peers=tuple(PeerPlan(p, s.model, s.resolution, s.model_kwargs.to_dict())
+                    for p, s in stage.peers.items()),
         **_objective(name, stage, teachers, model_shapes))
     if stage.teacher_cache:  # what the cache must have been made for (the weights: when built)
       plans[name] = dataclasses.replace(plans[name], teacher_cache_identity=teacher_cache.identity(
@@ -657,7 +744,8 @@ def plan_stages(config, workdir: str, num_train_examples: int, num_classes: int,
 
 def check_external_checkpoints(plans, workdir) -> None:
   """Teachers and initialisations from outside this run must exist and fit their models."""
-  internal = {stage_folder(workdir, p.name) for p in plans}
+  internal = {stage_folder(workdir, p.name) for p in plans} | {
+      peer_folder(workdir, p.name, peer.name) for p in plans for peer in p.peers}
   for plan in plans:
     checks = [(t.source, t.model, t.model_kwargs, t.resolution,
                f'stages.{plan.name}.teachers.{t.name}', None)

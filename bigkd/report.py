@@ -46,8 +46,11 @@ def summary_table(run, split: str) -> str:
     final = run.summary['stages'].get(name, {})
     cells = ''.join(f'<td>{final[f"{split}_{k}"]:.4f}</td>' if f'{split}_{k}' in final
                     else '<td></td>' for k in TABLE_KEYS)
-    rows.append(f'<tr><td>{html.escape(name)}</td><td>{html.escape(stage["model"])} '
-                f'{stage["resolution"]}px</td><td>{stage_state(run, name)}</td>{cells}</tr>')
+    model = ', '.join(f'{p}: {s["model"]} {s["resolution"]}px'
+                      for p, s in stage.get('peers', {}).items()) or (
+        f'{stage["model"]} {stage["resolution"]}px')
+    rows.append(f'<tr><td>{html.escape(name)}</td><td>{html.escape(model)}</td>'
+                f'<td>{stage_state(run, name)}</td>{cells}</tr>')
   return (f'<table><tr><th>stage</th><th>model</th><th>state</th>{head}</tr>'
           f'{"".join(rows)}</table>')
 
@@ -55,7 +58,7 @@ def summary_table(run, split: str) -> str:
 def prediction_figures(run, split: str) -> list[str]:
   """Per-class accuracy of every stage with a checkpoint; for each distilled stage, agreement
   with and calibration beside each of its teachers that is a stage of this run."""
-  stages = {name: run.stage(name) for name in run.stages if run.checkpoints[name]}
+  stages = {name: run.stage(name) for name in run.models()}
   if not stages:
     return []
   predictions = {name: stage.predict_split(split) for name, stage in stages.items()}

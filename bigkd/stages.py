@@ -230,7 +230,8 @@ def run_stage(plan: StagePlan, data: RunData, mesh, workdir: str) -> dict:
   stage = build_stage(plan, data, mesh)  # may refuse a teacher (or its cache): nothing written yet
   if is_main:
     checkpoint.write_stage_info(stage_dir, plan.model, plan.model_kwargs, plan.resolution,
-                                plan.num_classes, data.class_names)
+                                plan.num_classes, data.class_names,
+                                workdir_guard.peer_records(plan))
   mngr = checkpoint.manager(stage_dir, plan.keep_checkpoints)
   try:
     state, start_step = checkpoint.restore_newest_good(mngr, stage.state, plan.name)
@@ -278,6 +279,9 @@ def run_stage(plan: StagePlan, data: RunData, mesh, workdir: str) -> dict:
           mngr.wait_until_finished()
           raise Preempted(plan.name, step, preempted)
       mngr.wait_until_finished()
+    if plan.peers:  # each peer as a stage folder of its own, before the summary says "done"
+      checkpoint.save_peers(stage_dir, plan.steps, state.params, workdir_guard.peer_records(plan),
+                            plan.num_classes, data.class_names)
     final_eval = stage.evaluate(state.params)
     writer.write_scalars(plan.steps, final_eval)
   finally:
@@ -287,13 +291,26 @@ def run_stage(plan: StagePlan, data: RunData, mesh, workdir: str) -> dict:
     print(f'[{plan.name}] process {jax.process_index()} read and decoded '
           f'{train.decoded - decoded_before} training images', flush=True)
   summary = {'steps': plan.steps, 'model': plan.model, 'resolution': plan.resolution,
-             **final_eval}
+             **({'peers': workdir_guard.peer_records(plan)} if plan.peers else {}), **final_eval}
   if is_main:
     paths.write_json(summary_path, summary)
   return summary
 
 
+def table_rows(summaries: dict) -> dict:
+  """{row: summary}: each stage, then a mutual stage's peers ('STAGE/PEER', their `PEER/...`
+  metrics; agreement with the other peers' mean prediction)."""
+  rows = {}
+  for name, s in summaries.items():
+    rows[name] = s
+    for peer in s.get('peers', {}):
+      rows[f'{name}/{peer}'] = {k[len(peer) + 1:]: v for k, v in s.items()
+                                if k.startswith(f'{peer}/')}
+  return rows
+
+
 def print_table(summaries: dict) -> None:
+  summaries = table_rows(summaries)
   width = max([12, *map(len, summaries)])
   print(f'\n{"stage":<{width}} {"test acc":>9} {"teacher acc":>12} {"agreement":>10}')
   for name, s in summaries.items():

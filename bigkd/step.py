@@ -15,13 +15,13 @@ import optax
 from bigkd import losses, objective
 from bigkd.data import augment
 from bigkd.data.sampling import device_batch_indices
-from bigkd.forward import Teacher, eval_draws, eval_forward, forward, render_views, \
+from bigkd.forward import Peer, Teacher, eval_draws, eval_forward, forward, render_views, \
     teacher_forward
 from bigkd.objective import FeaturePair, Objective, Outputs, SelfHead, SftnBranch
 
-__all__ = ['TrainState', 'StepSpec', 'Teacher', 'FeaturePair', 'SelfHead', 'SftnBranch',
-           'Objective', 'make_train_step', 'make_eval_step', 'make_loss_fn', 'augmented_batch',
-           'with_device_batches']
+__all__ = ['TrainState', 'StepSpec', 'Teacher', 'Peer', 'FeaturePair', 'SelfHead', 'SftnBranch',
+           'Objective', 'make_train_step', 'make_eval_step', 'make_mutual_eval_step',
+           'make_loss_fn', 'augmented_batch', 'with_device_batches']
 
 
 @flax.struct.dataclass
@@ -75,8 +75,13 @@ def skipped_update(opt_state) -> jax.Array:
 MEAN_METRICS = ('loss', 'kl_T1', 'agreement', 'grad_norm')
 
 
-def summed_metrics(distilled: bool, terms) -> tuple:
-  """The names a stage's `metric_sums` keep (KL and agreement only when distilled)."""
+def summed_metrics(distilled: bool, terms, peers=()) -> tuple:
+  """The names a stage's `metric_sums` keep (KL and agreement only when distilled). A stage
+  with `peers` (their names) keeps the total loss and gradient norm, and each peer's
+  (`PEER/...`: its loss, terms, KL and agreement with the others, gradient norm)."""
+  if peers:
+    return ('loss', 'grad_norm') + tuple(f'{peer}/{name}' for peer in peers
+                                         for name in summed_metrics(True, terms))
   names = MEAN_METRICS if distilled else ('loss', 'grad_norm')
   return names + objective.logged_terms(terms)
 
@@ -112,6 +117,7 @@ class StepSpec(NamedTuple):
   teaching_mode: str
   objective: Objective
   seed: int
+  peers: tuple = ()  # of Peer: a deep-mutual-learning stage (student None, no teachers)
 
 
 def teacher_taps(num_teachers: int, pairs) -> tuple:
@@ -133,10 +139,14 @@ def joined_microbatches(x):
 
 def augmented_batch(spec: StepSpec, images, sizes, labels, key):
   """(student view, teacher views {resolution: view}, targets) of a whole batch: the only random
-  part of a train step, a pure function of (spec, batch, key) (`bigkd.inspect.views` shows it)."""
+  part of a train step, a pure function of (spec, batch, key) (`bigkd.inspect.views` shows it).
+  A stage with peers: (None, the peers' views {resolution: view}, targets)."""
   aug = dict(spec.augment)
   batch = images.shape[0]
   onehot = jax.nn.one_hot(labels, spec.num_classes)
+  if spec.peers:  # one set of draws, rendered at each peer's resolution: no student view
+    draws = augment.sample_draws(key, batch, aug, aug['mixup_alpha'] > 0, sizes)
+    return None, render_views(spec.peers, images, draws, sizes), augment.mix_labels(onehot, draws)
   if spec.teachers:
     student_draws, teacher_draws = augment.distillation_draws(key, batch, aug,
                                                               spec.teaching_mode, sizes)
@@ -197,6 +207,13 @@ def make_loss_fn(spec: StepSpec, gather_params=None):
       trainable, teacher_params = jax.lax.with_sharding_constraint(
           (trainable, teacher_params),
           jax.tree.map(lambda _: gather_params, (trainable, teacher_params)))
+    if spec.peers:  # `trainable`: {peer: params}
+      logits = {p.name: forward(p.model, trainable[p.name], views[p.resolution])[0]
+                for p in spec.peers}
+      outputs = objective.peer_outputs(logits, targets, step,
+                                       dict(obj.options)['mutual_temperature'])
+      loss, metrics = objective.peers_loss_and_metrics(outputs, obj)
+      return loss, (metrics, {})
     params, aux_params = split_trainable(trainable, has_adapters)
     s_logits, s_feats = forward(spec.student, params, student_view, student_taps)
     t_logits, t_feats = None, []
@@ -257,6 +274,8 @@ def make_train_step(spec: StepSpec, tx: optax.GradientTransformation, lr_schedul
     trainable = optax.apply_updates(trainable, updates)
     params, aux_params = split_trainable(trainable, bool(state.aux_params))
     metrics['grad_norm'] = optax.global_norm(grads)
+    for p in spec.peers:  # each peer's own (clipped on its own: `optim.per_peer`)
+      metrics[f'{p.name}/grad_norm'] = optax.global_norm(grads[p.name])
     metrics['lr'] = lr_schedule(state.step)
     skipped = skipped_update(opt_state)
     if isinstance(opt_state, optax.ApplyIfFiniteState):
@@ -295,6 +314,30 @@ def with_device_batches(train_step, seed, batch_size, batch_sharding, gather_ima
                       jax.tree.map(rows, all_cached))
 
   return step_on_resident_data
+
+
+def make_mutual_eval_step(peers, crop_fraction=0.0):
+  """Returns `eval_step(params, teacher_params, images, sizes, labels, mask) -> sums` of a stage
+  with peers ({peer: params}; no teachers): each peer's correct predictions, top-1 agreement and
+  KL with the mean prediction of the others (`objective.peer_outputs` at T = 1), as
+  `PEER/student_correct`, `PEER/agreement`, `PEER/kl`, and those of the peers' ensemble (the mean
+  of all their probabilities) as `ensemble_correct`."""
+
+  def eval_step(params, teacher_params, images, sizes, labels, mask):
+    logits = {p.name: eval_forward(p.model, params[p.name], p.resolution, crop_fraction, images,
+                                   sizes)[0] for p in peers}
+    sums = {'count': jnp.sum(mask), 'ensemble_correct': jnp.sum(mask * (jnp.argmax(
+        losses.ensemble_logits(list(logits.values()), 'probs'), -1) == labels))}
+    for name, o in objective.peer_outputs(logits, labels, 0, 1.0).items():
+      sums[f'{name}/student_correct'] = jnp.sum(mask * (jnp.argmax(o.student_logits, -1) ==
+                                                        labels))
+      sums[f'{name}/agreement'] = jnp.sum(mask * objective.per_example_agreement(
+          o.teacher_logits, o.student_logits))
+      sums[f'{name}/kl'] = jnp.sum(mask * losses.per_example_kl(o.teacher_logits,
+                                                                o.student_logits))
+    return sums
+
+  return eval_step
 
 
 def make_eval_step(student, resolution, teachers, ensemble, crop_fraction=0.0, cka_pairs=()):

@@ -80,8 +80,17 @@ def check_config(config, workdir: str) -> dict:
 
 def stage_record(plan) -> dict:
   """What stage.json says of a stage: the shape of its parameters."""
-  return dict(model=plan.model, model_kwargs=plan.model_kwargs, resolution=plan.resolution,
-              num_classes=plan.num_classes)
+  record = dict(model=plan.model, model_kwargs=plan.model_kwargs, resolution=plan.resolution,
+                num_classes=plan.num_classes)
+  if plan.peers:
+    record['peers'] = peer_records(plan)
+  return record
+
+
+def peer_records(plan) -> dict:
+  """{peer: {model, model_kwargs, resolution}} of a mutual stage (what its stage.json says)."""
+  return {p.name: dict(model=p.model, model_kwargs=p.model_kwargs, resolution=p.resolution)
+          for p in plan.peers}
 
 
 def check_started_stages(plans, workdir: str) -> None:

@@ -63,3 +63,21 @@ def build_optimizer(opt, total_steps, warmup_steps):
   if opt['clip_norm'] > 0:
     base = optax.chain(optax.clip_by_global_norm(opt['clip_norm']), base)
   return base, schedule
+
+
+def per_peer(tx: optax.GradientTransformation, names) -> optax.GradientTransformation:
+  """`tx` applied to each peer's subtree of {peer: params} on its own (deep mutual learning):
+  its own state, and each peer's update a function of its own gradient alone: clipping by the
+  global norm of the whole tree would couple the peers (one's large gradient shrinking the
+  others' steps), so each peer is clipped by its own norm. The state is {peer: state}."""
+  names = tuple(names)
+
+  def init(params):
+    return {name: tx.init(params[name]) for name in names}
+
+  def update(updates, state, params=None):
+    out = {name: tx.update(updates[name], state[name], None if params is None else params[name])
+           for name in names}
+    return {name: u for name, (u, _) in out.items()}, {name: s for name, (_, s) in out.items()}
+
+  return optax.GradientTransformation(init, update)
