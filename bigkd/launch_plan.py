@@ -89,6 +89,10 @@ def tpu_devices(topology: str):
   from jax.experimental import topologies
   from bigkd.config import ConfigError
   from bigkd.tf_quiet import stderr_to_devnull
+  # libtpu takes a machine-wide lock (/tmp/libtpu_lockfile) when it loads, held by any other
+  # jax process on this machine that found libtpu installed; compiling for abstract chips
+  # touches no TPU, so planning shares the library instead of failing on the lock.
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   try:
     with stderr_to_devnull():  # libtpu's notices about the TPU host this machine is not
       return topologies.get_topology_desc(topology_name=topology, platform='tpu').devices
