@@ -193,3 +193,34 @@ def test_vit_pair_compiles_for_a_tpu_slice(tmp_path):
   assert student['params_bytes'] == 4 * count('vit_s16', 224)
   assert student['teacher_bytes'] == 2 * count('vit_b16', 384)
   assert student['fits'] and student['flops'] > 0
+
+
+def test_fit_table_plans_each_cell_once_and_resumes(tmp_path, capsys):
+  """tools/fit_table.py (the README's "Where the paper's runs fit"): each cell is bigkd-plan's
+  own plan of the student stage, kept in the cache; a re-run reuses it, and a cell not asked
+  to be computed is printed as such."""
+  import importlib.util
+  import os
+  spec = importlib.util.spec_from_file_location(
+      'fit_table', os.path.join(os.path.dirname(__file__), '..', 'tools', 'fit_table.py'))
+  fit_table = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(fit_table)
+  args = ['--config', 'digits', '--configs', 'fast', '--targets', 'v5e-4', '--cache',
+          str(tmp_path)]
+  fit_table.main([*args, '--variants', 'default'])
+  first = capsys.readouterr().out
+  [path] = tmp_path.iterdir()
+  cell = json.loads(path.read_text())
+  assert (cell['topology'], cell['variant'], cell['libtpu']) == (TARGET, 'default',
+                                                                launch_plan.libtpu_version())
+  student = cell['stages']['student']
+  assert student['fits'] and student['peak_bytes'] > 0 and 'compiling' in first
+  gib = f'{student["peak_bytes"] / 2 ** 30:.2f} of 16 GiB per device | yes |'
+  assert f'| fast | v5e-4 | default | {gib}' in first
+  path.write_text(path.read_text().replace('"fits": true', '"fits": false'))  # marks the reuse
+  fit_table.main([*args, '--variants', 'default,fsdp', '--table_only'])
+  again = capsys.readouterr().out
+  assert 'compiling' not in again and '| fast | v5e-4 | default |' in again
+  assert '| **no** |' in again and '| fast | v5e-4 | fsdp | not computed |' in again
+  assert fit_table.overrides_of('fsdp+f32') == {
+      'mesh.data': 1, 'mesh.fsdp': -1, 'stages.student.compute_dtype': 'float32'}

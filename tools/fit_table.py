@@ -11,7 +11,9 @@ compile of the trainer's step, its memory and cost analyses against the chip's p
 peak bfloat16 FLOP/s. A GPU node is planned as bigkd-plan plans it: from the compile on as many
 v5e chips. A compile takes minutes on a small CPU machine, so every finished cell is kept in
 CACHE/CELL.json (with the jax and libtpu versions that made it) and a re-run skips it: the tool
-can be stopped and resumed, and limited to some configs, targets or variants. Cells are
+can be stopped and resumed, and limited to some configs, targets or variants. (`--config NAME`
+plans another bundled config's variants instead, its train split read from the data: the test
+plans the digits.) Cells are
 computed variant by variant, config by config, target by target, in the order given; the table
 printed at the end lists every cell asked for, those not yet computed as "not computed".
 
@@ -31,7 +33,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-TRAIN_EXAMPLES = 1255544  # ImageNet train[:98%]
+TRAIN_EXAMPLES = {'bit_imagenet': 1255544}  # ImageNet train[:98%]; others: read the data
 STAGE = 'student'
 LEVERS = {
     'default': {},
@@ -54,8 +56,8 @@ def overrides_of(variant: str) -> dict:
   return found
 
 
-def cell_path(cache: str, preset: str, target: str, variant: str) -> str:
-  return os.path.join(cache, f'{preset}__{target}__{variant}.json')
+def cell_path(cache: str, config: str, preset: str, target: str, variant: str) -> str:
+  return os.path.join(cache, f'{config}__{preset}__{target}__{variant}.json')
 
 
 def versions() -> dict:
@@ -64,17 +66,18 @@ def versions() -> dict:
   return dict(jax=jax.__version__, libtpu=launch_plan.libtpu_version())
 
 
-def compute_cell(preset: str, target: str, variant: str, log=print) -> dict:
-  """bigkd-plan of the student stage of `configs/bit_imagenet.py:preset` with `variant`'s
+def compute_cell(config_name: str, preset: str, target: str, variant: str, log=print) -> dict:
+  """bigkd-plan of the student stage of `configs/CONFIG_NAME.py:preset` with `variant`'s
   overrides on `target` (no levers search): the plan's dict, with the wall time it took."""
   from bigkd import cli, launch_plan
-  config = cli.config_module('bit_imagenet').get_config(preset)
+  config = cli.config_module(config_name).get_config(preset)
   config = launch_plan.with_overrides(config, overrides_of(variant))
   start = time.time()
-  plan = launch_plan.plan(config, target, stage=STAGE, num_train=TRAIN_EXAMPLES,
+  plan = launch_plan.plan(config, target, stage=STAGE,
+                          num_train=TRAIN_EXAMPLES.get(config_name, 0),
                           out=lambda line: log(f'  {line}'), try_levers=False)
-  return dict(plan, preset=preset, variant=variant, overrides=overrides_of(variant),
-              wall_seconds=round(time.time() - start, 1))
+  return dict(plan, config=config_name, preset=preset, variant=variant,
+              overrides=overrides_of(variant), wall_seconds=round(time.time() - start, 1))
 
 
 def load_cell(path: str, want: dict) -> dict | None:
@@ -100,14 +103,15 @@ def row(preset: str, target: str, variant: str, cell: dict | None) -> str:
           f'{days(s["run_hours_at_mfu"])} | {days(s["run_hours_xla"])} |')
 
 
-def main():
+def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--config', default='bit_imagenet', help='a bundled config (configs/)')
   parser.add_argument('--configs', default='t224_s224,t384_s224,t384_t224_s224')
   parser.add_argument('--targets', default='v5e-16,v5e-64,v4-32,v5p-32,8xH100-80')
   parser.add_argument('--variants', default='default,fsdp,remat,f32')
   parser.add_argument('--cache', default='runs/fit_table')
   parser.add_argument('--table_only', action='store_true', help='print the cached cells only')
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   presets, targets = args.configs.split(','), args.targets.split(',')
   variants = args.variants.split(',')
@@ -119,19 +123,22 @@ def main():
   for variant in variants:
     for preset in presets:
       for target in targets:
-        path = cell_path(args.cache, preset, target, variant)
+        path = cell_path(args.cache, args.config, preset, target, variant)
         cell = load_cell(path, want)
         if cell is None and not args.table_only:
           print(f'fit_table: {preset} on {target}, {variant} ...', flush=True)
-          cell = compute_cell(preset, target, variant,
+          cell = compute_cell(args.config, preset, target, variant,
                               log=lambda line: print(line, flush=True))
           with open(path, 'w') as f:
             json.dump(cell, f, indent=1)
           print(f'fit_table: {preset} on {target}, {variant}: done in '
                 f'{cell["wall_seconds"] / 60:.1f} min', flush=True)
         cells[preset, target, variant] = cell
-  print(f'jax {want["jax"]}, libtpu {want["libtpu"]}; batch 4096, 1,200 epochs of '
-        f'{TRAIN_EXAMPLES:,} images; days at 40% MFU of the peak bfloat16 FLOP/s')
+  done = [c for c in cells.values() if c]
+  print(f'jax {want["jax"]}, libtpu {want["libtpu"]}; configs/{args.config}.py'
+        + (f', {done[0]["stages"][STAGE]["steps"]:,} steps over {done[0]["train_examples"]:,} '
+           'train images' if done else '')
+        + '; days at 40% MFU of the peak bfloat16 FLOP/s')
   print('| pair | target | variant | peak (XLA memory analysis) | fits | days at 40% MFU | '
         "days by XLA's estimate |")
   print('|---|---|---|---|---|---|---|')
