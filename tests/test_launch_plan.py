@@ -222,5 +222,6 @@ def test_fit_table_plans_each_cell_once_and_resumes(tmp_path, capsys):
   again = capsys.readouterr().out
   assert 'compiling' not in again and '| fast | v5e-4 | default |' in again
   assert '| **no** |' in again and '| fast | v5e-4 | fsdp | not computed |' in again
+  assert '1 of 2 cells computed' in again
   assert fit_table.overrides_of('fsdp+f32') == {
       'mesh.data': 1, 'mesh.fsdp': -1, 'stages.student.compute_dtype': 'float32'}

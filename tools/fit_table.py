@@ -111,6 +111,8 @@ def main(argv=None):
   parser.add_argument('--variants', default='default,fsdp,remat,f32')
   parser.add_argument('--cache', default='runs/fit_table')
   parser.add_argument('--table_only', action='store_true', help='print the cached cells only')
+  parser.add_argument('--computed_only', action='store_true',
+                      help='leave cells not yet computed out of the table')
   args = parser.parse_args(argv)
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   presets, targets = args.configs.split(','), args.targets.split(',')
@@ -135,6 +137,7 @@ def main(argv=None):
                 f'{cell["wall_seconds"] / 60:.1f} min', flush=True)
         cells[preset, target, variant] = cell
   done = [c for c in cells.values() if c]
+  print(f'{len(done)} of {len(cells)} cells computed')
   print(f'jax {want["jax"]}, libtpu {want["libtpu"]}; configs/{args.config}.py'
         + (f', {done[0]["stages"][STAGE]["steps"]:,} steps over {done[0]["train_examples"]:,} '
            'train images' if done else '')
@@ -145,7 +148,8 @@ def main(argv=None):
   for preset in presets:
     for target in targets:
       for variant in variants:
-        print(row(preset, target, variant, cells[preset, target, variant]))
+        if cells[preset, target, variant] or not args.computed_only:
+          print(row(preset, target, variant, cells[preset, target, variant]))
 
 
 if __name__ == '__main__':
