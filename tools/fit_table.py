@@ -98,7 +98,10 @@ def row(preset: str, target: str, variant: str, cell: dict | None) -> str:
   s = cell['stages'][STAGE]
   per = 'GPU' if 'GPU' in cell['device_kind'] else 'device'
   days = lambda hours: f'{hours / 24:.1f}' if hours else '—'
-  return (f'{head} {s["peak_bytes"] / 2 ** 30:.2f} of {cell["device_memory_bytes"] / 2 ** 30:.0f}'
+  peak = f'{s["peak_bytes"] / 2 ** 30:.2f}'
+  if 'compile_error' in s:  # XLA:TPU refused the program: arguments + the temporaries it needs
+    peak = f'> {peak}' if s['peak_bytes'] >= 0 else 'more than'
+  return (f'{head} {peak} of {cell["device_memory_bytes"] / 2 ** 30:.0f}'
           f' GiB per {per} | {"yes" if s["fits"] else "**no**"} | '
           f'{days(s["run_hours_at_mfu"])} | {days(s["run_hours_xla"])} |')
 
