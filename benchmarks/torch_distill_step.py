@@ -9,7 +9,8 @@ depend on them).
 Models: a timm name (GPU default: BiT `resnetv2_152x2_bit` teacher, `resnetv2_50x1_bit`
 student), or one of bigkd's own names, written by hand below with bigkd's architecture (timm
 needs a torchvision built for the same torch): `bit_r50x1` (ResNetV2, GroupNorm + weight
-standardisation, as bigkd/models/bit.py and timm's resnetv2_50x1_bit), `resnet8` and
+standardisation, as bigkd/models/bit.py and timm's resnetv2_50x1_bit; `bit_r152x2` the paper's
+teacher, timm's resnetv2_152x2_bit), `resnet8` and
 `cnn_small` (bigkd/models/cifar.py, the digits demo's teacher and student).
 
 GPU (`--device cuda`, the default): bf16 autocast, channels_last, torch.compile.
@@ -192,6 +193,7 @@ class SmallCNN(nn.Module):
 
 
 HAND_WRITTEN = {'bit_r50x1': lambda classes, res: ResNetV2(classes),
+                'bit_r152x2': lambda classes, res: ResNetV2(classes, (3, 8, 36, 3), 2),
                 'resnet8': lambda classes, res: CifarResNet(classes, 1),
                 'cnn_small': lambda classes, res: SmallCNN(classes, res)}
 

@@ -11,8 +11,10 @@ Example (the paper's T384 -> S224 student at batch 4096 on a v5e-16 slice):
 SLICE is a slice name (v2-8, v3-32, v4-32, v5p-32, v5e-16, v6e-16: the number counts TensorCores
 for v2-v5p and chips for v5e/v6e, as Cloud TPU names them), a topology as libtpu names it (v5e:4x4,
 v4:2x2x4), or a GPU node COUNTxMODEL (8xH100-80, 4xA100-40, 1xH200-141): jax cannot compile for
-CUDA without a GPU, so a node is planned from the XLA:TPU compile of the same step on as many v5e
-chips, against the GPU's memory and FLOP/s, and says so. The step is the trainer's own
+CUDA without a GPU, so a node is planned from the XLA:TPU compile of the same step on as many
+TPU chips (v5p, 95 GiB each, for 4-16 GPUs; v5e for 1-2), against the GPU's memory and FLOP/s,
+and says so. A step whose temporaries exceed the chip's HBM is refused by XLA:TPU: the plan says
+it does not fit, with the bytes XLA says it needs, and goes on to the levers. The step is the trainer's own
 (`build.abstract_stage`: teachers' forward, the student's forward and backward, the optimiser
 update, the config's mesh laid onto the slice's chips), compiled by the pinned libtpu with
 JAX_PLATFORMS=cpu (`pip install -r requirements-plan.txt`); teachers and data need not exist here,
@@ -44,8 +46,13 @@ THREE_D = ('v4', 'v5p')  # torus generations: AxBxC topologies
 # Published per-GPU memory (GiB) and peak dense bfloat16 TFLOP/s (SXM parts).
 GPUS = {'A100-40': (40, 312), 'A100-80': (80, 312), 'H100-80': (80, 989), 'H200-141': (140, 989)}
 # jax compiles for CUDA only with a GPU (and its plugin) present: a GPU node is planned from the
-# XLA:TPU compile of the same program on as many v5e chips.
-GPU_PROXIES = {1: 'v5e:1x1', 2: 'v5e:1x2', 4: 'v5e:2x2', 8: 'v5e:2x4', 16: 'v5e:4x4'}
+# XLA:TPU compile of the same program on as many TPU chips. XLA:TPU refuses a program whose
+# temporaries exceed the chip's HBM, so the proxy is v5p (95 GiB, more than an 80 GiB GPU) where
+# libtpu has a slice of that size (it has none of 1 or 2 v5p chips).
+GPU_PROXIES = {1: 'v5e:1x1', 2: 'v5e:1x2', 4: 'v5p:2x2x1', 8: 'v5p:2x2x2', 16: 'v5p:2x2x4'}
+# XLA:TPU's refusal of a program larger than the chip's memory, with the bytes it needs.
+OUT_OF_MEMORY = re.compile(r'memory required for HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds '
+                           r'available HBM \(([\d.]+)([KMGT]?)\)')
 
 
 def gpu_of(target: str) -> tuple[int, str] | None:
@@ -89,6 +96,10 @@ def tpu_devices(topology: str):
   from jax.experimental import topologies
   from bigkd.config import ConfigError
   from bigkd.tf_quiet import stderr_to_devnull
+  # libtpu takes a machine-wide lock (/tmp/libtpu_lockfile) when it loads, held by any other
+  # jax process on this machine that found libtpu installed; compiling for abstract chips
+  # touches no TPU, so planning shares the library instead of failing on the lock.
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   try:
     with stderr_to_devnull():  # libtpu's notices about the TPU host this machine is not
       return topologies.get_topology_desc(topology_name=topology, platform='tpu').devices
@@ -111,7 +122,12 @@ def compile_stage(plan, mesh, num_train_examples: int, canvas: int) -> dict:
   step, args = build.abstract_stage(plan, mesh, num_train_examples, canvas)
   state, teacher_params, *inputs = args
   start = time.perf_counter()
-  compiled = step.lower(*args).compile()
+  try:
+    compiled = step.lower(*args).compile()
+  except Exception as e:  # jax's JaxRuntimeError
+    if 'RESOURCE_EXHAUSTED' not in str(e):
+      raise
+    return refused(e, state, teacher_params, inputs, time.perf_counter() - start)
   seconds = time.perf_counter() - start
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
@@ -135,13 +151,30 @@ def compile_stage(plan, mesh, num_train_examples: int, canvas: int) -> dict:
       xla_seconds=float(cost.get('optimal_seconds', -1.0)))
 
 
+def refused(error, state, teacher_params, inputs, seconds) -> dict:
+  """The plan of a step XLA:TPU would not compile for lack of HBM: what it holds (shard
+  shapes), the temporaries XLA says it needs (a lower bound of the peak), no FLOPs."""
+  units = {'': 1, 'K': 2 ** 10, 'M': 2 ** 20, 'G': 2 ** 30, 'T': 2 ** 40}
+  match = OUT_OF_MEMORY.search(str(error))
+  needed = int(float(match[1]) * units[match[2]]) if match else -1
+  held = shard_bytes(state) + shard_bytes(teacher_params) + shard_bytes(inputs)
+  return dict(
+      compile_seconds=round(seconds, 1), compile_error=cli.one_line(error)[:300],
+      params_bytes=shard_bytes(state.params) + shard_bytes(state.aux_params),
+      opt_state_bytes=shard_bytes(state.opt_state), teacher_bytes=shard_bytes(teacher_params),
+      input_bytes=shard_bytes(inputs), argument_bytes=held, temp_bytes=needed, output_bytes=0,
+      alias_bytes=0, code_bytes=0, peak_bytes=held + needed if needed >= 0 else -1,
+      flops=0.0, xla_seconds=-1.0)
+
+
 def estimates(result: dict, plan, device_memory: float, device_tflops: float, mfu: float) -> dict:
   """Fits or not against the device's HBM, and step / run time at `mfu` of the peak; XLA's
   own step-time estimate where it gives a positive one."""
-  step_seconds = result['flops'] / (device_tflops * 1e12 * mfu)
+  step_seconds = result['flops'] / (device_tflops * 1e12 * mfu) if result['flops'] else None
   xla = result['xla_seconds'] if result['xla_seconds'] > 0 else None
-  return dict(fits=result['peak_bytes'] <= device_memory, steps=plan.steps,
-              step_seconds_at_mfu=step_seconds, run_hours_at_mfu=step_seconds * plan.steps / 3600,
+  fits = 'compile_error' not in result and result['peak_bytes'] <= device_memory
+  return dict(fits=fits, steps=plan.steps, step_seconds_at_mfu=step_seconds,
+              run_hours_at_mfu=step_seconds * plan.steps / 3600 if step_seconds else None,
               xla_step_seconds=xla, run_hours_xla=xla * plan.steps / 3600 if xla else None)
 
 
@@ -158,6 +191,15 @@ def duration(seconds: float) -> str:
 
 def report_lines(name: str, r: dict, device_memory: float, mfu: float) -> list[str]:
   gib = size
+  if 'compile_error' in r:
+    needed = gib(r['temp_bytes']) if r['temp_bytes'] >= 0 else 'more than the chip has'
+    return [
+        f'[{name}] per device: params {gib(r["params_bytes"])}, optimiser state '
+        f'{gib(r["opt_state_bytes"])}, teachers {gib(r["teacher_bytes"])}, inputs '
+        f'{gib(r["input_bytes"])} (shard shapes)',
+        f'[{name}] XLA:TPU refused to compile it: temporaries of {needed} on top of '
+        f'{gib(r["argument_bytes"])} of arguments, against the compiling chip\'s HBM -> '
+        f'DOES NOT FIT {gib(device_memory)} ({r["compile_error"][:160]})']
   xla = (f'{r["xla_step_seconds"]:.4g} s/step, {duration(3600 * r["run_hours_xla"])}'
          if r['xla_step_seconds'] else 'not given')
   return [
@@ -256,14 +298,15 @@ def search_levers(config, name: str, devices, n: int, classes: int, device_memor
   for lever in levers(config, name, len(devices)):
     trial = {**applied, **lever}
     try:
-      peak = compile_variant(with_overrides(config, trial), name, devices, n, classes)[
-          'peak_bytes']
+      result = compile_variant(with_overrides(config, trial), name, devices, n, classes)
     except (ConfigError, TypeError) as e:
       out(f'[{name}]   {flags_of(lever)}: not for this stage ({cli.one_line(e)})')
       continue
-    applied, fits = trial, peak <= device_memory
-    out(f'[{name}]   + {flags_of(lever)}: peak {size(peak)} -> '
-        f'{"fits" if fits else "does not fit"}')
+    peak = result['peak_bytes']
+    applied, fits = trial, 'compile_error' not in result and peak <= device_memory
+    out(f'[{name}]   + {flags_of(lever)}: '
+        + ('refused by XLA:TPU (out of HBM)' if 'compile_error' in result else
+           f'peak {size(peak)}') + f' -> {"fits" if fits else "does not fit"}')
     if fits:
       out(f'[{name}] fits with: {flags_of(applied)}')
       return dict(overrides=applied, peak_bytes=peak)

@@ -31,16 +31,18 @@ def test_digits_config_compiles_for_a_tpu_slice(tmp_path):
       'teacher_bytes']
   assert 'XLA memory analysis' in result.stdout and 'fits' in result.stdout
 
-  # A GPU node: the same step compiled for as many v5e chips, checked against the GPU's memory.
+  # A GPU node: the same step compiled for as many v5p chips (95 GiB: XLA:TPU refuses a program
+  # larger than the chip, so not v5e's 16), checked against the GPU's memory.
   result = run_main('bigkd.launch_plan', ['--config', 'configs/digits.py:fast', '--target',
                                           '4xA100-40', '--stage', 'student', '--out', str(out)])
   assert result.returncode == 0, result.stderr
   gpu = json.loads(out.read_text())
   assert 'jax compiles for CUDA only where a GPU is' in result.stdout
   assert (gpu['device_kind'], gpu['estimated_from']) == ('A100-40 (GPU)',
-                                                         'XLA:TPU compile for v5e:2x2')
+                                                         'XLA:TPU compile for v5p:2x2x1')
   assert gpu['device_memory_bytes'] == 40 * 2 ** 30 and list(gpu['stages']) == ['student']
-  for key in ('flops', 'peak_bytes', 'params_bytes'):
+  assert gpu['stages']['student']['fits'] and gpu['stages']['student']['peak_bytes'] > 0
+  for key in ('flops', 'params_bytes'):  # the same program; its layout is v5p's
     assert gpu['stages']['student'][key] == plan['stages']['student'][key], key
   assert gpu['stages']['student']['xla_step_seconds'] is None  # TPU's cost model: not a GPU's
 
@@ -193,3 +195,51 @@ def test_vit_pair_compiles_for_a_tpu_slice(tmp_path):
   assert student['params_bytes'] == 4 * count('vit_s16', 224)
   assert student['teacher_bytes'] == 2 * count('vit_b16', 384)
   assert student['fits'] and student['flops'] > 0
+
+
+def test_fit_table_plans_each_cell_once_and_resumes(tmp_path, capsys):
+  """tools/fit_table.py (the README's "Where the paper's runs fit"): each cell is bigkd-plan's
+  own plan of the student stage, kept in the cache; a re-run reuses it, and a cell not asked
+  to be computed is printed as such."""
+  import importlib.util
+  import os
+  spec = importlib.util.spec_from_file_location(
+      'fit_table', os.path.join(os.path.dirname(__file__), '..', 'tools', 'fit_table.py'))
+  fit_table = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(fit_table)
+  args = ['--config', 'digits', '--configs', 'fast', '--targets', 'v5e-4', '--cache',
+          str(tmp_path)]
+  fit_table.main([*args, '--variants', 'default'])
+  first = capsys.readouterr().out
+  [path] = tmp_path.iterdir()
+  cell = json.loads(path.read_text())
+  assert (cell['topology'], cell['variant'], cell['libtpu']) == (TARGET, 'default',
+                                                                launch_plan.libtpu_version())
+  student = cell['stages']['student']
+  assert student['fits'] and student['peak_bytes'] > 0 and 'compiling' in first
+  gib = f'{student["peak_bytes"] / 2 ** 30:.2f} of 16 GiB per device | yes |'
+  assert f'| fast | v5e-4 | default | {gib}' in first
+  path.write_text(path.read_text().replace('"fits": true', '"fits": false'))  # marks the reuse
+  fit_table.main([*args, '--variants', 'default,fsdp', '--table_only'])
+  again = capsys.readouterr().out
+  assert 'compiling' not in again and '| fast | v5e-4 | default |' in again
+  assert '| **no** |' in again and '| fast | v5e-4 | fsdp | not computed |' in again
+  assert '1 of 2 cells computed' in again
+  assert fit_table.overrides_of('fsdp+f32') == {
+      'mesh.data': 1, 'mesh.fsdp': -1, 'stages.student.compute_dtype': 'float32'}
+
+
+def test_a_step_larger_than_the_chip_is_refused_by_xla_and_planned_as_not_fitting():
+  """XLA:TPU will not compile a program whose temporaries exceed the chip's HBM (a
+  RESOURCE_EXHAUSTED error, not a memory analysis): the plan says it does not fit, with the
+  temporaries XLA says it needs. resnet8x2 at 256 px, batch 1196 on 4 v5e chips: about 18 GiB of
+  temporaries per chip (XLA refuses it in about 10 s)."""
+  c = tiny_config(steps=10, batch_size=1196)
+  c.data.base_size, c.data.device_resident = 256, False
+  c.stages.teacher = stage_config('resnet8x2', 256, steps=10, label_weight=1.0,
+                                  augment=dict(mixup_alpha=0.0))
+  lines = []
+  teacher = launch_plan.plan(c, TARGET, out=lines.append, try_levers=False)['stages']['teacher']
+  assert not teacher['fits'] and 'RESOURCE_EXHAUSTED' in teacher['compile_error']
+  assert teacher['temp_bytes'] > 16 * 2 ** 30 and teacher['peak_bytes'] > teacher['temp_bytes']
+  assert teacher['run_hours_at_mfu'] is None and any('refused' in line for line in lines)
