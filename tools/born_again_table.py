@@ -10,36 +10,21 @@ stage, the mean ± standard deviation over the seeds of the test accuracy, the a
 its teacher and KL(teacher ‖ stage), with the machine it ran on.
 """
 import argparse
-import json
 import os
 import platform
-import statistics
-import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import seed_runs  # noqa: E402
+from seed_runs import cell  # noqa: E402
 
 COLUMNS = (('test accuracy (%)', 'test_accuracy', 100), ('agreement (%)', 'test_agreement', 100),
            ('KL', 'test_kl', 1))
 
 
 def run_seed(root: str, seed: int) -> tuple[dict, str]:
-  workdir = os.path.join(root, f'seed_{seed}')
-  start = time.time()
-  wall = '(reused)'
-  if not os.path.exists(os.path.join(workdir, 'summary.json')):
-    subprocess.run([sys.executable, '-m', 'bigkd.train', '--config',
-                    'configs/digits_born_again.py:ensemble,byot', '--workdir', workdir,
-                    f'--config.seed={seed}'], check=True, stdout=subprocess.DEVNULL)
-    wall = f'{(time.time() - start) / 60:.1f} min'
-  with open(os.path.join(workdir, 'summary.json')) as f:
-    return json.load(f)['stages'], wall
-
-
-def cell(values, scale, digits):
-  if not values:
-    return ''
-  spread = statistics.stdev(values) if len(values) > 1 else 0.0
-  return f'{scale * statistics.mean(values):.{digits}f} ± {scale * spread:.{digits}f}'
+  return seed_runs.run_seed(root, seed, 'configs/digits_born_again.py:ensemble,byot')
 
 
 def main():

@@ -10,13 +10,14 @@ over the seeds of the test accuracy and, for the peers, the agreement with and K
 peer(s), with the machine it ran on.
 """
 import argparse
-import json
 import os
 import platform
-import statistics
-import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import seed_runs  # noqa: E402
+from seed_runs import cell  # noqa: E402
 
 COLUMNS = (('test accuracy (%)', 'test_accuracy', 100),
            ('agreement with the other peer(s) (%)', 'test_agreement', 100),
@@ -24,16 +25,7 @@ COLUMNS = (('test accuracy (%)', 'test_accuracy', 100),
 
 
 def run_seed(root: str, seed: int, variant: str) -> tuple[dict, str]:
-  workdir = os.path.join(root, f'seed_{seed}')
-  start = time.time()
-  wall = '(reused)'
-  if not os.path.exists(os.path.join(workdir, 'summary.json')):
-    config = 'configs/digits_dml.py' + (f':{variant}' if variant else '')
-    subprocess.run([sys.executable, '-m', 'bigkd.train', '--config', config, '--workdir',
-                    workdir, f'--config.seed={seed}'], check=True, stdout=subprocess.DEVNULL)
-    wall = f'{(time.time() - start) / 60:.1f} min'
-  with open(os.path.join(workdir, 'summary.json')) as f:
-    return json.load(f)['stages'], wall
+  return seed_runs.run_seed(root, seed, 'configs/digits_dml.py' + (f':{variant}' if variant else ''))
 
 
 def model_rows(stages: dict) -> dict:
@@ -49,13 +41,6 @@ def model_rows(stages: dict) -> dict:
     else:
       rows[name] = summary
   return rows
-
-
-def cell(values, scale, digits):
-  if not values:
-    return ''
-  spread = statistics.stdev(values) if len(values) > 1 else 0.0
-  return f'{scale * statistics.mean(values):.{digits}f} ± {scale * spread:.{digits}f}'
 
 
 def main():

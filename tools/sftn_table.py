@@ -12,13 +12,14 @@ difference, seed by seed). `--variant` passes config variants (e.g. `steps=500`;
 `fast`).
 """
 import argparse
-import json
 import os
 import platform
-import statistics
-import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import seed_runs  # noqa: E402
+from seed_runs import cell  # noqa: E402
 
 COLUMNS = (('test accuracy (%)', 'test_accuracy', 100),
            ("teacher's test accuracy (%)", 'test_teacher_accuracy', 100),
@@ -28,23 +29,7 @@ TEACHERS = (('teacher', 'ordinary'), ('sftn', 'SFTN'))
 
 
 def run_seed(root: str, seed: int, variant: str) -> tuple[dict, str]:
-  workdir = os.path.join(root, f'seed_{seed}')
-  start = time.time()
-  wall = '(reused)'
-  if not os.path.exists(os.path.join(workdir, 'summary.json')):
-    config = 'configs/digits_sftn.py' + (f':{variant}' if variant else '')
-    subprocess.run([sys.executable, '-m', 'bigkd.train', '--config', config, '--workdir',
-                    workdir, f'--config.seed={seed}'], check=True, stdout=subprocess.DEVNULL)
-    wall = f'{(time.time() - start) / 60:.1f} min'
-  with open(os.path.join(workdir, 'summary.json')) as f:
-    return json.load(f)['stages'], wall
-
-
-def cell(values, scale, digits):
-  if not values:
-    return ''
-  spread = statistics.stdev(values) if len(values) > 1 else 0.0
-  return f'{scale * statistics.mean(values):.{digits}f} ± {scale * spread:.{digits}f}'
+  return seed_runs.run_seed(root, seed, 'configs/digits_sftn.py' + (f':{variant}' if variant else ''))
 
 
 def table(runs) -> list[str]:
