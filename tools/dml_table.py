@@ -11,13 +11,10 @@ peer(s), with the machine it ran on.
 """
 import argparse
 import os
-import platform
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import seed_runs  # noqa: E402
-from seed_runs import cell  # noqa: E402
 
 COLUMNS = (('test accuracy (%)', 'test_accuracy', 100),
            ('agreement with the other peer(s) (%)', 'test_agreement', 100),
@@ -52,15 +49,8 @@ def main():
   seeds = [int(s) for s in args.seeds.split(',')]
   runs = [(model_rows(stages), wall) for stages, wall in
           (run_seed(args.root, s, args.variant) for s in seeds)]
-  print(f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores, '
-        f'{time.strftime("%Y-%m-%d")}; ' + ', '.join(f'seed {s}: {w}'
-                                                    for s, (_, w) in zip(seeds, runs)))
-  print('| model | ' + ' | '.join(title for title, _, _ in COLUMNS) + ' |')
-  print('|---' * (len(COLUMNS) + 1) + '|')
-  for name in runs[0][0]:
-    cells = [cell([r[name][key] for r, _ in runs if key in r[name]], scale,
-                  2 if scale == 100 else 3) for _, key, scale in COLUMNS]
-    print(f'| {name} | ' + ' | '.join(cells) + ' |')
+  print(seed_runs.machine_line(seeds, runs))
+  seed_runs.print_table('model', [(n, n) for n in runs[0][0]], runs, COLUMNS)
 
 
 if __name__ == '__main__':

@@ -36,3 +36,14 @@ def machine_line(seeds, runs, extra='') -> str:
   return (f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores, '
           f'{time.strftime("%Y-%m-%d")}; {extra}' + ', '.join(
               f'seed {s}: {w}' for s, (_, w) in zip(seeds, runs)))
+
+
+def print_table(first: str, rows, runs, columns) -> None:
+  """The Markdown table: a row per (stage name, label) of `rows`, a column per (title, summary
+  key, scale) of `columns`, each cell the mean ± std over the seeds' `runs` ([(stages, wall)])."""
+  print(f'| {first} | ' + ' | '.join(title for title, _, _ in columns) + ' |')
+  print('|---' * (len(columns) + 1) + '|')
+  for name, label in rows:
+    cells = [cell([r[name][key] for r, _ in runs if key in r[name]], scale,
+                  2 if scale == 100 else 3) for _, key, scale in columns]
+    print(f'| {label} | ' + ' | '.join(cells) + ' |')

@@ -10,13 +10,10 @@ and KL(teacher ‖ stage), with the machine it ran on and each seed's wall time.
 """
 import argparse
 import os
-import platform
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import seed_runs  # noqa: E402
-from seed_runs import cell  # noqa: E402
 
 COLUMNS = (('test accuracy (%)', 'test_accuracy', 100), ('agreement (%)', 'test_agreement', 100),
            ('KL', 'test_kl', 1))
@@ -38,15 +35,8 @@ def main():
   args = parser.parse_args()
   seeds = [int(s) for s in args.seeds.split(',')]
   runs = [run_seed(args.root, s, args.variant) for s in seeds]
-  print(f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores, '
-        f'{time.strftime("%Y-%m-%d")}; ' + ', '.join(f'seed {s}: {w}'
-                                                    for s, (_, w) in zip(seeds, runs)))
-  print('| stage | ' + ' | '.join(title for title, _, _ in COLUMNS) + ' |')
-  print('|---' * (len(COLUMNS) + 1) + '|')
-  for name in runs[0][0]:
-    cells = [cell([r[name][key] for r, _ in runs if key in r[name]], scale,
-                  2 if scale == 100 else 3) for _, key, scale in COLUMNS]
-    print(f'| {ROWS.get(name, name)} | ' + ' | '.join(cells) + ' |')
+  print(seed_runs.machine_line(seeds, runs))
+  seed_runs.print_table('stage', [(n, ROWS.get(n, n)) for n in runs[0][0]], runs, COLUMNS)
 
 
 if __name__ == '__main__':
