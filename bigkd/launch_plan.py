@@ -32,6 +32,7 @@ import os
 import re
 import sys
 import time
+from typing import NamedTuple
 
 from absl import flags
 
@@ -215,21 +216,41 @@ def report_lines(name: str, r: dict, device_memory: float, mfu: float) -> list[s
       f'{duration(3600 * r["run_hours_at_mfu"])}; XLA\'s own estimate: {xla}']
 
 
-def train_examples(config, given: int) -> tuple[int, int]:
-  """(train examples, classes): from the data when it is readable here, else --train_examples
-  and data.num_classes."""
+class DataSizes(NamedTuple):
+  """What a plan needs of the data: the train split's examples, the class count, and the
+  examples of each source of the stages with their own train_data ({stage: (n, ...)})."""
+  train: int
+  classes: int
+  stage_sources: dict
+
+  def of_stage(self, plan) -> int:
+    """The examples stage `plan` trains on (the resident images it holds)."""
+    return sum(d.examples for d in plan.train_data) if plan.train_data else self.train
+
+
+def data_sizes(config, given: int, out=print) -> DataSizes:
+  """From the data when it is readable here (each stage's train_data too), else
+  --train_examples and data.num_classes (every train_data source then taken as that large, and
+  said so)."""
+  from bigkd import build
   from bigkd.config import ConfigError
   from bigkd.data import sources
+  own = build.stage_train_data(config)
   if given:
     if not config.data.num_classes:
       raise ConfigError('--train_examples needs data.num_classes (the class count) set')
-    return given, config.data.num_classes
+    for name, specs in own.items():
+      out(f'bigkd-plan: stages.{name}.train_data: each of its sources ({", ".join(specs)}) '
+          f'planned with --train_examples={given} examples')
+    return DataSizes(given, config.data.num_classes,
+                     {name: (given,) * len(specs) for name, specs in own.items()})
   try:
-    train = sources.load_split(config.data, 'train_split')
+    data = build.load_data(config.data, own)
   except Exception as e:
-    raise ConfigError(f'the train split is not readable here ({cli.one_line(e)}); give its '
-                      'size with --train_examples') from None
-  return len(train), sources.num_classes(config.data, train)
+    raise ConfigError(f'the train data is not readable here ({cli.one_line(e)}); give the '
+                      'train split\'s size with --train_examples') from None
+  return DataSizes(len(data.train), data.num_classes,
+                   {name: d.sizes for name, d in data.stage_train.items()})
 
 
 def levers(config, name: str, num_devices: int) -> list[dict]:
@@ -270,25 +291,26 @@ def flags_of(overrides: dict) -> str:
   return ' '.join(f'--config.{k}={v}' for k, v in overrides.items())
 
 
-def stages_and_mesh(config, devices, n: int, classes: int):
+def stages_and_mesh(config, devices, sizes: DataSizes):
   """(stage plans, mesh) of a checked `config` on `devices`; teachers need not exist here."""
   from bigkd.plan import plan_stages
   from bigkd.sharding import make_mesh, mesh_shape
-  plans = plan_stages(config, '/nonexistent', n, classes, len(devices), check_checkpoints=False)
+  plans = plan_stages(config, '/nonexistent', sizes.train, sizes.classes, len(devices),
+                      check_checkpoints=False, train_sizes=sizes.stage_sources)
   return plans, make_mesh(*mesh_shape(config.mesh.data, config.mesh.fsdp, len(devices)),
                           devices=devices)
 
 
-def compile_variant(config, name: str, devices, n: int, classes: int) -> dict:
+def compile_variant(config, name: str, devices, sizes: DataSizes) -> dict:
   """Stage `name` of `config` planned and compiled for `devices` (with the config's mesh)."""
   from bigkd.plan import check_config
   check_config(config, len(devices))
-  plans, mesh = stages_and_mesh(config, devices, n, classes)
-  return compile_stage(next(p for p in plans if p.name == name), mesh, n,
-                       config.data.base_size)
+  plans, mesh = stages_and_mesh(config, devices, sizes)
+  p = next(p for p in plans if p.name == name)
+  return compile_stage(p, mesh, sizes.of_stage(p), config.data.base_size)
 
 
-def search_levers(config, name: str, devices, n: int, classes: int, device_memory: float,
+def search_levers(config, name: str, devices, sizes: DataSizes, device_memory: float,
                   out) -> dict | None:
   """Adds `levers` one at a time, compiling each time, until the stage fits: {'overrides',
   'peak_bytes'} of the first that fits, or None. A lever the stage cannot take (a model without
@@ -298,7 +320,7 @@ def search_levers(config, name: str, devices, n: int, classes: int, device_memor
   for lever in levers(config, name, len(devices)):
     trial = {**applied, **lever}
     try:
-      result = compile_variant(with_overrides(config, trial), name, devices, n, classes)
+      result = compile_variant(with_overrides(config, trial), name, devices, sizes)
     except (ConfigError, TypeError) as e:
       out(f'[{name}]   {flags_of(lever)}: not for this stage ({cli.one_line(e)})')
       continue
@@ -338,8 +360,9 @@ def plan(config, target: str, stage: str = '', num_train: int = 0, mfu: float = 
   if memory_gib:
     device_memory = memory_gib * GIB
   check_config(config, len(devices))
-  n, classes = train_examples(config, num_train)
-  plans, mesh = stages_and_mesh(config, devices, n, classes)
+  sizes = data_sizes(config, num_train, out)
+  n = sizes.train
+  plans, mesh = stages_and_mesh(config, devices, sizes)
   if stage and stage not in [p.name for p in plans]:
     raise ConfigError(f'--stage={stage!r}: not a stage of this run '
                       f'({", ".join(p.name for p in plans)})')
@@ -365,7 +388,7 @@ def plan(config, target: str, stage: str = '', num_train: int = 0, mfu: float = 
         + ''.join(f', teacher {t.model} ({p.teacher_dtype}) at {t.resolution} px'
                   for t in p.teachers) + ' ...')
     result = dict(compute_dtype=p.compute_dtype, teacher_dtype=p.teacher_dtype,
-                  **compile_stage(p, mesh, n, config.data.base_size))
+                  **compile_stage(p, mesh, sizes.of_stage(p), config.data.base_size))
     if gpu:  # XLA:TPU's cost model says nothing of a GPU
       result['xla_seconds'] = -1.0
     result.update(estimates(result, p, device_memory, device_tflops, mfu))
@@ -373,8 +396,7 @@ def plan(config, target: str, stage: str = '', num_train: int = 0, mfu: float = 
       out(line)
     if not result['fits'] and try_levers:
       out(f'[{p.name}] does not fit: compiling again with the levers, one more each time ...')
-      result['fits_with'] = search_levers(config, p.name, devices, n, classes, device_memory,
-                                          out)
+      result['fits_with'] = search_levers(config, p.name, devices, sizes, device_memory, out)
     stages[p.name] = result
   return dict(target=target, topology=topology, devices=len(devices), device_kind=kind,
               estimated_from=f'XLA:TPU compile for {topology}' if gpu else 'XLA:TPU compile',

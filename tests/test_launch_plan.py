@@ -193,7 +193,7 @@ def test_vit_pair_plans_its_real_models_without_their_files():
   c = cli.config_module('vit_imagenet').get_config('b16_384_s16_224')
   c.batch_size = 8  # the lowered program's shapes, not its size, are checked here
   devices = launch_plan.tpu_devices(TARGET)
-  plans, mesh = launch_plan.stages_and_mesh(c, devices, 1255544, 1000)
+  plans, mesh = launch_plan.stages_and_mesh(c, devices, launch_plan.DataSizes(1255544, 1000, {}))
   [p] = plans
   assert (p.model, p.resolution, p.compute_dtype) == ('vit_s16', 224, 'bfloat16')
   assert [(t.model, t.resolution) for t in p.teachers] == [('vit_b16', 384)]
@@ -222,6 +222,33 @@ def test_vit_pair_compiles_for_a_tpu_slice(tmp_path):
   assert student['params_bytes'] == 4 * count('vit_s16', 224)
   assert student['teacher_bytes'] == 2 * count('vit_b16', 384)
   assert student['fits'] and student['flops'] > 0
+
+
+def test_stages_with_their_own_train_data_plan_with_their_sources_sizes():
+  """configs/digits_ood.py: a stage's train_data sources are read for their sizes (its batch
+  rows, its steps, the resident images the step holds); where the data is not readable here,
+  --train_examples stands for each source, and the plan says so. (The compile itself is the
+  same as any stage's: not repeated here.)"""
+  from bigkd import build, cli
+  c = cli.config_module('digits_ood').get_config('fast')
+  sizes = launch_plan.data_sizes(c, 0)
+  task, ood = sizes.train, sizes.stage_sources['student_ood'][0]  # the digits 0-4; 5-9
+  assert sizes.stage_sources['student_mixed'] == (ood, task) and 500 < task < 700  # by name
+  assert set(sizes.stage_sources) == {'student_ood', 'student_mixed'} and 500 < ood < 700
+  devices = launch_plan.tpu_devices(TARGET)
+  plans, mesh = launch_plan.stages_and_mesh(c, devices, sizes)
+  mixed = next(p for p in plans if p.name == 'student_mixed')
+  assert [(d.name, d.examples) for d in mixed.train_data] == [('ood', ood), ('task', task)]
+  assert sum(d.rows for d in mixed.train_data) == mixed.batch_size
+  _, (_, _, images, _, _) = build.abstract_stage(mixed, mesh, sizes.of_stage(mixed),
+                                                 c.data.base_size)
+  assert images.shape[0] == task + ood  # both sources resident
+
+  said = []
+  c.data.num_classes = 5
+  given = launch_plan.data_sizes(c, 5000, said.append)
+  assert given.train == 5000 and given.stage_sources['student_mixed'] == (5000, 5000)
+  assert any('stages.student_mixed.train_data' in line and '5000' in line for line in said)
 
 
 def test_fit_table_plans_each_cell_once_and_resumes(tmp_path, capsys):
