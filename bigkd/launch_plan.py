@@ -216,6 +216,20 @@ def report_lines(name: str, r: dict, device_memory: float, mfu: float) -> list[s
       f'{duration(3600 * r["run_hours_at_mfu"])}; XLA\'s own estimate: {xla}']
 
 
+def with_canvas(config):
+  """data.base_size=0 (an image folder's canvas, chosen from its images): chosen as the trainer
+  chooses it when the folder is here, else it must be given."""
+  from bigkd import build
+  from bigkd.config import ConfigError
+  from bigkd.data.sources import DataError
+  try:
+    return build.with_base_size(config)
+  except (DataError, OSError) as e:
+    raise ConfigError(f'data.base_size=0: the canvas is chosen from the images of '
+                      f'{config.data.data_dir}, not readable here ({cli.one_line(e)}); give it '
+                      'with --config.data.base_size=N') from None
+
+
 class DataSizes(NamedTuple):
   """What a plan needs of the data: the train split's examples, the class count, and the
   examples of each source of the stages with their own train_data ({stage: (n, ...)})."""
@@ -359,6 +373,7 @@ def plan(config, target: str, stage: str = '', num_train: int = 0, mfu: float = 
   device_memory, device_tflops = chip_gib * GIB / per_chip, chip_tflops / per_chip
   if memory_gib:
     device_memory = memory_gib * GIB
+  config = with_canvas(config)
   check_config(config, len(devices))
   sizes = data_sizes(config, num_train, out)
   n = sizes.train

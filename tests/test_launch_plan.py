@@ -251,6 +251,19 @@ def test_stages_with_their_own_train_data_plan_with_their_sources_sizes():
   assert any('stages.student_mixed.train_data' in line and '5000' in line for line in said)
 
 
+def test_an_image_folders_canvas_is_chosen_as_the_trainer_chooses_it(jpeg_folder):
+  """configs/folder.py (data.base_size=0): the canvas comes from the folder's images when they
+  are here, as `bigkd-train` chooses it; when they are not, the plan asks for it in one line."""
+  from bigkd import cli
+  c = cli.config_module('folder').get_config('bit')
+  c.data.data_dir = jpeg_folder
+  resolved = launch_plan.with_canvas(c).data.base_size
+  assert resolved >= c.stages.student.resolution and c.data.base_size == 0  # (a copy)
+  c.data.data_dir = '/nonexistent'
+  with pytest.raises(ConfigError, match='give it with --config.data.base_size=N'):
+    launch_plan.with_canvas(c)
+
+
 def test_fit_table_plans_each_cell_once_and_resumes(tmp_path, capsys):
   """tools/fit_table.py (the README's "Where the paper's runs fit"): each cell is bigkd-plan's
   own plan of the student stage, kept in the cache; a re-run reuses it, and a cell not asked
