@@ -25,7 +25,7 @@ from bigkd.config import stage_names
 from bigkd.data.sampling import device_step_indices, host_batch_indices, host_step_indices, \
     plan_rows_and_sizes
 from bigkd.evaluate import evaluate
-from bigkd.models import get_model, param_shapes
+from bigkd.models import bit, get_model, param_shapes
 from bigkd.optim import build_optimizer, per_peer
 from bigkd.plan import StagePlan, auto_base_size, check_config, plan_stages
 from bigkd.sharding import batch_sharding, fsdp_compute_sharding, gather_rows, init_opt_state, \
@@ -125,12 +125,27 @@ def random_params(model, resolution, key, targets):
   return jax.jit(init, out_shardings=jax.tree.map(lambda t: t.sharding, targets))(key)
 
 
+def frozen(model):
+  """A teacher's module: a BiT reads its kernels standardised once at load
+  (`frozen_params`), not at every step."""
+  return model.clone(standardized=True) if hasattr(model, 'standardized') else model
+
+
+def frozen_params(model, params):
+  """A teacher's parameters as its `frozen` module reads them (same shardings)."""
+  if not getattr(model, 'standardized', False):
+    return params
+  shardings = jax.tree.map(lambda x: x.sharding, params)
+  return jax.jit(bit.standardize_kernels, out_shardings=shardings)(params)
+
+
 def teacher_targets(plan: StagePlan, mesh):
-  """(Teachers, ShapeDtypeStructs of their parameters): modules and shapes in the teacher
-  dtype, with the shardings of the parameter rule."""
+  """(Teachers, ShapeDtypeStructs of their parameters): `frozen` modules and shapes in the
+  teacher dtype, with the shardings of the parameter rule."""
   dtype = jnp.dtype(plan.teacher_dtype)
-  teachers = tuple(Teacher(get_model(t.model, plan.num_classes, dtype=dtype, **t.model_kwargs),
-                           t.resolution) for t in plan.teachers)
+  teachers = tuple(Teacher(frozen(get_model(t.model, plan.num_classes, dtype=dtype,
+                                            **t.model_kwargs)), t.resolution)
+                   for t in plan.teachers)
   targets = [param_targets(t.model, t.model_kwargs, plan.num_classes, t.resolution, dtype, mesh,
                            plan.min_fsdp_size) for t in plan.teachers]
   return teachers, targets
@@ -143,10 +158,11 @@ def load_teachers(plan: StagePlan, mesh, random_init=False):
   params = []
   for i, (t, teacher, target) in enumerate(zip(plan.teachers, teachers, targets)):
     what = f'stages.{plan.name}.teachers.{t.name}'
-    params.append(random_params(teacher.model, t.resolution, jax.random.key(plan.seed + 1 + i),
-                                target) if random_init else
-                  checked_finite(checkpoint.load_params(t.source, target, what),
-                                 f'{what} ({t.source})'))
+    loaded = (random_params(teacher.model, t.resolution, jax.random.key(plan.seed + 1 + i),
+                            target) if random_init else
+              checked_finite(checkpoint.load_params(t.source, target, what),
+                             f'{what} ({t.source})'))
+    params.append(frozen_params(teacher.model, loaded))
   return teachers, params
 
 

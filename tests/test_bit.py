@@ -252,3 +252,23 @@ def test_bfloat16_and_remat_share_params(tiny):
     out = jax.jit(lambda p, x: variant.apply({'params': p}, x))(params, images)
     assert out.dtype == jnp.float32 and out.shape == (2, CLASSES)
     np.testing.assert_allclose(out, want, rtol=tol, atol=tol * np.abs(want).max())
+
+
+def test_a_frozen_teacher_standardises_its_kernels_once_and_computes_the_same(tiny):
+  """build.frozen / frozen_params: a teacher's kernels standardised at load, its module reading
+  them as they are; the same logits as the model standardising them in its forward. Models
+  without weight standardisation pass through unchanged."""
+  from bigkd import build
+  model, images, apply = tiny
+  params = nested_by_hand(released_layout(np.random.default_rng(6)))
+  teacher = build.frozen(model)
+  assert teacher.standardized and not model.standardized
+  frozen = build.frozen_params(teacher, jax.device_put(params))
+  kernel = params['block1']['unit01']['b']['standardized_conv2d']['kernel']
+  np.testing.assert_allclose(frozen['block1']['unit01']['b']['standardized_conv2d']['kernel'],
+                             bit.standardize(kernel), rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(frozen['head']['conv2d']['kernel'], params['head']['conv2d']['kernel'])
+  out = jax.jit(lambda p, x: teacher.apply({'params': p}, x))(frozen, images)
+  np.testing.assert_allclose(out, apply(params, images), rtol=1e-5, atol=1e-5)
+  plain = get_model('cnn_small', CLASSES)
+  assert build.frozen(plain) is plain and build.frozen_params(plain, params) is params

@@ -22,6 +22,7 @@ c = base * width root channels (64 * width for the released models):
 `apply(params, feature, from_tap='stageK')` runs only the blocks after tap stageK and the head
 (a student branch of a student-friendly teacher, `bigkd.models.adapters.StudentBranch`).
 """
+import functools
 import re
 import zipfile
 
@@ -45,10 +46,25 @@ class CheckpointMismatchError(CheckpointError):
 
 
 def standardize(kernel, eps=1e-10):
-  """Weight standardisation: zero mean, unit variance per output channel over (H, W, C_in)."""
-  mean = jnp.mean(kernel, axis=(0, 1, 2), keepdims=True)
-  var = jnp.var(kernel, axis=(0, 1, 2), keepdims=True)
-  return (kernel - mean) / jnp.sqrt(var + eps)
+  """Weight standardisation: zero mean, unit variance per output channel over (H, W, C_in),
+  the variance in two passes (exact, as the reference formula). Reduced as a [H·W·C_in, C_out]
+  matrix over its rows: XLA:CPU runs the same reductions over three axes of the 4-D kernel, and
+  their gradients, 3-13x slower (benchmarks/README.md); the values are the same."""
+  rows = kernel.reshape(-1, kernel.shape[-1])
+  centered = rows - jnp.mean(rows, axis=0)
+  var = jnp.mean(centered * centered, axis=0)
+  return (centered / jnp.sqrt(var + eps)).reshape(kernel.shape)
+
+
+def standardize_kernels(params):
+  """`params` with every StdConv kernel standardised: what a model built with
+  `standardized=True` reads. A frozen teacher's kernels never change, so they are standardised
+  once at load rather than in every step's forward (where it cost about as much as the backward
+  convolutions of a BiT-R50x1 step on CPU: benchmarks/README.md)."""
+  def leaf(path, x):
+    keys = [getattr(k, 'key', None) for k in path]
+    return standardize(x) if keys[-2:] == ['standardized_conv2d', 'kernel'] else x
+  return jax.tree_util.tree_map_with_path(leaf, params)
 
 
 def _group_norm(dtype):
@@ -60,20 +76,24 @@ def _group_norm(dtype):
 class StdConv(nn.Module):
   """Bias-free conv with a standardised kernel, padded (k-1)//2 on each side as in BiT.
 
-  Standardisation runs in float32 on the float32 param; only the result is cast to `dtype`.
+  Standardisation runs on the param in its own dtype; only the result is cast to `dtype`.
+  `standardized`: the kernel param is already standardised (`standardize_kernels`: a frozen
+  teacher's, done once instead of at every step).
   """
   features: int
   kernel_size: int
   stride: int = 1
   dtype: jnp.dtype = jnp.float32
+  standardized: bool = False
 
   @nn.compact
   def __call__(self, x):
     k = self.kernel_size
     kernel = self.param('kernel', nn.initializers.he_normal(), (k, k, x.shape[-1], self.features))
+    kernel = kernel if self.standardized else standardize(kernel)
     pad = (k - 1) // 2
     return jax.lax.conv_general_dilated(
-        x.astype(self.dtype), standardize(kernel).astype(self.dtype), (self.stride,) * 2,
+        x.astype(self.dtype), kernel.astype(self.dtype), (self.stride,) * 2,
         ((pad, pad), (pad, pad)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
@@ -83,10 +103,11 @@ class Conv(nn.Module):
   kernel_size: int
   stride: int = 1
   dtype: jnp.dtype = jnp.float32
+  standardized: bool = False
 
   @nn.compact
   def __call__(self, x):
-    return StdConv(self.features, self.kernel_size, self.stride, self.dtype,
+    return StdConv(self.features, self.kernel_size, self.stride, self.dtype, self.standardized,
                    name='standardized_conv2d')(x)
 
 
@@ -99,14 +120,16 @@ class PreActConv(nn.Module):
   proj_features: int | None = None
   proj_stride: int = 1
   dtype: jnp.dtype = jnp.float32
+  standardized: bool = False
 
   @nn.compact
   def __call__(self, x):
     x = nn.relu(_group_norm(self.dtype)(x))
     shortcut = None
     if self.proj_features:
-      shortcut = Conv(self.proj_features, 1, self.proj_stride, self.dtype, name='proj')(x)
-    y = StdConv(self.features, self.kernel_size, self.stride, self.dtype,
+      shortcut = Conv(self.proj_features, 1, self.proj_stride, self.dtype, self.standardized,
+                      name='proj')(x)
+    y = StdConv(self.features, self.kernel_size, self.stride, self.dtype, self.standardized,
                 name='standardized_conv2d')(x)
     return y, shortcut
 
@@ -117,13 +140,15 @@ class Unit(nn.Module):
   stride: int = 1
   proj: bool = False
   dtype: jnp.dtype = jnp.float32
+  standardized: bool = False
 
   @nn.compact
   def __call__(self, x):
-    y, shortcut = PreActConv(self.mid, 1, proj_features=4 * self.mid if self.proj else None,
-                             proj_stride=self.stride, dtype=self.dtype, name='a')(x)
-    y, _ = PreActConv(self.mid, 3, self.stride, dtype=self.dtype, name='b')(y)
-    y, _ = PreActConv(4 * self.mid, 1, dtype=self.dtype, name='c')(y)
+    conv = functools.partial(PreActConv, dtype=self.dtype, standardized=self.standardized)
+    y, shortcut = conv(self.mid, 1, proj_features=4 * self.mid if self.proj else None,
+                       proj_stride=self.stride, name='a')(x)
+    y, _ = conv(self.mid, 3, self.stride, name='b')(y)
+    y, _ = conv(4 * self.mid, 1, name='c')(y)
     return y + (x if shortcut is None else shortcut)
 
 
@@ -134,13 +159,15 @@ class Block(nn.Module):
   stride: int
   dtype: jnp.dtype = jnp.float32
   remat: bool = False
+  standardized: bool = False
 
   @nn.compact
   def __call__(self, x):
     unit = nn.remat(Unit) if self.remat else Unit  # remat trades recompute for activation memory
     for i in range(self.units):
       stride = self.stride if i == 0 else 1
-      x = unit(self.mid, stride, i == 0, self.dtype, name=f'unit{i + 1:02d}')(x)
+      x = unit(self.mid, stride, i == 0, self.dtype, self.standardized,
+               name=f'unit{i + 1:02d}')(x)
     return x
 
 
@@ -163,6 +190,7 @@ class ResNetV2(nn.Module):
   base: int = 64
   dtype: jnp.dtype = jnp.float32
   remat: bool = False
+  standardized: bool = False  # the kernel params are standardised already (standardize_kernels)
 
   @nn.compact
   def __call__(self, images, from_tap=None):
@@ -176,13 +204,13 @@ class ResNetV2(nn.Module):
     first = 0 if from_tap is None else taps.index(from_tap) + 1
     x = images.astype(self.dtype)
     if first == 0:
-      x = Conv(c, 7, 2, self.dtype, name='root_block')(x)
+      x = Conv(c, 7, 2, self.dtype, self.standardized, name='root_block')(x)
       x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))  # zeros, then VALID: BiT's pool, not SAME
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='VALID')
     for b in range(first, len(self.block_units)):
       stride = 1 if b == 0 else 2
       x = Block(c * 2**b, self.block_units[b], stride, self.dtype, self.remat,
-                name=f'block{b + 1}')(x)
+                self.standardized, name=f'block{b + 1}')(x)
       self.sow('intermediates', f'stage{b + 1}', x)
     x = nn.relu(_group_norm(self.dtype)(x))
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(self.dtype)
