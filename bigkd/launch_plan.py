@@ -248,7 +248,6 @@ def data_sizes(config, given: int, out=print) -> DataSizes:
   said so)."""
   from bigkd import build
   from bigkd.config import ConfigError
-  from bigkd.data import sources
   own = build.stage_train_data(config)
   if given:
     if not config.data.num_classes:

@@ -49,7 +49,7 @@ def standardize(kernel, eps=1e-10):
   """Weight standardisation: zero mean, unit variance per output channel over (H, W, C_in),
   the variance in two passes (exact, as the reference formula). Reduced as a [H·W·C_in, C_out]
   matrix over its rows: XLA:CPU runs the same reductions over three axes of the 4-D kernel, and
-  their gradients, 3-13x slower (benchmarks/README.md); the values are the same."""
+  their gradients, 3-13x slower (benchmarks/README.md); the values agree to float rounding."""
   rows = kernel.reshape(-1, kernel.shape[-1])
   centered = rows - jnp.mean(rows, axis=0)
   var = jnp.mean(centered * centered, axis=0)
@@ -59,8 +59,7 @@ def standardize(kernel, eps=1e-10):
 def standardize_kernels(params):
   """`params` with every StdConv kernel standardised: what a model built with
   `standardized=True` reads. A frozen teacher's kernels never change, so they are standardised
-  once at load rather than in every step's forward (where it cost about as much as the backward
-  convolutions of a BiT-R50x1 step on CPU: benchmarks/README.md)."""
+  once at load rather than in every step's forward."""
   def leaf(path, x):
     keys = [getattr(k, 'key', None) for k in path]
     return standardize(x) if keys[-2:] == ['standardized_conv2d', 'kernel'] else x
