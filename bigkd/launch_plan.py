@@ -89,7 +89,9 @@ def topology_of(target: str) -> tuple[str, str]:
   if chips < 1 or chips & (chips - 1) or int(count) % cores_per_chip:
     raise ConfigError(f'--target={target!r}: {count} is not a slice size of {generation} '
                       '(a power of two)')
-  return generation, f'{generation}:{"x".join(map(str, sorted(shape)))}'
+  # Ascending, the axes of length 1 last: libtpu wants a 4-chip v4 / v5p slice as 2x2x1.
+  shape = sorted(shape, key=lambda d: (d == 1, d))
+  return generation, f'{generation}:{"x".join(map(str, shape))}'
 
 
 def tpu_devices(topology: str):

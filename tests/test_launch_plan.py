@@ -156,8 +156,9 @@ def test_slice_names_translate_to_topologies():
   assert launch_plan.topology_of('v6e-256') == ('v6e', 'v6e:16x16')
   assert launch_plan.topology_of('v2-8') == ('v2', 'v2:2x2')
   assert launch_plan.topology_of('v5e:2x4') == ('v5e', 'v5e:2x4')
+  assert launch_plan.topology_of('v4-8') == ('v4', 'v4:2x2x1')  # the smallest v4 slice
   for name, devices in (('v4-32', 32), ('v5p-32', 16), ('v5e-16', 16), ('v2-8', 8),
-                        ('v3-32', 32)):
+                        ('v3-32', 32), ('v4-8', 8), ('v5p-8', 4), ('v4-16', 16)):
     assert len(launch_plan.tpu_devices(launch_plan.topology_of(name)[1])) == devices, name
   for bad in ('v4-12', 'h100', 'v5e-0', 'v7-8'):
     with pytest.raises(ConfigError, match='--target'):
