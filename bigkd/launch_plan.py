@@ -119,6 +119,13 @@ def shard_bytes(tree) -> int:
              for x in jax.tree.leaves(tree))
 
 
+def held_bytes(state, teacher_params, inputs) -> dict:
+  """One device's shards of what the step holds, by kind (from the arguments' shard shapes)."""
+  return dict(params_bytes=shard_bytes(state.params) + shard_bytes(state.aux_params),
+              opt_state_bytes=shard_bytes(state.opt_state),
+              teacher_bytes=shard_bytes(teacher_params), input_bytes=shard_bytes(inputs))
+
+
 def compile_stage(plan, mesh, num_train_examples: int, canvas: int) -> dict:
   """Compiles the stage's step for `mesh`; its per-device bytes and FLOPs, from XLA."""
   from bigkd import build
@@ -139,11 +146,7 @@ def compile_stage(plan, mesh, num_train_examples: int, canvas: int) -> dict:
           - memory.alias_size_in_bytes + memory.temp_size_in_bytes
           + memory.generated_code_size_in_bytes)
   return dict(
-      compile_seconds=round(seconds, 1),
-      params_bytes=shard_bytes(state.params) + shard_bytes(state.aux_params),
-      opt_state_bytes=shard_bytes(state.opt_state),
-      teacher_bytes=shard_bytes(teacher_params),
-      input_bytes=shard_bytes(inputs),
+      compile_seconds=round(seconds, 1), **held_bytes(state, teacher_params, inputs),
       argument_bytes=memory.argument_size_in_bytes,
       temp_bytes=memory.temp_size_in_bytes,
       output_bytes=memory.output_size_in_bytes,
@@ -163,11 +166,14 @@ def refused(error, state, teacher_params, inputs, seconds) -> dict:
   held = shard_bytes(state) + shard_bytes(teacher_params) + shard_bytes(inputs)
   return dict(
       compile_seconds=round(seconds, 1), compile_error=cli.one_line(error)[:300],
-      params_bytes=shard_bytes(state.params) + shard_bytes(state.aux_params),
-      opt_state_bytes=shard_bytes(state.opt_state), teacher_bytes=shard_bytes(teacher_params),
-      input_bytes=shard_bytes(inputs), argument_bytes=held, temp_bytes=needed, output_bytes=0,
+      **held_bytes(state, teacher_params, inputs), argument_bytes=held, temp_bytes=needed, output_bytes=0,
       alias_bytes=0, code_bytes=0, peak_bytes=held + needed if needed >= 0 else -1,
       flops=0.0, xla_seconds=-1.0)
+
+
+def fits_in(result: dict, device_memory: float) -> bool:
+  """Compiled (XLA:TPU did not refuse it) and its peak within `device_memory`."""
+  return 'compile_error' not in result and result['peak_bytes'] <= device_memory
 
 
 def estimates(result: dict, plan, device_memory: float, device_tflops: float, mfu: float) -> dict:
@@ -175,8 +181,7 @@ def estimates(result: dict, plan, device_memory: float, device_tflops: float, mf
   own step-time estimate where it gives a positive one."""
   step_seconds = result['flops'] / (device_tflops * 1e12 * mfu) if result['flops'] else None
   xla = result['xla_seconds'] if result['xla_seconds'] > 0 else None
-  fits = 'compile_error' not in result and result['peak_bytes'] <= device_memory
-  return dict(fits=fits, steps=plan.steps, step_seconds_at_mfu=step_seconds,
+  return dict(fits=fits_in(result, device_memory), steps=plan.steps, step_seconds_at_mfu=step_seconds,
               run_hours_at_mfu=step_seconds * plan.steps / 3600 if step_seconds else None,
               xla_step_seconds=xla, run_hours_xla=xla * plan.steps / 3600 if xla else None)
 
@@ -340,7 +345,7 @@ def search_levers(config, name: str, devices, sizes: DataSizes, device_memory: f
       out(f'[{name}]   {flags_of(lever)}: not for this stage ({cli.one_line(e)})')
       continue
     peak = result['peak_bytes']
-    applied, fits = trial, 'compile_error' not in result and peak <= device_memory
+    applied, fits = trial, fits_in(result, device_memory)
     out(f'[{name}]   + {flags_of(lever)}: '
         + ('refused by XLA:TPU (out of HBM)' if 'compile_error' in result else
            f'peak {size(peak)}') + f' -> {"fits" if fits else "does not fit"}')
@@ -377,7 +382,6 @@ def plan(config, target: str, stage: str = '', num_train: int = 0, mfu: float = 
   config = with_canvas(config)
   check_config(config, len(devices))
   sizes = data_sizes(config, num_train, out)
-  n = sizes.train
   plans, mesh = stages_and_mesh(config, devices, sizes)
   if stage and stage not in [p.name for p in plans]:
     raise ConfigError(f'--stage={stage!r}: not a stage of this run '
@@ -391,7 +395,7 @@ def plan(config, target: str, stage: str = '', num_train: int = 0, mfu: float = 
         f'against the {model}\'s published memory; no XLA step-time estimate')
   out(f'bigkd-plan: {where}; {chip_gib} GiB and {chip_tflops} bf16 TFLOP/s per chip, '
       f'published), mesh data={mesh.shape["data"]} '
-      f'fsdp={mesh.shape["fsdp"]}, {n} train examples'
+      f'fsdp={mesh.shape["fsdp"]}, {sizes.train} train examples'
       + (f'; planned for {size(device_memory)} per device (--device_memory_gib)'
          if memory_gib else ''))
   stages = {}
@@ -417,7 +421,7 @@ def plan(config, target: str, stage: str = '', num_train: int = 0, mfu: float = 
   return dict(target=target, topology=topology, devices=len(devices), device_kind=kind,
               estimated_from=f'XLA:TPU compile for {topology}' if gpu else 'XLA:TPU compile',
               device_memory_bytes=device_memory,
-              device_peak_tflops=device_tflops, mfu=mfu, train_examples=n,
+              device_peak_tflops=device_tflops, mfu=mfu, train_examples=sizes.train,
               mesh=dict(mesh.shape), jax=jax.__version__, libtpu=libtpu_version(), stages=stages)
 
 
