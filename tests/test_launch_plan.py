@@ -84,10 +84,10 @@ def planned(config, **kwargs):
 
 
 def relation_config(batch=256, **top):
-  """cnn_base at 64 px, data parallel over the 4 chips: the smallest model found whose XLA:TPU
-  temporaries grow with the batch and shrink in bfloat16 (cnn_base at 32 px keeps them at 1.9
-  MiB whatever the batch or dtype), with kernels large enough to split over fsdp; it compiles in
-  about 5 s here (resnet8x2 at 32 px, which also obeys the relations: 18 s)."""
+  """cnn_base at 64 px, data parallel over the 4 chips: a small model whose XLA:TPU temporaries
+  grow with the batch and shrink in bfloat16 (at 32 px, cnn_base, cnn_small and resnet8 keep
+  them at 2-6 MiB whatever the batch or dtype), with kernels large enough to split over fsdp; it
+  compiles in about 5 s here (resnet8x2 at 32 px, which also obeys the relations: 18 s)."""
   c = tiny_config(steps=10, batch_size=batch, **top)
   c.data.base_size, c.data.device_resident = 64, False
   c.mesh.min_fsdp_size = 256  # every conv kernel splits over fsdp
