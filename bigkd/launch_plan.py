@@ -166,8 +166,8 @@ def refused(error, state, teacher_params, inputs, seconds) -> dict:
   held = shard_bytes(state) + shard_bytes(teacher_params) + shard_bytes(inputs)
   return dict(
       compile_seconds=round(seconds, 1), compile_error=cli.one_line(error)[:300],
-      **held_bytes(state, teacher_params, inputs), argument_bytes=held, temp_bytes=needed, output_bytes=0,
-      alias_bytes=0, code_bytes=0, peak_bytes=held + needed if needed >= 0 else -1,
+      **held_bytes(state, teacher_params, inputs), argument_bytes=held, temp_bytes=needed,
+      output_bytes=0, alias_bytes=0, code_bytes=0, peak_bytes=held + needed if needed >= 0 else -1,
       flops=0.0, xla_seconds=-1.0)
 
 
@@ -181,7 +181,8 @@ def estimates(result: dict, plan, device_memory: float, device_tflops: float, mf
   own step-time estimate where it gives a positive one."""
   step_seconds = result['flops'] / (device_tflops * 1e12 * mfu) if result['flops'] else None
   xla = result['xla_seconds'] if result['xla_seconds'] > 0 else None
-  return dict(fits=fits_in(result, device_memory), steps=plan.steps, step_seconds_at_mfu=step_seconds,
+  return dict(fits=fits_in(result, device_memory), steps=plan.steps,
+              step_seconds_at_mfu=step_seconds,
               run_hours_at_mfu=step_seconds * plan.steps / 3600 if step_seconds else None,
               xla_step_seconds=xla, run_hours_xla=xla * plan.steps / 3600 if xla else None)
 
