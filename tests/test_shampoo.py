@@ -282,7 +282,9 @@ def test_muon_orthogonalises_conv_kernels_and_sends_vectors_to_adam():
   for g, fg in zip(grads, flat_grads):
     u, s = ours_step(g, s, params)
     v, r = ref_step(fg, r, flat)
-    np.testing.assert_allclose(u['k'].reshape(18, 8), v['k'], rtol=1e-5, atol=1e-7)
+    # Five Newton-Schulz iterations amplify rounding: 1e-6 is 1e-4 of the update's largest
+    # entries (a kernel flattened in another order differs by 1e-2).
+    np.testing.assert_allclose(u['k'].reshape(18, 8), v['k'], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(u['b'], v['b'], rtol=1e-5, atol=1e-7)
   adam = optax.adam(0.02, nesterov=True)   # muon's Adam fallback is Nesterov by default
   a, adam_step = adam.init(params['b']), jax.jit(adam.update)

@@ -169,8 +169,9 @@ def test_eight_devices_give_the_same_metrics(runs):  # last: the others overlap 
     for x, y in zip(a, b):
       keys = set(x) - {'steps_per_sec', 'uptime'}
       assert keys == set(y) - {'steps_per_sec', 'uptime'}
-      for key in keys:
-        np.testing.assert_allclose(y[key], x[key], rtol=2e-3, atol=1e-4, err_msg=f'{stage} {key}')
+      for key in keys:  # agreement is a count: the device counts may differ by one example
+        atol = 1 / (LOG_EVERY * tiny_config().batch_size) if key == 'agreement' else 1e-4
+        np.testing.assert_allclose(y[key], x[key], rtol=2e-3, atol=atol, err_msg=f'{stage} {key}')
     chex.assert_trees_all_close(
         *(without_key_bias(params(run / stage, res)) for run in (one, eight)), rtol=1e-3,
         atol=1e-3)
