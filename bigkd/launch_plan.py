@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 from absl import flags
 
-from bigkd import cli
+from bigkd import cli, paths
 
 GIB = 2 ** 30
 # Published per-chip HBM (GiB) and peak dense bfloat16 TFLOP/s. A chip may be several devices
@@ -126,14 +126,44 @@ def held_bytes(state, teacher_params, inputs) -> dict:
               teacher_bytes=shard_bytes(teacher_params), input_bytes=shard_bytes(inputs))
 
 
+def analysis_path(lowered, mesh) -> str | None:
+  """Where the plan of this program on these devices is kept: in jax's persistent compilation
+  cache folder, when one is set (`jax_compilation_cache_dir`), since jax cannot read back an
+  executable compiled for an abstract topology. Keyed by the program's text, the devices (kind
+  and coordinates), XLA_FLAGS and the jax and libtpu versions: the same key, the same plan."""
+  import hashlib
+  import jax
+  folder = jax.config.jax_compilation_cache_dir
+  if not folder:
+    return None
+  devices = [(d.device_kind, getattr(d, 'coords', None), getattr(d, 'core_on_chip', None))
+             for d in mesh.devices.flat]
+  key = '\n'.join([lowered.as_text(), repr(devices), os.environ.get('XLA_FLAGS', ''),
+                   jax.__version__, libtpu_version()])
+  return os.path.join(folder, 'bigkd-plan',
+                      hashlib.sha256(key.encode()).hexdigest()[:32] + '.json')
+
+
 def compile_stage(plan, mesh, num_train_examples: int, canvas: int) -> dict:
-  """Compiles the stage's step for `mesh`; its per-device bytes and FLOPs, from XLA."""
+  """Compiles the stage's step for `mesh`; its per-device bytes and FLOPs, from XLA (or from
+  `analysis_path`, where the same program was planned before: `from_cache`)."""
   from bigkd import build
   step, args = build.abstract_stage(plan, mesh, num_train_examples, canvas)
-  state, teacher_params, *inputs = args
+  lowered = step.lower(*args)
+  path = analysis_path(lowered, mesh)
+  if path and paths.Path(path).exists():
+    return {**paths.read_json(path), 'from_cache': True}
+  result = compiled_analysis(lowered, *args)
+  if path:
+    paths.write_json(path, result)
+  return result
+
+
+def compiled_analysis(lowered, state, teacher_params, *inputs) -> dict:
+  """Compiles `lowered` (the step of these arguments); its per-device bytes and FLOPs."""
   start = time.perf_counter()
   try:
-    compiled = step.lower(*args).compile()
+    compiled = lowered.compile()
   except Exception as e:  # jax's JaxRuntimeError
     if 'RESOURCE_EXHAUSTED' not in str(e):
       raise
@@ -410,6 +440,9 @@ def plan(config, target: str, stage: str = '', num_train: int = 0, mfu: float = 
                   for t in p.teachers) + ' ...')
     result = dict(compute_dtype=p.compute_dtype, teacher_dtype=p.teacher_dtype,
                   **compile_stage(p, mesh, sizes.of_stage(p), config.data.base_size))
+    if result.get('from_cache'):
+      out(f'[{p.name}] the same program was compiled for these devices before: its analyses '
+          'are read from the plan cache (bigkd-plan in jax_compilation_cache_dir)')
     if gpu:  # XLA:TPU's cost model says nothing of a GPU
       result['xla_seconds'] = -1.0
     result.update(estimates(result, p, device_memory, device_tflops, mfu))

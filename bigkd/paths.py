@@ -60,7 +60,7 @@ def write_bytes(path, data: bytes) -> None:
     path.write_bytes(data)
     return
   make_dirs(path.parent)
-  tmp = path.with_name(path.name + '.tmp')
+  tmp = path.with_name(f'{path.name}.{os.getpid()}.tmp')  # processes writing it at once
   tmp.write_bytes(data)
   tmp.replace(path)
 

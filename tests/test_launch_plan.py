@@ -61,7 +61,10 @@ def test_digits_config_compiles_for_a_tpu_slice(tmp_path):
   assert f'fits with: {flags}' in result.stdout
   again = run_main('bigkd.launch_plan', [*args, *flags.split(), '--out', str(out)])
   assert again.returncode == 0, again.stderr
-  assert json.loads(out.read_text())['stages']['student']['peak_bytes'] == fix['peak_bytes']
+  planned = json.loads(out.read_text())['stages']['student']
+  assert planned['peak_bytes'] == fix['peak_bytes']
+  # The same program as the lever's: its analyses come from the plan cache, compiled once.
+  assert planned['from_cache'] and 'read from the plan cache' in again.stdout
 
 
 def test_levers_in_the_order_of_their_cost():
