@@ -53,8 +53,10 @@ class Split(NamedTuple):
 
 @functools.lru_cache(maxsize=None)
 def _canvas_functions(size: int):
-  """(fit, decode_and_fit) for canvases of side `size`, compiled once as TF graphs: a streamed
-  batch calls them once per image, without eager op-by-op dispatch."""
+  """(fit, decode_and_fit, decode_and_fit_batch) for canvases of side `size`, compiled once as
+  TF graphs (no eager op-by-op dispatch). The batch function maps a vector of encoded images in
+  one call: called once per image, the call and its conversions cost as much as the resize
+  (benchmarks/README.md, "Input pipeline")."""
   tf = import_tensorflow()
 
   def fit(image):
@@ -63,8 +65,8 @@ def _canvas_functions(size: int):
     new_h = tf.clip_by_value(tf.cast(tf.round(tf.cast(h, tf.float32) * scale), tf.int32), 1, size)
     new_w = tf.clip_by_value(tf.cast(tf.round(tf.cast(w, tf.float32) * scale), tf.int32), 1, size)
     def resize(antialias):
-      return lambda: tf.cast(tf.clip_by_value(tf.round(tf.image.resize(
-          image, (new_h, new_w), method='bilinear', antialias=antialias)), 0, 255), tf.uint8)
+      return lambda: tf.saturate_cast(tf.round(tf.image.resize(
+          image, (new_h, new_w), method='bilinear', antialias=antialias)), tf.uint8)
 
     # Bilinear sampling already averages 2 x 2 input pixels per output pixel, which is all the
     # filtering a downscale by up to 2 needs; beyond that the (3x slower) antialiased kernel.
@@ -74,11 +76,15 @@ def _canvas_functions(size: int):
     rows, cols = tf.minimum(tf.range(size), new_h - 1), tf.minimum(tf.range(size), new_w - 1)
     return tf.gather(tf.gather(resized, rows, axis=0), cols, axis=1), tf.stack([new_h, new_w])
 
-  fit_array = tf.function(fit, input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)])
-  decode_and_fit = tf.function(
-      lambda data: fit(tf.io.decode_image(data, channels=3, expand_animations=False)),
-      input_signature=[tf.TensorSpec([], tf.string)])
-  return fit_array, decode_and_fit
+  def decode_and_fit(data):
+    return fit(tf.io.decode_image(data, channels=3, expand_animations=False))
+
+  fitted = (tf.TensorSpec([size, size, 3], tf.uint8), tf.TensorSpec([2], tf.int32))
+  return (tf.function(fit, input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)]),
+          tf.function(decode_and_fit, input_signature=[tf.TensorSpec([], tf.string)]),
+          tf.function(lambda data: tf.map_fn(decode_and_fit, data, fn_output_signature=fitted,
+                                             parallel_iterations=4),
+                      input_signature=[tf.TensorSpec([None], tf.string)]))
 
 
 def fit_to_canvas(image, size: int):
@@ -108,8 +114,22 @@ def decode_to_canvas(data, size: int, what=''):
 
 def stack_canvases(fitted):
   """(canvases [N, S, S, 3], sizes [N, 2]) of (canvas, (h, w)) pairs."""
-  return (np.stack([c for c, _ in fitted]).astype(np.uint8),
+  return (np.stack([c for c, _ in fitted]).astype(np.uint8, copy=False),
           np.asarray([s for _, s in fitted], np.int32).reshape(-1, 2))
+
+
+def decode_batch_to_canvases(items, size: int):
+  """`stack_canvases` of `decode_to_canvas(data, size, what)` for each (data, what) of `items`,
+  the same canvases: encoded images in one TF call for the whole batch; a batch with decoded
+  arrays, or with an unreadable image, one image at a time (which names the bad one)."""
+  if items and all(isinstance(data, (bytes, np.bytes_)) for data, _ in items):
+    try:
+      canvases, sizes = _canvas_functions(size)[2](np.asarray([data for data, _ in items],
+                                                              dtype=object))
+      return canvases.numpy(), sizes.numpy()
+    except Exception:  # noqa: BLE001  (found and named below)
+      pass
+  return stack_canvases([decode_to_canvas(data, size, what) for data, what in items])
 
 
 DIGITS_SPLIT_SIZES = {'train': 1197, 'val': 300, 'test': 300}
@@ -263,8 +283,8 @@ class StreamedSplit:
 
   def rows(self, indices):
     examples = [self.source[int(i)] for i in indices]
-    images, sizes = stack_canvases([decode_to_canvas(data, self.canvas_size, what)
-                                    for data, _, what in examples])
+    images, sizes = decode_batch_to_canvases([(data, what) for data, _, what in examples],
+                                             self.canvas_size)
     with self._lock:
       self.decoded += len(examples)
     return images, sizes, np.asarray([label for _, label, _ in examples], np.int32)
