@@ -9,6 +9,7 @@ set up, so neither TF_CPP_MIN_LOG_LEVEL nor Python logging hides them: descripto
 import contextlib
 import os
 import sys
+import threading
 
 
 @contextlib.contextmanager
@@ -25,13 +26,19 @@ def stderr_to_devnull():
     os.close(devnull)
 
 
+_quiet_import = threading.Lock()
+
+
 def import_tensorflow():
-  """The `tensorflow` module (imported quietly the first time)."""
-  if 'tensorflow' in sys.modules:
-    return sys.modules['tensorflow']
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  with stderr_to_devnull():
-    import tensorflow
+  """The `tensorflow` module (imported quietly the first time). Safe from any thread: a module
+  in sys.modules may still be importing in another thread (the streamed reader's threads start
+  together), and only the `import` statement waits for it to finish."""
+  with _quiet_import:
+    if 'tensorflow' not in sys.modules:
+      os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+      with stderr_to_devnull():
+        import tensorflow
+  import tensorflow
   return tensorflow
 
 

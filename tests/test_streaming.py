@@ -97,3 +97,26 @@ def test_prepared_records_train_exactly_like_the_folder(tmp_path, jpeg_folder):
                          for m in log]
   assert untimed(read_metrics(tmp_path / 'records_run' / 'teacher')) == untimed(
       read_metrics(tmp_path / 'folder' / 'teacher'))
+
+
+
+DECODE_WHILE_IMPORTING = """
+import sys, threading, time
+from bigkd.data import sources
+threading.Thread(target=lambda: __import__('tensorflow')).start()  # as a library's import does
+while 'tensorflow' not in sys.modules:  # then in sys.modules, half imported, for seconds
+  time.sleep(0.001)
+canvas, _ = sources.decode_batch_to_canvases([(open(sys.argv[1], 'rb').read(), sys.argv[1])], 16)
+assert canvas.shape == (1, 16, 16, 3)
+"""
+
+
+def test_reader_decodes_while_another_thread_imports_tensorflow(jpeg_folder):
+  """A reader thread that starts while another thread imports TensorFlow waits for that import
+  instead of using the half-imported module (an AttributeError, which the reader once reported
+  as a corrupt image)."""
+  import glob
+  import sys
+  from support import finish, start
+  image = sorted(glob.glob(f'{jpeg_folder}/train/*/*'))[0]
+  finish(start([sys.executable, '-c', DECODE_WHILE_IMPORTING, image]))

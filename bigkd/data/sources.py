@@ -105,9 +105,10 @@ def decode_to_canvas(data, size: int, what=''):
   """`fit_to_canvas` of encoded bytes (JPEG, PNG, BMP, GIF, WebP) or of a decoded array."""
   if not isinstance(data, (bytes, np.bytes_)):
     return fit_to_canvas(data, size)
+  tf = import_tensorflow()
   try:
     canvas, hw = _canvas_functions(size)[1](data)
-  except Exception as e:  # noqa: BLE001  (any decoding failure is a corrupt image)
+  except tf.errors.OpError:  # any decoding failure is a corrupt image
     raise DataError(f'corrupt or unreadable image {what!r}') from None
   return canvas.numpy(), tuple(int(x) for x in hw.numpy())
 
@@ -123,11 +124,12 @@ def decode_batch_to_canvases(items, size: int):
   the same canvases: encoded images in one TF call for the whole batch; a batch with decoded
   arrays, or with an unreadable image, one image at a time (which names the bad one)."""
   if items and all(isinstance(data, (bytes, np.bytes_)) for data, _ in items):
+    tf = import_tensorflow()
     try:
       canvases, sizes = _canvas_functions(size)[2](np.asarray([data for data, _ in items],
                                                               dtype=object))
       return canvases.numpy(), sizes.numpy()
-    except Exception:  # noqa: BLE001  (found and named below)
+    except tf.errors.OpError:  # an unreadable image: found and named below
       pass
   return stack_canvases([decode_to_canvas(data, size, what) for data, what in items])
 
