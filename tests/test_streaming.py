@@ -1,12 +1,15 @@
 """Streamed input: JPEGs of mixed sizes read and decoded per step, crops over the whole image,
 the same batches from an image folder and from bigkd.prepare's ArrayRecord files."""
+import glob
+import sys
+
 import jax
 import numpy as np
 import pytest
 
 from bigkd import stages
 from bigkd.data import augment, sources
-from support import folder_config, read_metrics, run_cli, write_jpeg_folder
+from support import finish, folder_config, read_metrics, run_cli, start, write_jpeg_folder
 
 
 def test_trains_streamed_from_a_jpeg_folder(tmp_path, jpeg_folder):
@@ -115,8 +118,5 @@ def test_reader_decodes_while_another_thread_imports_tensorflow(jpeg_folder):
   """A reader thread that starts while another thread imports TensorFlow waits for that import
   instead of using the half-imported module (an AttributeError, which the reader once reported
   as a corrupt image)."""
-  import glob
-  import sys
-  from support import finish, start
   image = sorted(glob.glob(f'{jpeg_folder}/train/*/*'))[0]
   finish(start([sys.executable, '-c', DECODE_WHILE_IMPORTING, image]))
