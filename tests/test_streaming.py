@@ -102,7 +102,6 @@ def test_prepared_records_train_exactly_like_the_folder(tmp_path, jpeg_folder):
       read_metrics(tmp_path / 'folder' / 'teacher'))
 
 
-
 DECODE_WHILE_IMPORTING = """
 import sys, threading, time
 from bigkd.data import sources
