@@ -11,7 +11,6 @@ students, share the compiles of the whole module:
 Each `mixed` stage is then re-run from its middle checkpoint (as after a kill) and must end
 bitwise where it ended.
 """
-import json
 import os
 import shutil
 

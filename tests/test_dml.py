@@ -25,7 +25,7 @@ from bigkd.models import get_model
 from bigkd.objective import Objective
 from bigkd.plan import check_config, plan_stages
 from bigkd.step import Peer, StepSpec, make_loss_fn
-from support import MIN_FSDP, final_params, finish, read_metrics, run_cli, start, tiny_config
+from support import final_params, finish, read_metrics, run_cli, start, tiny_config
 
 STEPS, LOG_EVERY = 40, 10
 PEERS = {'a': ('cnn_tiny', 8), 'b': ('cnn_small', 12)}

@@ -7,13 +7,12 @@ import glob
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from support import (JPEG_CLASSES, REPO, finish, installed_env, random_params, run_cli, run_main,
-                     start, tiny_config, write_jpeg_folder)
+from support import (JPEG_CLASSES, REPO, installed_env, random_params, run_cli, run_main,
+                     tiny_config, write_jpeg_folder)
 
 from bigkd import build, inspect
 from bigkd.step import logged_means
@@ -124,12 +123,12 @@ def test_own_folder_with_junk_files_small_split_and_class_names(tmp_path):
   assert not os.path.exists(tmp_path / 'w2')
 
 
-@pytest.mark.integration
 def test_bit_recipe_fine_tunes_a_21k_head_npz_then_distils(tmp_path):
   """configs/folder.py:bit, the README's own-data recipe, with bit_tiny standing in for
-  BiT-M-R152x2 (and cnn_tiny for BiT-R50x1, to keep the test short), in a subprocess: the
-  teacher stage starts from an .npz with a 21,843-class head. The teacher is re-headed for the
-  folder's 3 classes, its body starts from the .npz, and the student is distilled from it."""
+  BiT-M-R152x2 (and cnn_tiny for BiT-R50x1, to keep the test short), run as `bigkd-train` runs
+  it: the teacher stage starts from an .npz with a 21,843-class head. The teacher is re-headed
+  for the folder's 3 classes, its body starts from the .npz, and the student is distilled from
+  it."""
   from bigkd.models import bit
   folder = str(tmp_path)
   root = write_jpeg_folder(os.path.join(folder, 'images'))
@@ -142,7 +141,8 @@ def test_bit_recipe_fine_tunes_a_21k_head_npz_then_distils(tmp_path):
           '--config.stages.teacher.steps=3', '--config.stages.teacher.optimizer.warmup_steps=1',
           '--config.stages.student.model=cnn_tiny', '--config.stages.student.resolution=12',
           '--config.stages.student.steps=3', '--config.stages.student.optimizer.warmup_steps=1']
-  finish(start([sys.executable, '-m', 'bigkd.train', *args]))
+  result = run_cli(args)
+  assert result.returncode == 0, result.stderr[-3000:]
   with np.load(npz) as f:
     start_stem = f['resnet/root_block/standardized_conv2d/kernel']
   workdir = os.path.join(folder, 'w')

@@ -9,7 +9,7 @@ independently of bigkd/bit_recipes.py), including epochs -> steps for the real t
 The teacher and init paths are placeholders, so there `plan_stages` runs without its check of
 external checkpoints (which would reject them); a separate test checks that it does.
 
-Training (2 steps, in one subprocess so that XLA can compile at -O0: compile time dominates):
+Training (2 steps, in one subprocess with the suite's fast-compiling XLA flags; compiles dominate):
 the real registry names bit_r152x2 (teachers) and bit_r50x1 (student), with tiny models only
 through an explicit override, `model_kwargs=TINY_BIT` (32 root channels x width, one unit), at
 batch 4 and resolutions scaled down from the config's (a teacher resolution that differs from the
@@ -19,7 +19,6 @@ BiT depth (tiny width only).
 import json
 import math
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -28,7 +27,7 @@ import pytest
 from bigkd import checkpoint, cli, plan, stages
 from bigkd.config import ConfigError
 from bigkd.plan import check_config, plan_stages
-from support import finish
+from support import finish, start
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEACHER, STUDENT = 'bit_r152x2', 'bit_r50x1'
@@ -329,19 +328,15 @@ def smoke_main(spec_path):
 
 
 def start_smoke(root, runs, model_kwargs):
-  """All `runs` in one fresh process (XLA at -O0: tiny models, compile time dominates); its
-  results are in ROOT/results.json when it ends."""
+  """All `runs` in one fresh process (with the suite's fast-compiling XLA flags: tiny models,
+  compile time dominates); its results are in ROOT/results.json when it ends."""
   os.makedirs(root, exist_ok=True)
   spec = dict(runs=runs, root=root, model_kwargs=model_kwargs,
               out=os.path.join(root, 'results.json'))
   with open(os.path.join(root, 'spec.json'), 'w') as f:
     json.dump(spec, f)
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, 'tests')]),
-             XLA_FLAGS='--xla_backend_optimization_level=0', JAX_PLATFORMS='cpu')
   code = 'import sys, test_paper_configs as t; t.smoke_main(sys.argv[1])'
-  return subprocess.Popen([sys.executable, '-c', code, os.path.join(root, 'spec.json')],
-                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
+  return start([sys.executable, '-c', code, os.path.join(root, 'spec.json')])
 
 
 def run_smoke(root, runs, model_kwargs, timeout):
