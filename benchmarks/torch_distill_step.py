@@ -81,6 +81,9 @@ def parse_args(argv=None):
   p.add_argument('--serve', action='store_true',
                  help='after warm-up print one JSON line, then for each line N read from stdin '
                       'time N steps and print their seconds (benchmarks/side_by_side.py)')
+  p.add_argument('--profile', type=int, default=0,
+                 help='cpu: after warmup, time N steps under torch.profiler and print the op time '
+                      "per category of benchmarks/profile_cpu_step.py (bigkd's side), then exit")
   p.add_argument('--json', default='')
   return p.parse_args(argv)
 
@@ -347,6 +350,59 @@ def measured_peak_tflops(args):
   return 2 * size ** 3 / best / 1e12
 
 
+# The categories of profile_cpu_step.py, by aten op. Self times: an op's own time, not that of
+# the ops it calls; `batch_norm` only appears in StdConv2d's weight standardisation.
+OP_CATEGORIES = (
+    ('conv forward', ('aten::mkldnn_convolution', 'aten::_slow_conv2d_forward',
+                      'aten::thnn_conv2d', 'aten::_convolution', 'aten::convolution',
+                      'aten::conv2d')),
+    ('conv backward (input and filter)', ('aten::convolution_backward',
+                                          'aten::mkldnn_convolution_backward')),
+    ('GroupNorm', ('aten::native_group_norm', 'aten::native_group_norm_backward',
+                   'aten::group_norm')),
+    ('weight standardisation', ('aten::native_batch_norm', 'aten::native_batch_norm_backward',
+                                'aten::batch_norm', 'aten::_batch_norm_impl_index',
+                                'aten::_batch_norm_impl_index_backward',
+                                'aten::_native_batch_norm_legit',
+                                'aten::_native_batch_norm_legit_functional')),
+    ('transposes / copies', ('aten::copy_', 'aten::contiguous', 'aten::clone', 'aten::permute',
+                             'aten::reshape', 'aten::view', 'aten::_reshape_alias',
+                             'aten::as_strided', 'aten::transpose', 'aten::t', 'aten::expand',
+                             'aten::empty_like', 'aten::constant_pad_nd')),
+    ('augmentation, RNG', ('aten::grid_sampler_2d', 'aten::grid_sampler_2d_backward',
+                           'aten::uniform_', 'aten::rand', 'aten::randint', 'aten::randperm',
+                           'aten::_sample_dirichlet', 'aten::_standard_gamma',
+                           'aten::index', 'aten::affine_grid_generator')),
+)
+
+
+def profile(args, step, feed, steps):
+  """Op self time per step by category (ms), over `steps` steps under torch.profiler."""
+  from torch.profiler import ProfilerActivity
+  from torch.profiler import profile as torch_profile
+  synchronize(args)
+  start = time.perf_counter()
+  with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+    for _ in range(steps):
+      step(feed())
+  wall = (time.perf_counter() - start) / steps
+  category = {op: name for name, ops in OP_CATEGORIES for op in ops}
+  totals, counts = {}, {}
+  for event in prof.key_averages():
+    name = category.get(event.key, 'the rest')
+    totals[name] = totals.get(name, 0.0) + event.self_cpu_time_total / 1e3 / steps
+    counts[name] = counts.get(name, 0) + event.count // steps
+  op_time = sum(totals.values())
+  print(f'torch {torch.__version__}, {args.teacher}@{args.teacher_res} -> '
+        f'{args.student}@{args.student_res}, batch {args.batch}, {torch.get_num_threads()} '
+        f'threads: {1e3 * wall:.1f} ms per step under the profiler ({steps} steps)')
+  print(f'  {"category":34s} {"ms per step":>11s} {"share":>7s} {"ops per step":>12s}')
+  for name in [n for n, _ in OP_CATEGORIES] + ['the rest']:
+    ms = totals.get(name, 0.0)
+    print(f'  {name:34s} {ms:11.1f} {100 * ms / op_time:6.1f}% {counts.get(name, 0):12d}')
+  return totals
+
+
 def serve(args, step, feeds, info):
   """The protocol of benchmarks/side_by_side.py: one JSON line when warm, then one JSON line
   {"seconds": wall, "cpu_seconds": process CPU time} per line N on stdin (N pipeline steps,
@@ -366,6 +422,8 @@ def main():
     return serve(args, step, feeds, info)
   for feed in feeds.values():
     timed(args, step, feed, args.warmup)
+  if args.profile:
+    return profile(args, step, feeds['pipeline'], args.profile)
   per_round = max(1, args.steps // args.rounds)
   rounds = {k: [] for k in feeds}
   for _ in range(args.rounds):

@@ -73,13 +73,17 @@ def nested_by_hand(flat):
 
 # --- NumPy reference: BiT's formulas written out directly. ---
 
-def np_std_conv(x, w, stride):
-  w = (w - w.mean((0, 1, 2))) / np.sqrt(w.var((0, 1, 2)) + 1e-10)
+def np_conv(x, w, stride):
+  """A bias-free conv padded (k - 1) // 2 on each side, as a sum of shifted matmuls."""
   k, pad = w.shape[0], (w.shape[0] - 1) // 2
   x = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
   ho, wo = (x.shape[1] - k) // stride + 1, (x.shape[2] - k) // stride + 1
   return sum(x[:, i:i + stride * ho:stride, j:j + stride * wo:stride] @ w[i, j]
              for i in range(k) for j in range(k))
+
+
+def np_std_conv(x, w, stride):
+  return np_conv(x, (w - w.mean((0, 1, 2))) / np.sqrt(w.var((0, 1, 2)) + 1e-10), stride)
 
 
 def np_group_norm(x, gamma, beta, groups=32):
@@ -167,6 +171,27 @@ def test_std_conv_and_group_norm_match_numpy(tiny):
   std = np.asarray(bit.standardize(w))
   np.testing.assert_allclose(std, (w - w.mean((0, 1, 2))) / np.sqrt(w.var((0, 1, 2)) + 1e-10),
                              rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('size, stride, as_patches', [(2, 1, True), (4, 2, True), (5, 1, False),
+                                                     (1, 1, False)])
+def test_conv_agrees_with_numpy_however_the_cpu_computes_it(size, stride, as_patches):
+  """`bit.conv2d`: a 3x3 conv whose output is 2x2 (after a stride, too) runs on the CPU as
+  image patches times the kernel matrix, a matmul, as no other platform and no other shape does;
+  values and both gradients agree with NumPy and with XLA's convolution."""
+  rng = np.random.default_rng(5)
+  x = rng.normal(size=(2, size, size, 16)).astype(np.float32)
+  w = rng.normal(size=(3, 3, 16, 8)).astype(np.float32)
+  conv = lambda x, w: bit.conv2d(x, w, stride)
+  np.testing.assert_allclose(jax.jit(conv)(x, w), np_conv(x, w, stride), rtol=1e-5, atol=1e-5)
+  lax_conv = lambda x, w: jax.lax.conv_general_dilated(
+      x, w, (stride,) * 2, ((1, 1), (1, 1)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))
+  for got, want in zip(jax.grad(loss(conv), (0, 1))(x, w), jax.grad(loss(lax_conv), (0, 1))(x, w)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)  # float32 sums of 144 terms
+  lowered = {platform: jax.jit(conv).trace(x, w).lower(lowering_platforms=(platform,)).as_text()
+             for platform in ('cpu', 'tpu', 'cuda')}
+  assert ['dot_general' in lowered[p] for p in ('cpu', 'tpu', 'cuda')] == [as_patches, False, False]
 
 
 def write(tmp_path, flat):

@@ -90,10 +90,35 @@ class StdConv(nn.Module):
     k = self.kernel_size
     kernel = self.param('kernel', nn.initializers.he_normal(), (k, k, x.shape[-1], self.features))
     kernel = kernel if self.standardized else standardize(kernel)
-    pad = (k - 1) // 2
-    return jax.lax.conv_general_dilated(
-        x.astype(self.dtype), kernel.astype(self.dtype), (self.stride,) * 2,
-        ((pad, pad), (pad, pad)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride)
+
+
+def conv2d(x, kernel, stride: int):
+  """NHWC x HWIO convolution padded (k-1)//2 on each side. On the CPU, a convolution whose
+  output is smaller than its kernel but larger than 1 (a 3x3 conv with a 2x2 output: BiT's
+  block4 at 64 px) runs as image patches times the kernel matrix: XLA:CPU's own convolution of
+  that shape is 10-20x slower, in the forward pass and the input gradient (8 x 2 x 2 x 512 with a
+  3x3x512x512 kernel: 72 ms forward, 3.2 ms as patches; benchmarks/README.md). Other platforms,
+  and every other shape, keep the convolution; the two agree to float rounding."""
+  k, pad = kernel.shape[0], (kernel.shape[0] - 1) // 2
+  padding = ((pad, pad), (pad, pad))
+  numbers = ('NHWC', 'HWIO', 'NHWC')
+
+  def convolution(x, kernel):
+    return jax.lax.conv_general_dilated(x, kernel, (stride,) * 2, padding,
+                                        dimension_numbers=numbers)
+
+  def patches_times_kernel(x, kernel):
+    patches = jax.lax.conv_general_dilated_patches(x, (k, k), (stride,) * 2, padding,
+                                                   dimension_numbers=numbers)
+    # A patch's features are ordered (C_in, kernel row, kernel column).
+    matrix = jnp.transpose(kernel, (2, 0, 1, 3)).reshape(-1, kernel.shape[-1])
+    return jnp.einsum('nhwp,pc->nhwc', patches, matrix)
+
+  out = [(size + 2 * pad - k) // stride + 1 for size in x.shape[1:3]]
+  if not any(1 < size < k for size in out):
+    return convolution(x, kernel)
+  return jax.lax.platform_dependent(x, kernel, cpu=patches_times_kernel, default=convolution)
 
 
 class Conv(nn.Module):
