@@ -37,8 +37,8 @@ def import_tensorflow():
     if 'tensorflow' not in sys.modules:
       os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
       with stderr_to_devnull():
-        import tensorflow
-  import tensorflow
+        import tensorflow  # noqa: F401  (the quiet first import)
+  import tensorflow  # here or in another thread: returns once the import has finished
   return tensorflow
 
 

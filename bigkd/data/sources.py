@@ -51,12 +51,19 @@ class Split(NamedTuple):
     return self.images[indices], self.sizes[indices], self.labels[indices]
 
 
+class CanvasFunctions(NamedTuple):
+  """TF graphs that put images on canvases of one side (`_canvas_functions`)."""
+  fit: object                   # decoded uint8 [H, W, 3] -> (canvas, (h, w))
+  decode_and_fit: object        # encoded bytes -> (canvas, (h, w))
+  decode_and_fit_batch: object  # encoded bytes [N] -> (canvases [N, S, S, 3], sizes [N, 2])
+
+
 @functools.lru_cache(maxsize=None)
-def _canvas_functions(size: int):
-  """(fit, decode_and_fit, decode_and_fit_batch) for canvases of side `size`, compiled once as
-  TF graphs (no eager op-by-op dispatch). The batch function maps a vector of encoded images in
-  one call: called once per image, the call and its conversions cost as much as the resize
-  (benchmarks/README.md, "Input pipeline")."""
+def _canvas_functions(size: int) -> CanvasFunctions:
+  """The `CanvasFunctions` for canvases of side `size`, compiled once as TF graphs (no eager
+  op-by-op dispatch). The batch function maps a vector of encoded images in one call: called once
+  per image, the call and its conversions cost as much as the resize (benchmarks/README.md,
+  "Input pipeline")."""
   tf = import_tensorflow()
 
   def fit(image):
@@ -80,11 +87,12 @@ def _canvas_functions(size: int):
     return fit(tf.io.decode_image(data, channels=3, expand_animations=False))
 
   fitted = (tf.TensorSpec([size, size, 3], tf.uint8), tf.TensorSpec([2], tf.int32))
-  return (tf.function(fit, input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)]),
-          tf.function(decode_and_fit, input_signature=[tf.TensorSpec([], tf.string)]),
-          tf.function(lambda data: tf.map_fn(decode_and_fit, data, fn_output_signature=fitted,
-                                             parallel_iterations=4),
-                      input_signature=[tf.TensorSpec([None], tf.string)]))
+  return CanvasFunctions(
+      tf.function(fit, input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)]),
+      tf.function(decode_and_fit, input_signature=[tf.TensorSpec([], tf.string)]),
+      tf.function(lambda data: tf.map_fn(decode_and_fit, data, fn_output_signature=fitted,
+                                         parallel_iterations=4),
+                  input_signature=[tf.TensorSpec([None], tf.string)]))
 
 
 def fit_to_canvas(image, size: int):
@@ -97,7 +105,7 @@ def fit_to_canvas(image, size: int):
     image = image[..., None]
   if image.shape[-1] == 1:
     image = np.repeat(image, 3, axis=-1)
-  canvas, hw = _canvas_functions(size)[0](np.ascontiguousarray(image[..., :3], np.uint8))
+  canvas, hw = _canvas_functions(size).fit(np.ascontiguousarray(image[..., :3], np.uint8))
   return canvas.numpy(), tuple(int(x) for x in hw.numpy())
 
 
@@ -107,7 +115,7 @@ def decode_to_canvas(data, size: int, what=''):
     return fit_to_canvas(data, size)
   tf = import_tensorflow()
   try:
-    canvas, hw = _canvas_functions(size)[1](data)
+    canvas, hw = _canvas_functions(size).decode_and_fit(data)
   except tf.errors.OpError:  # any decoding failure is a corrupt image
     raise DataError(f'corrupt or unreadable image {what!r}') from None
   return canvas.numpy(), tuple(int(x) for x in hw.numpy())
@@ -126,8 +134,8 @@ def decode_batch_to_canvases(items, size: int):
   if items and all(isinstance(data, (bytes, np.bytes_)) for data, _ in items):
     tf = import_tensorflow()
     try:
-      canvases, sizes = _canvas_functions(size)[2](np.asarray([data for data, _ in items],
-                                                              dtype=object))
+      batch = np.asarray([data for data, _ in items], dtype=object)
+      canvases, sizes = _canvas_functions(size).decode_and_fit_batch(batch)
       return canvases.numpy(), sizes.numpy()
     except tf.errors.OpError:  # an unreadable image: found and named below
       pass
@@ -224,7 +232,7 @@ def median_long_side(root: str, sample: int = 200) -> int:
     try:
       with Image.open(path) as image:
         sides.append(max(image.size))
-    except OSError as e:
+    except OSError:
       raise DataError(f'corrupt or unreadable image {path!r}') from None
   return int(np.median(sides))
 
