@@ -367,7 +367,7 @@ def code_version():
     proc = subprocess.run(['git', *cmd], cwd=REPO, capture_output=True, text=True)
     return proc.stdout.strip()
 
-  files = ['bigkd/data/sources.py', 'bigkd/build.py']
+  files = ['bigkd/data/sources.py', 'bigkd/build.py', 'bigkd/tf_quiet.py']
   digest = hashlib.sha1()
   for name in files:
     with open(os.path.join(REPO, name), 'rb') as f:
@@ -613,7 +613,7 @@ def main(argv=None):
   print(f'machine: {os.cpu_count()} CPU cores; load average at start '
         f'{result["load_average_start"][0]:.2f}, at end {result["load_average_end"][0]:.2f}; '
         f'{result["seconds"]:.0f} s in all')
-  print(f'bigkd: commit {code["commit"]}, reader files (sources.py, build.py) sha1 '
+  print(f'bigkd: commit {code["commit"]}, reader files (sources.py, build.py, tf_quiet.py) sha1 '
         f'{code["reader_sha1"]}{" (uncommitted changes)" if code["reader_changed"] else ""}')
   print('\n'.join(line for part in 'abc' for line in summaries[part]), flush=True)
   if args.json:

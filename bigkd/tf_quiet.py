@@ -11,6 +11,13 @@ import os
 import sys
 import threading
 
+# bigkd runs TensorFlow only to decode images (and to write TensorBoard events): the streamed
+# reader's parallelism is its own threads, each decoding a batch, so each TF op runs on the
+# calling thread instead of handing its work to a pool of spinning threads. Set before the first
+# TF op, read when TF starts its runtime; a value the user set wins. (The reader per CPU-second:
+# benchmarks/README.md, "Input pipeline".)
+os.environ.setdefault('TF_NUM_INTRAOP_THREADS', '1')
+
 
 @contextlib.contextmanager
 def stderr_to_devnull():

@@ -71,8 +71,8 @@ def _canvas_functions(size: int) -> CanvasFunctions:
     scale = size / tf.cast(tf.maximum(h, w), tf.float32)
     new_h = tf.clip_by_value(tf.cast(tf.round(tf.cast(h, tf.float32) * scale), tf.int32), 1, size)
     new_w = tf.clip_by_value(tf.cast(tf.round(tf.cast(w, tf.float32) * scale), tf.int32), 1, size)
-    def resize(antialias):
-      return lambda: tf.saturate_cast(tf.round(tf.image.resize(
+    def resize(antialias):  # (weights >= 0 summing to 1: the values stay in [0, 255])
+      return lambda: tf.cast(tf.round(tf.image.resize(
           image, (new_h, new_w), method='bilinear', antialias=antialias)), tf.uint8)
 
     # Bilinear sampling already averages 2 x 2 input pixels per output pixel, which is all the
@@ -80,8 +80,10 @@ def _canvas_functions(size: int) -> CanvasFunctions:
     resized = tf.case([(tf.logical_and(tf.equal(new_h, h), tf.equal(new_w, w)), lambda: image),
                        (scale < 0.5, resize(True))], default=resize(False))
     # Edge padding: rows and columns past the image repeat its last row and column.
-    rows, cols = tf.minimum(tf.range(size), new_h - 1), tf.minimum(tf.range(size), new_w - 1)
-    return tf.gather(tf.gather(resized, rows, axis=0), cols, axis=1), tf.stack([new_h, new_w])
+    # (one concatenation per axis costs less than gathering the whole canvas by clamped indices)
+    rows = tf.concat([resized, tf.repeat(resized[-1:], size - new_h, axis=0)], 0)
+    return (tf.concat([rows, tf.repeat(rows[:, -1:], size - new_w, axis=1)], 1),
+            tf.stack([new_h, new_w]))
 
   def decode_and_fit(data):
     return fit(tf.io.decode_image(data, channels=3, expand_animations=False))
