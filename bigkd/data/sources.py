@@ -79,8 +79,8 @@ def _canvas_functions(size: int) -> CanvasFunctions:
     # filtering a downscale by up to 2 needs; beyond that the (3x slower) antialiased kernel.
     resized = tf.case([(tf.logical_and(tf.equal(new_h, h), tf.equal(new_w, w)), lambda: image),
                        (scale < 0.5, resize(True))], default=resize(False))
-    # Edge padding: rows and columns past the image repeat its last row and column.
-    # (one concatenation per axis costs less than gathering the whole canvas by clamped indices)
+    # Edge padding: rows and columns past the image repeat its last row and column (one
+    # concatenation per axis: cheaper than gathering the whole canvas by clamped indices).
     rows = tf.concat([resized, tf.repeat(resized[-1:], size - new_h, axis=0)], 0)
     return (tf.concat([rows, tf.repeat(rows[:, -1:], size - new_w, axis=1)], 1),
             tf.stack([new_h, new_w]))
